@@ -1,0 +1,138 @@
+"""Make the embedded testbed's tiny base model (shipped in spd_ray/testbed_model/).
+
+A Qwen2-architecture causal LM (k/v biases, GQA, RoPE, like the paper's backbones) with a
+byte-level BPE fast tokenizer, trained from scratch on the testbed's noisy `pretrain` split:
+mixed solution styles, formatting artefacts and 20-25% wrong answers in all three domains, with
+a small share of transfer-format items. The budget is chosen so the model ends partially
+competent (room for self-distillation to help) rather than solved.
+
+    python jobs/make_testbed_model.py            # reproduces the shipped model (~20 min, 2 cores)
+    python jobs/make_testbed_model.py --steps 50 --out /tmp/m   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from spd_ray.config import TESTBED_MODEL
+from spd_ray.testbed import DOMAINS, make_split
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    """Byte-level BPE with single digits (numbers stay legible), saved then reloaded.
+
+    Only the reloaded tokenizer is used: one built in memory can tokenize differently.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+    fast.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, rng: random.Random):
+    """Endless shuffled batches; examples of similar length share a batch (less padding)."""
+    while True:
+        idx = list(range(len(texts)))
+        rng.shuffle(idx)
+        groups = [idx[i : i + batch_size * 16] for i in range(0, len(idx), batch_size * 16)]
+        for group in groups:
+            group.sort(key=lambda i: len(texts[i]))
+            chunks = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+            rng.shuffle(chunks)
+            for chunk in chunks:
+                tokenizer.padding_side = "right"
+                enc = tokenizer([texts[i] + tokenizer.eos_token for i in chunk], padding=True,
+                                truncation=True, max_length=max_length, return_tensors="pt")
+                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                yield enc["input_ids"], enc["attention_mask"], labels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(TESTBED_MODEL))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--corpus", type=int, default=60000, help="pretrain items per domain")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    texts = [it.text for d in DOMAINS for it in make_split(d, "pretrain", args.corpus, seed=args.seed)]
+    tokenizer = build_tokenizer(texts[:: max(1, len(texts) // 30000)], 1024, out)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, corpus {len(texts)} texts", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup)
+        * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))),
+    )
+    stream = batches(tokenizer, texts, args.batch_size, 256, rng)
+    t0, tokens, history = time.time(), 0, []
+    for step in range(1, args.steps + 1):
+        model.train()
+        ids, mask, labels = next(stream)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(mask.sum())
+        if step % 50 == 0:
+            rate = tokens / (time.time() - t0)
+            print(f"step {step}/{args.steps} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            from spd_ray.evaluation import evaluate_accuracy
+
+            model.eval()
+            acc = {f"{d}/{s}": evaluate_accuracy(model, tokenizer, make_split(d, s, 100), max_new_tokens=96)
+                   for d in DOMAINS for s in ("test", "transfer")}
+            history.append({"step": step, **acc})
+            print(f"step {step} greedy accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()),
+                  flush=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(
+        {"args": vars(args), "parameters": n_params, "minutes": (time.time() - t0) / 60,
+         "history": history}, indent=1))
+    print(f"saved to {out} after {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

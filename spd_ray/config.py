@@ -1,0 +1,240 @@
+"""Typed configuration: dataclasses, loaded from YAML, overridden with dotted `key=value`.
+
+Defaults are the paper's (SPD_METHOD.md); `configs/*.yaml` override them per experiment.
+Unknown keys and wrong types are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TESTBED_MODEL = PACKAGE_DIR / "testbed_model"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the fix in the message."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = str(TESTBED_MODEL)  # local HF folder or hub name
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskConfig:
+    domain: Literal["math", "mcq", "code"] = "math"
+    source: Literal["testbed"] = "testbed"
+    seed: int = 0  # data seed: which synthetic items are drawn
+    n_calibration: int = 50
+    n_train_prompts: int = 2000
+    n_eval: int = 200  # items per evaluation split
+    # correctness: the paper's Eq. 6 loss on correctness spans; full: the Table 5 ablation
+    calibration_loss: Literal["correctness", "full"] = "correctness"
+
+
+@dataclass
+class CalibrationConfig:
+    layers: list[int] | None = None  # None: the paper's [L-1, L//2]; negative indices count from the end
+    batch_size: int = 8
+    max_length: int = 512
+
+
+@dataclass
+class SubspaceConfig:
+    rank_mode: Literal["half", "fixed", "energy"] = "half"
+    rank: int | None = None  # for rank_mode=fixed
+    energy: float = 0.95  # for rank_mode=energy: smallest r with this fraction of sum S^2
+    center: bool = True  # the authors' code mean-centres the gradient rows
+    mode: Literal["both", "k_only", "v_only"] = "both"
+    apply: Literal["fold", "hooks"] = "fold"  # same outputs; folding has no per-token cost
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    n_samples: int = 1
+    batch_size: int = 32
+    seed: int = 42
+    project: bool = True  # False gives the unprojected baselines (PSR, SSD)
+
+
+@dataclass
+class FinetuneConfig:
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    epochs: float = 5.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_epochs: float = 0.5  # the authors' code warms up for half an epoch
+    max_grad_norm: float = 1.0
+    loss_on: Literal["all", "completion"] = "all"  # Eq. 14 trains on prompt + completion
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["test", "transfer"])
+    domains: list[str] | None = None  # None: the task's own domain; list for out-of-domain
+    batch_size: int = 64
+    max_new_tokens: int = 256
+    code_timeout_s: float = 5.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "spd"
+    output_dir: str = "runs"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class SPDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with checked keys and types.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly convert) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(
+                f"{key}={value!r} is not allowed; valid values: {list(typing.get_args(tp))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} may not be null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(
+                f"{key}={value!r} has the wrong type: expected {tp.__name__}, got {type(value).__name__}"
+            )
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {names}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. subspace.rank=32)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SPDConfig:
+    """Defaults <- YAML file <- `key=value` overrides, checked against the dataclasses."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded
+    for item in overrides:
+        data = _merge(data, _parse_override(item))
+    return _build(SPDConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: SPDConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,64 @@
+"""Task data for a run: calibration examples, training prompts and evaluation splits."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spd_ray.config import SPDConfig
+from spd_ray.testbed import Item, make_split
+
+
+@dataclass
+class Task:
+    calibration: list[Item]  # labeled: the only place answers are used
+    train_prompts: list[str]  # unlabeled
+    eval_splits: dict[str, list[Item]]  # "math/test", "math/transfer", ...
+
+
+def load_task(cfg: SPDConfig) -> Task:
+    t = cfg.task
+    domains = cfg.evaluation.domains or [t.domain]
+    return Task(
+        calibration=make_split(t.domain, "calibration", t.n_calibration, t.seed),
+        train_prompts=[it.prompt for it in make_split(t.domain, "train", t.n_train_prompts, t.seed)],
+        eval_splits={f"{d}/{s}": make_split(d, s, t.n_eval, t.seed)
+                     for d in domains for s in cfg.evaluation.splits},
+    )
+
+
+def fingerprint(texts: Sequence[str]) -> str:
+    """A short content hash (recorded with artifacts to tell calibration sets apart)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def sampling_rows(prompts: Sequence[str], n_samples: int, seed: int) -> list[dict]:
+    """One row per (prompt, sample) with a stable id and its own sampling seed.
+
+    The seed depends on the row alone, so a row samples the same text in any batch or replica.
+    """
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for k in range(n_samples):
+            row_seed = int.from_bytes(hashlib.sha256(f"{seed}/{i}/{k}".encode()).digest()[:4], "little")
+            rows.append({"id": f"{i}-{k}", "prompt": prompt, "seed": row_seed})
+    return rows
+
+
+def keep_usable(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """Drop only empty completions (no filtering on content); count those that training will
+    truncate to `max_length` tokens."""
+    kept, counts = [], {"empty": 0, "truncated": 0}
+    for row in rows:
+        if not row["completion"].strip():
+            counts["empty"] += 1
+            continue
+        if len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) > max_length:
+            counts["truncated"] += 1
+        kept.append(row)
+    return kept, counts

@@ -1,0 +1,77 @@
+"""Evaluation: greedy completions scored per domain, and the NLL of reference answers.
+
+The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from spd_ray.generation import generate
+from spd_ray.sandbox import run_many
+from spd_ray.scoring import extract_choice, extract_code, extract_number, numbers_match
+from spd_ray.config import EvalConfig
+from spd_ray.testbed import Item
+
+
+def score(items: Sequence[Item], completions: Sequence[str], code_timeout_s: float = 5.0) -> list[bool]:
+    """Per-item correctness: final number (math), answer letter (mcq), asserts pass (code)."""
+    results: list[bool | None] = [None] * len(items)
+    code_rows = [i for i, it in enumerate(items) if it.domain == "code"]
+    if code_rows:
+        jobs = [(extract_code(completions[i]), items[i].tests) for i in code_rows]
+        for i, res in zip(code_rows, run_many(jobs, timeout_s=code_timeout_s)):
+            results[i] = res.passed
+    for i, it in enumerate(items):
+        if it.domain == "math":
+            results[i] = numbers_match(extract_number(completions[i]), it.gold)
+        elif it.domain == "mcq":
+            results[i] = extract_choice(completions[i]) == it.gold
+        elif it.domain != "code":
+            raise ValueError(f"no scorer for domain {it.domain!r} (item {it.id})")
+    return [bool(r) for r in results]
+
+
+def evaluate_accuracy(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 256,
+                      batch_size: int = 64, code_timeout_s: float = 5.0) -> float:
+    completions = generate(model, tokenizer, [it.prompt for it in items],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sum(score(items, completions, code_timeout_s)) / max(1, len(items))
+
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
+                  max_length: int = 512) -> float:
+    """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompt_lens = [len(tokenizer(it.prompt)["input_ids"]) for it in chunk]
+        tokenizer.padding_side = "right"
+        enc = tokenizer([it.text for it in chunk], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length).to(device)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        for row, n in enumerate(prompt_lens):
+            labels[row, :n] = -100  # score the answer only
+        logits = model(**enc).logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum",
+                                                ignore_index=-100)
+        total += nll.item()
+        count += int((target != -100).sum())
+    return total / max(1, count)
+
+
+def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
+    """Accuracy on every split; code splits also get the NLL of the reference (CodeAlpaca)."""
+    metrics = {}
+    for name, items in splits.items():
+        metrics[f"{name}/accuracy"] = evaluate_accuracy(
+            model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            code_timeout_s=cfg.code_timeout_s)
+        if items and items[0].domain == "code":
+            metrics[f"{name}/nll"] = reference_nll(model, tokenizer, items, cfg.batch_size)
+    return metrics

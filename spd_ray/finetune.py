@@ -1,0 +1,125 @@
+"""Distillation fine-tuning (paper Eq. 14): next-token loss on prompt + completion.
+
+The pieces (tokenized examples, padding-free batches, LoRA/full preparation, AdamW with
+cosine warm-up) are shared by the single-process loop below and by distributed trainers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+
+from spd_ray.config import FinetuneConfig
+
+
+def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
+                   max_length: int, loss_on: str = "all") -> list[dict]:
+    """Token ids and labels per (prompt, completion); `loss_on=completion` masks the prompt."""
+    eos = tokenizer.eos_token or ""
+    rows = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = tokenizer(prompt + completion + eos, truncation=True, max_length=max_length)["input_ids"]
+        labels = list(ids)
+        if loss_on == "completion":
+            n_prompt = min(len(tokenizer(prompt)["input_ids"]), len(ids))
+            labels[:n_prompt] = [-100] * n_prompt
+        elif loss_on != "all":
+            raise ValueError(f"finetune.loss_on={loss_on!r}; valid values: ['all', 'completion']")
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def collate(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> dict:
+    """Right-pad to the longest row (or to `pad_to`); padding is masked out of the loss."""
+    width = pad_to or max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def prepare_model(model, cfg: FinetuneConfig):
+    """LoRA adapters through peft (the paper's recipe) or all weights trainable."""
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def finished_model(model):
+    """The plain HF model to evaluate or save: LoRA adapters merged into the weights."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def optimizer_and_schedule(model, cfg: FinetuneConfig, total_steps: int, steps_per_epoch: int):
+    """AdamW and a cosine schedule with linear warm-up (half an epoch by default)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Shuffled row indices per batch; the order depends on (seed, epoch) only."""
+    order = list(range(n_rows))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def train(model, tokenizer, rows: Sequence[dict], cfg: FinetuneConfig,
+          on_step: Callable[[dict], None] | None = None):
+    """Single-process fine-tuning; returns the finished (merged) model."""
+    if not rows:
+        raise ValueError("no training examples: the generated corpus is empty")
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(model, cfg)
+    model.train()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    opt, sched = optimizer_and_schedule(model, cfg, total_steps, steps_per_epoch)
+    step, epoch = 0, 0
+    while step < total_steps:
+        batches = epoch_batches(len(rows), cfg.batch_size, epoch, cfg.seed)
+        for i in range(0, len(batches), cfg.grad_accum):
+            group = batches[i : i + cfg.grad_accum]
+            n_tokens = 0
+            for idx in group:
+                batch = {k: v.to(device) for k, v in collate([rows[j] for j in idx], pad_id).items()}
+                loss = model(**batch).loss / len(group)
+                loss.backward()
+                n_tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if on_step is not None:
+                on_step({"step": step, "total_steps": total_steps, "epoch": epoch,
+                         "loss": loss.item() * len(group), "lr": sched.get_last_lr()[0],
+                         "grad_norm": float(grad_norm), "tokens": n_tokens})
+            if step >= total_steps:
+                break
+        epoch += 1
+    model.eval()
+    return finished_model(model)

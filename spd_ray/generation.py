@@ -1,0 +1,97 @@
+"""Batched sampling from raw prompts, seeded per row.
+
+A small decode loop instead of `model.generate`, because each row samples from its own
+`torch.Generator`: a row's completion then depends on its seed, not on which batch or replica
+it landed in. Prompts are left-padded; the KV cache is the model's own, so a projection applied
+by hooks on k_proj/v_proj (or folded into their weights) is in the cache for every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """One completion per prompt (greedy when temperature == 0)."""
+    if temperature > 0 and seeds is None:
+        raise ValueError("sampling (temperature > 0) needs one seed per prompt")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    tokenizer.padding_side = "left"
+    # Similar lengths share a batch (less padding); results go back in the caller's order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        gens = None
+        if temperature > 0:
+            gens = [torch.Generator().manual_seed(int(seeds[i])) for i in rows]
+        new_tokens = _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k,
+                             gens, eos, pad)
+        for i, toks in zip(rows, new_tokens):
+            out[i] = tokenizer.decode(toks, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out
+
+
+def _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k, gens, eos, pad):
+    batch = ids.shape[0]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    result = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    cache, next_pos = result.past_key_values, position_ids[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    for _ in range(max_new_tokens):
+        logits = result.logits[:, -1, :].float()
+        if temperature > 0:
+            probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
+            nxt = torch.stack(
+                [torch.multinomial(probs[r], 1, generator=gens[r])[0] for r in range(batch)]
+            ).to(ids.device)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        for r in range(batch):
+            if not done[r] and nxt[r].item() != eos:
+                tokens[r].append(nxt[r].item())
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
+        result = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True)
+        cache, next_pos = result.past_key_values, next_pos + 1
+    return tokens

@@ -1,0 +1,93 @@
+"""Correctness spans (paper Eq. 6, Table 6) and the token labels they give.
+
+A rule finds the character spans that decide whether a calibration text is correct; a token
+is labeled iff its character span (leading/trailing whitespace trimmed, as tokenizers with
+`trim_offsets` report it) lies fully inside a correctness span. All other labels are -100.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+# rule -> regex whose group 1 is a correctness span
+SPAN_RULES: dict[str, re.Pattern] = {
+    # GSM8K: the final number after '#### ' (the last marker wins)
+    "final_number": re.compile(r"####\s*(-?[\d,]*\.?\d+)"),
+    # MMLU: the letter after 'Answer:'; BBH-style 'A: (B)' too
+    "answer_letter": re.compile(r"(?:Answer:|^A:)\s*\(?([A-J])\)?", re.MULTILINE),
+    # MBPP: the text of each `assert ...` test line
+    "asserts": re.compile(r"^[ \t]*(assert\b.*?)[ \t]*$", re.MULTILINE),
+}
+LAST_MATCH_ONLY = {"final_number", "answer_letter"}
+
+
+def correctness_spans(text: str, rule: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of `text` that define correctness under `rule`.
+
+    `full` is the paper's Table 5 ablation: the whole text counts.
+    """
+    if rule == "full":
+        return [(0, len(text))] if text else []
+    if rule not in SPAN_RULES:
+        raise ValueError(f"unknown correctness-span rule {rule!r}; valid rules: {[*SPAN_RULES, 'full']}")
+    spans = [m.span(1) for m in SPAN_RULES[rule].finditer(text)]
+    return spans[-1:] if rule in LAST_MATCH_ONLY else spans
+
+
+def token_mask(text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's (start, end) offsets: is it fully inside a correctness span?"""
+    out = []
+    for start, end in offsets:
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        out.append(end > start and any(s <= start and end <= e for s, e in spans))
+    return out
+
+
+def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *, batch_size: int,
+                        max_length: int, task: str = "") -> tuple[list[dict], int]:
+    """Tokenized calibration batches with correctness labels, and how many texts were skipped.
+
+    A text with no labeled token is skipped (and counted); if every text is skipped the
+    calibration set cannot define a subspace, which is an error naming the task and rule.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: correctness spans need "
+            "its offset mappings. Load the model's tokenizer.json (use_fast=True)."
+        )
+    rows = []
+    for text, rule in zip(texts, rules, strict=True):
+        enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
+        mask = token_mask(text, enc["offset_mapping"], correctness_spans(text, rule))
+        mask[0] = False  # the first token has no prediction to learn from (causal shift)
+        if any(mask):
+            labels = [t if m else -100 for t, m in zip(enc["input_ids"], mask)]
+            rows.append((enc["input_ids"], labels))
+    skipped = len(texts) - len(rows)
+    if not rows:
+        raise ValueError(
+            f"no calibration example of task {task or '?'} has a correctness span under rule(s) "
+            f"{sorted(set(rules))}: check the calibration format (e.g. GSM8K answers end "
+            f"'#### <number>', MMLU texts end 'Answer: <letter>', MBPP texts carry 'assert' lines) "
+            f"or max_length={max_length}"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (row_ids, row_labels) in enumerate(chunk):  # right padding
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            labels[r, : len(row_ids)] = torch.tensor(row_labels)
+            attention[r, : len(row_ids)] = 1
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    return batches, skipped

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from spd_ray.config import ConfigError, SPDConfig, load_config, save_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+def test_defaults_are_the_papers():
+    cfg = SPDConfig()
+    assert cfg.subspace.rank_mode == "half" and cfg.subspace.center
+    assert (cfg.generation.temperature, cfg.generation.top_p, cfg.generation.max_new_tokens) == (0.7, 0.9, 256)
+    f = cfg.finetune
+    assert (f.method, f.lora_r, f.lora_alpha, f.lora_dropout) == ("lora", 8, 8, 0.05)
+    assert (f.lr, f.weight_decay, f.epochs, f.batch_size, f.max_length, f.seed) == (1e-5, 0.01, 5, 4, 256, 42)
+    assert cfg.task.n_calibration == 50 and cfg.calibration.layers is None
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["subspace.rank_mode=fixed", "subspace.rank=32", "finetune.lr=3e-4",
+                             "calibration.layers=[0,-1]", "generation.project=false"])
+    assert cfg.subspace.rank == 32 and cfg.finetune.lr == 3e-4
+    assert cfg.calibration.layers == [0, -1] and cfg.generation.project is False
+
+
+@pytest.mark.parametrize("override, words", [
+    ("subspace.rnk=3", ["subspace.rnk", "rank_mode", "energy"]),
+    ("nosection.x=1", ["nosection", "calibration", "finetune"]),
+    ("subspace.rank=abc", ["subspace.rank", "int"]),
+    ("subspace.mode=kv", ["subspace.mode", "k_only"]),
+    ("finetune.epochs=[1]", ["finetune.epochs", "float"]),
+    ("justakey", ["section.key=value"]),
+])
+def test_bad_overrides_name_the_key_and_the_fix(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_unknown_key_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="finetune.learning_rate.*valid keys.*lr"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg

@@ -1,0 +1,37 @@
+import torch
+
+from spd_ray.generation import _filter_logits, generate
+
+
+def test_greedy_matches_hf_generate_and_is_batch_independent(testbed_model, testbed_tokenizer):
+    tok = testbed_tokenizer
+    prompts = ["Question: Tom has 3 pens. Tom buys 4 more. How many pens does Tom have now?\nAnswer:",
+               "Question: Which number is the largest?\nA. 3\nB. 9\nC. 1\nD. 4\nAnswer:",
+               "Instruction: Write a function f(x) that returns x plus 2."]
+    batched = generate(testbed_model, tok, prompts, max_new_tokens=12, batch_size=3)
+    single = [generate(testbed_model, tok, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == single
+    for prompt, ours in zip(prompts, single):
+        enc = tok(prompt, return_tensors="pt")
+        ref = testbed_model.generate(**enc, max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+        text = tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text == ours
+
+
+def test_sampling_is_seeded_per_row(testbed_model, testbed_tokenizer):
+    prompts = ["Question: Ana has 5 eggs. Ana buys 7 more. How many eggs does Ana have now?\nAnswer:"] * 4
+    kw = dict(max_new_tokens=16, temperature=1.5, top_p=1.0)
+    a = generate(testbed_model, testbed_tokenizer, prompts, seeds=[1, 2, 3, 4], batch_size=4, **kw)
+    b = generate(testbed_model, testbed_tokenizer, prompts[:2][::-1], seeds=[2, 1], batch_size=1, **kw)
+    assert a[:2] == b[::-1]  # a row's sample depends on its seed, not on its batch
+    assert len(set(a)) > 1  # different seeds give different samples at a hot temperature
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(_filter_logits(logits, 2, 1.0)[0, 2:]).all()
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = torch.isfinite(_filter_logits(logits, 0, 0.7))[0].tolist()
+    assert kept == [True, True, False, False] and probs[0] < 0.7
+    assert torch.isfinite(_filter_logits(logits, 0, 0.5))[0].tolist() == [True, False, False, False]
