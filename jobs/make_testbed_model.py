@@ -72,10 +72,11 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, rng: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(TESTBED_MODEL))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--corpus", type=int, default=60000, help="pretrain items per domain")
+    ap.add_argument("--corpus", type=int, default=60000,
+                    help="pretrain items per domain (mcq gets 1.5x: its answer-letter pointer is learned last)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -84,7 +85,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    texts = [it.text for d in DOMAINS for it in make_split(d, "pretrain", args.corpus, seed=args.seed)]
+    sizes = {"math": args.corpus, "mcq": args.corpus * 3 // 2, "code": args.corpus}
+    texts = [it.text for d in DOMAINS for it in make_split(d, "pretrain", sizes[d], seed=args.seed)]
     tokenizer = build_tokenizer(texts[:: max(1, len(texts) // 30000)], 1024, out)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,

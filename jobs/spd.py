@@ -24,7 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default never needs
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+import datasets  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from spd_ray import artifacts, data  # noqa: E402
 from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
@@ -99,19 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"))
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. subspace.rank=32")
     args = ap.parse_args(argv)
+    start = time.time()
+    transformers.utils.logging.disable_progress_bar()  # the job prints its own progress
+    datasets.disable_progress_bars()
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    start = time.time()
     run = artifacts.RunDir(cfg)
     log(f"run directory {run.path}")
-    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    task = data.load_task(cfg.task)
+    task = data.load_task(cfg)
 
     log(f"stage 1: capability subspace from {len(task.calibration)} calibration examples")
     subspace = run.cached("subspace", lambda: stage1_subspace(cfg, model, tokenizer, task.calibration))

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
+from spd_ray.config import EvalConfig
 from spd_ray.generation import generate
 from spd_ray.sandbox import run_many
 from spd_ray.scoring import extract_choice, extract_code, extract_number, numbers_match
-from spd_ray.config import EvalConfig
 from spd_ray.testbed import Item
 
 

@@ -223,6 +223,26 @@ CODE_FAMILIES = {
     "count": ("returns how many times '{ch}' occurs in the string x",
               "takes a string x and counts the letter '{ch}' in it", "return x.count('{ch}')",
               "str"),
+    # two-step families: the ones a small model gets wrong most often
+    "affine": ("returns x times {c} plus {d}", "takes a number x, multiplies it by {c} and adds {d}",
+               "return x * {c} + {d}", "int"),
+    "clip": ("returns the smaller of x and {c}", "takes a number x and caps it at {c}",
+             "return min(x, {c})", "int"),
+    "scale": ("returns the list x with every element multiplied by {c}",
+              "takes a list x and multiplies each of its items by {c}",
+              "return [v * {c} for v in x]", "list"),
+    "count_even": ("returns how many even numbers the list x contains",
+                   "takes a list x and counts its even items",
+                   "return sum(1 for v in x if v % 2 == 0)", "list"),
+    "ends": ("returns the sum of the first and last elements of the list x",
+             "takes a list x and adds its first item to its last item", "return x[0] + x[-1]",
+             "list"),
+    "rev_upper": ("returns the string x reversed and in upper case",
+                  "takes a string x and gives it back reversed, in capitals",
+                  "return x[::-1].upper()", "str"),
+    "repeat": ("returns the string x repeated {c} times",
+               "takes a string x and gives back {c} copies of it joined together",
+               "return x * {c}", "str"),
 }
 _STRINGS = ["abc", "hello", "banana", "code", "level", "apple", "data", "python", "aardvark"]
 
@@ -238,7 +258,7 @@ def _code_args(rng: random.Random, kind: str) -> list:
 def _make_code(rng: random.Random, split: str, idx: int) -> Item:
     family = rng.choice(list(CODE_FAMILIES))
     instruction, alpaca, body, arg_kind = CODE_FAMILIES[family]
-    params = {"c": rng.randint(2, 12), "ch": rng.choice("abelnop")}
+    params = {"c": rng.randint(2, 12), "d": rng.randint(1, 9), "ch": rng.choice("abelnop")}
     name = rng.choice(FUNC_NAMES)
     body = body.format(**params)
     scope: dict = {}
@@ -246,7 +266,7 @@ def _make_code(rng: random.Random, split: str, idx: int) -> Item:
     tests = [f"assert {name}({a!r}) == {scope[name](a)!r}" for a in _code_args(rng, arg_kind)]
     shown_body = body
     if split == "pretrain":
-        if rng.random() < 0.2:  # wrong programs
+        if rng.random() < 0.3:  # wrong programs
             shown_body = CODE_FAMILIES[rng.choice(list(CODE_FAMILIES))][2].format(**params)
         if rng.random() < 0.3:  # style variation
             shown_body = f"result = {shown_body[len('return '):]}\n    return result"

@@ -26,7 +26,7 @@ def test_token_inside_span_rule():
     spans = correctness_spans(text, "answer_letter")
     # " B" (leading space trimmed) is inside; "Answer:" is not; a partial overlap is not
     assert token_mask(text, [(0, 7), (7, 9)], spans) == [False, True]
-    assert token_mask("#### 72", [(0, 4), (4, 6), (6, 7)], [(5, 7)]) == [False, False, True]
+    assert token_mask("#### 72", [(0, 3), (3, 6), (4, 6), (6, 7)], [(5, 7)]) == [False, False, True, True]
 
 
 def test_labels_from_a_real_fast_tokenizer(testbed_tokenizer):

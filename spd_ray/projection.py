@@ -1,0 +1,90 @@
+"""Hard projection of K/V onto the capability subspace (paper Eq. 12): k <- k P_K, v <- v P_V.
+
+Applied to the k_proj / v_proj outputs on every forward pass (prefill and each decode step), so the
+KV cache holds projected values and RoPE is applied to the projected key. Because P is symmetric
+and the map is linear, k P = x (P W)^T + P b: folding into a copy of the weights is equivalent.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from spd_ray.modeling import kv_linears
+from spd_ray.subspace import CapabilitySubspace
+
+MODES = {"both": ("k", "v"), "k_only": ("k",), "v_only": ("v",)}
+
+
+def kinds_for_mode(mode: str) -> tuple[str, ...]:
+    if mode not in MODES:
+        raise ValueError(f"unknown projection mode {mode!r}: use one of {', '.join(MODES)}")
+    return MODES[mode]
+
+
+def _targets(model, subspace: CapabilitySubspace, mode: str):
+    """(module, projector in float32) for each projected k_proj / v_proj, kv_dim checked."""
+    kinds = kinds_for_mode(mode)
+    out = []
+    for layer in subspace.layers:
+        modules = kv_linears(model, layer)
+        for kind in kinds:
+            if (layer, kind) not in subspace.bases:
+                raise ValueError(
+                    f"the subspace has no {kind.upper()} basis for layer {layer} (mode={mode!r})"
+                )
+            d, model_d = subspace.bases[(layer, kind)].shape[0], modules[kind].out_features
+            if d != model_d:
+                raise ValueError(
+                    f"layer {layer} {kind}_proj: the subspace has d={d} but the model's "
+                    f"kv_dim is {model_d}: was the subspace computed on a different "
+                    "model?"
+                )
+            out.append((modules[kind], subspace.projector(layer, kind).float()))
+    return out
+
+
+@contextmanager
+def projection_hooks(model, subspace: CapabilitySubspace, mode: str = "both") -> Iterator:
+    """Within the block, the target k_proj / v_proj outputs are replaced by out @ P."""
+
+    def hook(p32: torch.Tensor):
+        cache: dict = {}
+
+        def fn(module, args, out):
+            key = (out.dtype, out.device)
+            if key not in cache:  # cast once per dtype/device, not per token
+                cache[key] = p32.to(device=out.device, dtype=out.dtype)
+            return out @ cache[key]
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(p)) for m, p in _targets(model, subspace, mode)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def fold_projection(model, subspace: CapabilitySubspace, mode: str = "both"):
+    """A deep copy whose k_proj / v_proj have W <- P W and b <- P b; the original is untouched."""
+    targets = _targets(model, subspace, mode)  # checks before the (possibly large) copy
+    names = {id(m): name for name, m in model.named_modules()}
+    folded = copy.deepcopy(model)
+    for module, p in targets:
+        dst = folded.get_submodule(names[id(module)])
+        if not isinstance(dst, torch.nn.Linear):
+            raise ValueError(
+                f"cannot fold into {type(dst).__name__}: merge adapters first "
+                "(merge_and_unload) or use projection_hooks"
+            )
+        p = p.to(dst.weight.device)
+        dst.weight.copy_((p @ dst.weight.float()).to(dst.weight.dtype))
+        if dst.bias is not None:
+            dst.bias.copy_((p @ dst.bias.float()).to(dst.bias.dtype))
+    return folded
