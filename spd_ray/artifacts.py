@@ -4,15 +4,16 @@ rerun skip every stage whose artifact was already made from the same config.
     runs/<name>/config.yaml          resolved config
     runs/<name>/manifest.json        artifact -> fingerprint of the config sections it depends on
     runs/<name>/subspace/            safetensors bases + spectra, JSON metadata
-    runs/<name>/generations.parquet  prompt, completion, id, seed
+    runs/<name>/generations/         parquet files: id, prompt, seed, completion
     runs/<name>/model/               the fine-tuned model (HF folder)
-    runs/<name>/eval_*.json, metrics.json, results.md
+    runs/<name>/eval_base, eval_spd  JSON metrics; metrics.json and results.md sum up
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,83 +34,36 @@ DEPENDS_ON = {
 class RunDir:
     def __init__(self, cfg: SPDConfig):
         self.cfg = cfg
-        self.path = cfg.run_dir
+        self.path = cfg.run_dir.resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.yaml")
         self._manifest_path = self.path / "manifest.json"
         self.manifest = json.loads(self._manifest_path.read_text()) if self._manifest_path.exists() else {}
 
     def key(self, name: str) -> str:
-        sections = {s: to_dict(getattr(self.cfg, s)) for s in DEPENDS_ON[name]}
+        sections = {s: to_dict(getattr(self.cfg, s)) for s in DEPENDS_ON[name.split(".")[0]]}
         return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
-    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
-        """Load artifact `name` if it was made from the same config, else compute and save it."""
+    def stage(self, name: str, produce: Callable[[Path], Any]) -> Path:
+        """The artifact `name` (a file or folder in the run directory): reused when the manifest
+        says it was made from the same config, else produced afresh. The manifest is written
+        only after `produce` returns, so a crash leaves the stage to be redone, and nothing else."""
+        out = self.path / name
         entry = self.manifest.get(name)
-        if entry and entry["key"] == self.key(name) and (self.path / entry["file"]).exists():
-            print(f"  {name}: reusing {self.path / entry['file']} (same config)", flush=True)
-            return _LOADERS[name](self.path / entry["file"], self.cfg)
-        value = compute()
-        file = _SAVERS[name](value, self.path, name, self.cfg)
-        self.manifest[name] = {"key": self.key(name), "file": file, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if entry and entry["key"] == self.key(name) and out.exists():
+            print(f"  {name}: reusing {out} (same config)", flush=True)
+            return out
+        if out.exists():
+            if entry:  # made from another config: kept aside, not lost
+                out.rename(out.with_name(f"{name}.{entry['key']}"))
+            elif out.is_dir():
+                shutil.rmtree(out)  # partial output of a crashed stage
+            else:
+                out.unlink()
+        produce(out)
+        self.manifest[name] = {"key": self.key(name), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self._manifest_path.write_text(json.dumps(self.manifest, indent=1))
-        return value
-
-    def write_text(self, name: str, text: str) -> None:
-        (self.path / name).write_text(text)
-
-
-def _save_subspace(subspace, root: Path, name: str, cfg: SPDConfig) -> str:
-    subspace.save(root / name)
-    return name
-
-
-def _load_subspace(path: Path, cfg: SPDConfig):
-    from spd_ray.subspace import CapabilitySubspace
-
-    return CapabilitySubspace.load(path)
-
-
-def _save_rows(rows: list[dict], root: Path, name: str, cfg: SPDConfig) -> str:
-    from datasets import Dataset
-
-    Dataset.from_list(rows).to_parquet(str(root / f"{name}.parquet"))
-    return f"{name}.parquet"
-
-
-def _load_rows(path: Path, cfg: SPDConfig) -> list[dict]:
-    from datasets import Dataset
-
-    return Dataset.from_parquet(str(path)).to_list()
-
-
-def _save_model(model, root: Path, name: str, cfg: SPDConfig) -> str:
-    from spd_ray.modeling import load_tokenizer
-
-    model.save_pretrained(root / name)  # a plain HF folder: reloads with from_pretrained
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(root / name)
-    return name
-
-
-def _load_model(path: Path, cfg: SPDConfig):
-    from spd_ray.modeling import load_model
-
-    return load_model(str(path), cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-
-
-def _save_json(value: dict, root: Path, name: str, cfg: SPDConfig) -> str:
-    (root / f"{name}.json").write_text(json.dumps(value, indent=1))
-    return f"{name}.json"
-
-
-def _load_json(path: Path, cfg: SPDConfig) -> dict:
-    return json.loads(path.read_text())
-
-
-_SAVERS = {"subspace": _save_subspace, "generations": _save_rows, "model": _save_model,
-           "eval_base": _save_json, "eval_spd": _save_json}
-_LOADERS = {"subspace": _load_subspace, "generations": _load_rows, "model": _load_model,
-            "eval_base": _load_json, "eval_spd": _load_json}
+        return out
 
 
 class Progress:

@@ -48,6 +48,9 @@ class CalibrationConfig:
     layers: list[int] | None = None  # None: the paper's [L-1, L//2]; negative indices count from the end
     batch_size: int = 8
     max_length: int = 512
+    num_workers: int = 2  # Ray workers that share the calibration set
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -70,6 +73,11 @@ class GenerationConfig:
     batch_size: int = 32
     seed: int = 42
     project: bool = True  # False gives the unprojected baselines (PSR, SSD)
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: GPU clusters with vLLM installed
+    replicas_min: int = 1  # Ray Data actor pool (autoscales between min and max)
+    replicas_max: int = 2
+    cpus_per_replica: float = 0.5  # fractional on CPU: a pool that takes every CPU starves the reader
+    gpus_per_replica: float = 0.0
 
 
 @dataclass
@@ -91,6 +99,17 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     loss_on: Literal["all", "completion"] = "all"  # Eq. 14 trains on prompt + completion
     seed: int = 42
+    # Ray Train + DeepSpeed
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    placement: Literal["PACK", "SPREAD"] = "PACK"  # Ray Train placement of the workers over nodes
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    checkpoints_to_keep: int = 2
+    export: Literal["merged", "adapter"] = "merged"  # LoRA: merge into the weights, or save the adapter
 
 
 @dataclass
@@ -103,10 +122,20 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "spd-ray"
+    group: str | None = None  # experiment group; None: the run name
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without an API key
+
+
+@dataclass
 class RunConfig:
     name: str = "spd"
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # local path, or shared storage (NFS mount) on multi-node clusters
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    ray_address: str | None = None  # None: join a running cluster if there is one, else start one
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

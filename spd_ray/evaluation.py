@@ -65,13 +65,27 @@ def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
     return total / max(1, count)
 
 
-def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
-    """Accuracy on every split; code splits also get the NLL of the reference (CodeAlpaca)."""
+def split_metrics(splits: dict[str, Sequence[Item]], completions: dict[str, Sequence[str]],
+                  nll: dict[str, float], code_timeout_s: float) -> dict[str, float]:
+    """Accuracy per split from its greedy completions, plus the reference NLL where computed."""
     metrics = {}
     for name, items in splits.items():
-        metrics[f"{name}/accuracy"] = evaluate_accuracy(
-            model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-            code_timeout_s=cfg.code_timeout_s)
-        if items and items[0].domain == "code":
-            metrics[f"{name}/nll"] = reference_nll(model, tokenizer, items, cfg.batch_size)
+        correct = score(items, completions[name], code_timeout_s)
+        metrics[f"{name}/accuracy"] = sum(correct) / max(1, len(correct))
+        if name in nll:
+            metrics[f"{name}/nll"] = nll[name]
     return metrics
+
+
+def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
+    """Splits scored by reference NLL too: code (the paper's CodeAlpaca metric)."""
+    return [name for name, items in splits.items() if items and items[0].domain == "code"]
+
+
+def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
+    """In-process evaluation: greedy completions, projection off, raw prompts."""
+    completions = {name: generate(model, tokenizer, [it.prompt for it in items],
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                   for name, items in splits.items()}
+    nll = {name: reference_nll(model, tokenizer, splits[name], cfg.batch_size) for name in nll_splits(splits)}
+    return split_metrics(splits, completions, nll, cfg.code_timeout_s)

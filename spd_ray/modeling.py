@@ -42,8 +42,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def resolve_layers(model, layers: list[int] | None) -> list[int]:
-    """Target layers, 0-based; None gives the paper's default [L-1, L//2] (last, then middle)."""
-    n = len(decoder_layers(model))
+    """Target layers, 0-based; None gives the paper's default [L-1, L//2] (last, then middle).
+
+    `model` is a model or its number of decoder layers (see `num_layers`)."""
+    n = model if isinstance(model, int) else len(decoder_layers(model))
     if layers is None:
         layers = [n - 1, n // 2]
     out: list[int] = []
@@ -76,6 +78,15 @@ def kv_linears(model, layer: int) -> dict[str, torch.nn.Linear]:
 def kv_dim(model, layer: int) -> int:
     """num_key_value_heads * head_dim: the width of one K (or V) feature vector."""
     return kv_linears(model, layer)["k"].out_features
+
+
+def num_layers(path: str, trust_remote_code: bool = False) -> int:
+    """Decoder layers of a model, read from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = _from_hub(AutoConfig.from_pretrained, _resolve_source(path), trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
 
 
 def _resolve_source(path: str) -> str:

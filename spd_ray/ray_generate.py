@@ -1,0 +1,149 @@
+"""Stage 2 on Ray Data: an actor pool of model replicas generates completions.
+
+Each actor loads one replica in `__init__`, with the projection folded into a copy of the
+weights (default) or applied by hooks; rows carry their own sampling seed, so the samples do
+not depend on how many replicas there are or which one a row lands on. Evaluation uses the same
+actors with greedy decoding and no projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
+from spd_ray.evaluation import nll_splits, split_metrics
+from spd_ray.generation import generate
+from spd_ray.testbed import Item
+
+
+class Generator:
+    """A Ray Data callable class: one model replica per actor."""
+
+    def __init__(self, model: ModelConfig, gen: GenerationConfig, subspace_dir: str | None,
+                 mode: str, apply: str, greedy: bool, max_new_tokens: int):
+        from spd_ray.modeling import load_model, load_tokenizer
+        from spd_ray.projection import fold_projection, projection_hooks
+        from spd_ray.subspace import CapabilitySubspace
+
+        self.model = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+        self.tokenizer = load_tokenizer(model.path, model.trust_remote_code)
+        if subspace_dir is not None:
+            subspace = CapabilitySubspace.load(subspace_dir)
+            if apply == "fold":
+                self.model = fold_projection(self.model, subspace, mode)
+            else:  # hooks stay on for the actor's lifetime
+                self._hooks = projection_hooks(self.model, subspace, mode)
+                self._hooks.__enter__()
+        self.node = ray.get_runtime_context().get_node_id()
+        self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=gen.batch_size)
+        if not greedy:
+            self.kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds = [int(s) for s in batch["seed"]] if "seed" in batch else None
+        completions = generate(self.model, self.tokenizer, [str(p) for p in batch["prompt"]],
+                               seeds=seeds, **self.kwargs)
+        return {**batch, "completion": np.array(completions, dtype=object),
+                "node": np.array([self.node] * len(completions), dtype=object)}
+
+
+class VLLMGenerator:
+    """The vLLM backend (GPU clusters): generates from a saved checkpoint that already has the
+    projection folded in, so vLLM needs no hooks; each row keeps its own sampling seed."""
+
+    def __init__(self, checkpoint: str, model: ModelConfig, gen: GenerationConfig, greedy: bool,
+                 max_new_tokens: int):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise ImportError("generation.backend=vllm needs vLLM (pip install vllm) on the "
+                              "generation nodes; or use generation.backend=hf") from err
+        dtype = "auto" if model.dtype == "auto" else model.dtype
+        self.llm = LLM(model=checkpoint, dtype=dtype, trust_remote_code=model.trust_remote_code)
+        self.params = SamplingParams
+        self.sampling = dict(max_tokens=max_new_tokens, temperature=0.0)
+        if not greedy:
+            self.sampling.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or -1)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds = batch["seed"] if "seed" in batch else [None] * len(batch["prompt"])
+        params = [self.params(seed=None if s is None else int(s), **self.sampling) for s in seeds]
+        outputs = self.llm.generate([str(p) for p in batch["prompt"]], params)
+        completions = [o.outputs[0].text for o in outputs]
+        return {**batch, "completion": np.array(completions, dtype=object),
+                "node": np.array([self.node] * len(completions), dtype=object)}
+
+
+@ray.remote
+def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out: str) -> str:
+    """A Hugging Face folder of the model with the projection folded into k_proj/v_proj."""
+    from spd_ray.modeling import load_model, load_tokenizer
+    from spd_ray.projection import fold_projection
+    from spd_ray.subspace import CapabilitySubspace
+
+    base = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+    fold_projection(base, CapabilitySubspace.load(subspace_dir), mode).save_pretrained(out)
+    load_tokenizer(model.path, model.trust_remote_code).save_pretrained(out)
+    return out
+
+
+def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationConfig, *,
+                     subspace_dir: str | Path | None = None, mode: str = "both",
+                     apply: str = "fold", greedy: bool = False,
+                     max_new_tokens: int | None = None,
+                     folded_checkpoint: str | Path | None = None) -> ray.data.Dataset:
+    """`ds` (columns prompt, id, and seed unless greedy) with `completion` and `node` (the
+    replica's Ray node) columns added.
+
+    With `gen.backend == "vllm"`, a projected run generates from `folded_checkpoint` (written by
+    `save_folded_checkpoint`); `subspace_dir` None means the plain model."""
+    max_new_tokens = max_new_tokens or gen.max_new_tokens
+    if gen.backend == "vllm":
+        if subspace_dir is not None and folded_checkpoint is None:
+            raise ValueError("the vLLM backend projects through a folded checkpoint: pass "
+                             "folded_checkpoint (see save_folded_checkpoint)")
+        checkpoint = model.path if subspace_dir is None else str(folded_checkpoint)
+        udf, kwargs = VLLMGenerator, dict(checkpoint=checkpoint, model=model, gen=gen,
+                                          greedy=greedy, max_new_tokens=max_new_tokens)
+    else:
+        udf, kwargs = Generator, dict(
+            model=model, gen=gen, subspace_dir=None if subspace_dir is None else str(subspace_dir),
+            mode=mode, apply=apply, greedy=greedy, max_new_tokens=max_new_tokens)
+    return ds.map_batches(
+        udf,
+        fn_constructor_kwargs=kwargs,
+        batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=gen.replicas_min, max_size=gen.replicas_max),
+        num_cpus=gen.cpus_per_replica,
+        num_gpus=gen.gpus_per_replica,
+    )
+
+
+@ray.remote
+def _reference_nll(model: ModelConfig, items: list, batch_size: int) -> float:
+    from spd_ray.evaluation import reference_nll
+    from spd_ray.modeling import load_model, load_tokenizer
+
+    return reference_nll(load_model(model.path, model.dtype, model.device, model.trust_remote_code),
+                         load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
+
+
+def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
+                    splits: dict[str, list[Item]]) -> dict[str, float]:
+    """Greedy completions from the generation actors (projection off), scored on the driver."""
+    rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
+            for name, items in splits.items() for i, it in enumerate(items)]
+    greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
+    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True,
+                            max_new_tokens=ev.max_new_tokens).take_all()
+    by_id = {r["id"]: r["completion"] for r in done}
+    completions = {name: [by_id[f"{name}#{i}"] for i in range(len(items))]
+                   for name, items in splits.items()}
+    nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
+           .remote(model, splits[name], ev.batch_size) for name in nll_splits(splits)}
+    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev.code_timeout_s)

@@ -1,0 +1,112 @@
+"""Stages 1 and 2 on a real local Ray cluster (2 workers / 2 replicas)."""
+
+import dataclasses
+
+import pytest
+import ray
+import torch
+
+from spd_ray.config import SPDConfig
+from spd_ray.data import sampling_rows
+from spd_ray.gradients import accumulate_kv_gradient_stats
+from spd_ray.modeling import load_model, load_tokenizer, resolve_layers
+from spd_ray.ray_calibrate import distributed_kv_stats
+from spd_ray.ray_generate import evaluate_on_ray, generate_dataset
+from spd_ray.spans import calibration_batches
+from spd_ray.subspace import build_subspace
+from spd_ray.testbed import make_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cfg(testbed_model_path):
+    cfg = SPDConfig()
+    cfg.model.path, cfg.model.device = testbed_model_path, "cpu"
+    cfg.generation.batch_size = 4
+    return cfg
+
+
+def test_stage1_two_workers_equal_one_process(local_ray, cfg, testbed_tokenizer, testbed_model):
+    items = make_split("math", "calibration", 12)
+    batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
+                                     [it.span_rule for it in items], batch_size=4, max_length=256)
+    layers = resolve_layers(testbed_model, None)
+    local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)
+    cfg.calibration.num_workers = 2
+    summed, loss, nodes = distributed_kv_stats(cfg, batches, layers)
+    assert len(nodes) == 1  # one local node
+    assert loss == pytest.approx(local_loss, rel=1e-5)
+    a, b = build_subspace(local), build_subspace(summed)
+    for key in a.bases:
+        assert summed[key].count == local[key].count
+        torch.testing.assert_close(b.projector(*key), a.projector(*key), atol=1e-5, rtol=0)
+
+
+def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ray, cfg, tmp_path):
+    model = load_model(cfg.model.path, device="cpu")
+    tok = load_tokenizer(cfg.model.path)
+    items = make_split("math", "calibration", 8)
+    batches, _ = calibration_batches(tok, [it.text for it in items], [it.span_rule for it in items],
+                                     batch_size=8, max_length=256)
+    stats, _ = accumulate_kv_gradient_stats(model, batches, resolve_layers(model, None))
+    build_subspace(stats).save(tmp_path / "subspace")
+    rows = sampling_rows([it.prompt for it in make_split("math", "train", 10)], 1, seed=7)
+    gen = dataclasses.replace(cfg.generation, max_new_tokens=24)
+
+    def run(replicas: int, apply: str, greedy: bool = False):
+        g = dataclasses.replace(gen, replicas_min=replicas, replicas_max=replicas)
+        out = generate_dataset(ray.data.from_items(rows), cfg.model, g, subspace_dir=tmp_path / "subspace",
+                               apply=apply, greedy=greedy).take_all()
+        return {r["id"]: r["completion"] for r in out}
+
+    one, two = run(1, "fold"), run(2, "fold")
+    assert one == two and len(one) == 10
+    assert run(1, "fold", greedy=True) == run(2, "hooks", greedy=True)
+
+
+def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer):
+    from spd_ray.evaluation import evaluate_model
+
+    splits = {"math/test": make_split("math", "test", 8), "code/test": make_split("code", "test", 4)}
+    ev = dataclasses.replace(cfg.evaluation, max_new_tokens=32, batch_size=4)
+    on_ray = evaluate_on_ray(cfg.model, cfg.generation, ev, splits)
+    assert on_ray == pytest.approx(evaluate_model(testbed_model, testbed_tokenizer, splits, ev), rel=1e-4)
+
+
+def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, testbed_model, testbed_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from spd_ray.projection import projection_hooks
+    from spd_ray.ray_generate import save_folded_checkpoint
+    from spd_ray.subspace import CapabilitySubspace
+
+    items = make_split("math", "calibration", 8)
+    batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
+                                     [it.span_rule for it in items], batch_size=8, max_length=256)
+    stats, _ = accumulate_kv_gradient_stats(testbed_model, batches, resolve_layers(testbed_model, None))
+    build_subspace(stats).save(tmp_path / "subspace")
+    out = ray.get(save_folded_checkpoint.remote(cfg.model, str(tmp_path / "subspace"), "both",
+                                                str(tmp_path / "folded")))
+    folded = AutoModelForCausalLM.from_pretrained(out)
+    enc = testbed_tokenizer([items[0].prompt], return_tensors="pt")
+    with torch.no_grad(), projection_hooks(testbed_model, CapabilitySubspace.load(tmp_path / "subspace")):
+        hooked = testbed_model(**enc).logits
+    torch.testing.assert_close(folded(**enc).logits, hooked, atol=1e-4, rtol=1e-4)
+
+    vllm = dataclasses.replace(cfg.generation, backend="vllm")
+    with pytest.raises(ValueError, match="folded_checkpoint"):
+        generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm, subspace_dir=tmp_path)
+    try:
+        import vllm as _  # noqa: F401
+    except ImportError:  # here (no vLLM): the actor's error says what to install
+        with pytest.raises(Exception, match="pip install vllm"):
+            generate_dataset(ray.data.from_items([{"prompt": "x", "seed": 1}]), cfg.model, vllm,
+                             subspace_dir=tmp_path, folded_checkpoint=out).take_all()
