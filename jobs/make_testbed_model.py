@@ -20,24 +20,30 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from spd_ray.config import TESTBED_MODEL
 from spd_ray.testbed import DOMAINS, make_split
 
+# Qwen2's own pre-tokenization (transformers' Qwen2Tokenizer): `AutoTokenizer` loads a folder whose
+# config says qwen2 as Qwen2Tokenizer, which rebuilds this pipeline around the saved vocab and
+# merges, so the tokenizer must be trained with exactly it (single digits included: \p{N}).
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-def build_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    """Byte-level BPE with single digits (numbers stay legible), saved then reloaded.
 
-    Only the reloaded tokenizer is used: one built in memory can tokenize differently.
-    """
+def build_tokenizer(texts: list[str], vocab_size: int, out: Path, config: Qwen2Config):
+    """A byte-level BPE trained with Qwen2's pre-tokenization, saved beside the model config and
+    reloaded with AutoTokenizer; only the reloaded tokenizer is used, and it must tokenize the
+    corpus exactly as the trained one does (checked)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|pad|>"],
@@ -47,8 +53,15 @@ def build_tokenizer(texts: list[str], vocab_size: int, out: Path):
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    pad_token="<|pad|>")
+    config.save_pretrained(out)  # so AutoTokenizer resolves the class the model's users will get
     fast.save_pretrained(out)
-    return AutoTokenizer.from_pretrained(out)
+    loaded = AutoTokenizer.from_pretrained(out)
+    sample = texts[:: max(1, len(texts) // 2000)]
+    mismatch = [t for t in sample if loaded(t)["input_ids"] != tok.encode(t).ids]
+    if mismatch:
+        raise RuntimeError(f"{type(loaded).__name__} tokenizes {len(mismatch)}/{len(sample)} texts "
+                           f"differently from the trained tokenizer, e.g. {mismatch[0]!r}")
+    return loaded
 
 
 def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, rng: random.Random):
@@ -87,13 +100,13 @@ def main() -> None:
 
     sizes = {"math": args.corpus, "mcq": args.corpus * 3 // 2, "code": args.corpus}
     texts = [it.text for d in DOMAINS for it in make_split(d, "pretrain", sizes[d], seed=args.seed)]
-    tokenizer = build_tokenizer(texts[:: max(1, len(texts) // 30000)], 1024, out)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-    )
+        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=0, pad_token_id=1, bos_token_id=0,
+    )  # ids 0 and 1 are the tokenizer's first special tokens
+    tokenizer = build_tokenizer(texts[:: max(1, len(texts) // 30000)], config.vocab_size, out, config)
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1) and len(tokenizer) <= config.vocab_size
     model = Qwen2ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, corpus {len(texts)} texts", flush=True)

@@ -12,7 +12,7 @@ import torch
 from spd_ray.config import EvalConfig
 from spd_ray.generation import generate
 from spd_ray.sandbox import run_many
-from spd_ray.scoring import extract_choice, extract_code, extract_number, numbers_match
+from spd_ray.scoring import extract_code, score_choice, score_math
 from spd_ray.testbed import Item
 
 
@@ -26,9 +26,9 @@ def score(items: Sequence[Item], completions: Sequence[str], code_timeout_s: flo
             results[i] = res.passed
     for i, it in enumerate(items):
         if it.domain == "math":
-            results[i] = numbers_match(extract_number(completions[i]), it.gold)
+            results[i] = score_math(completions[i], it.gold)
         elif it.domain == "mcq":
-            results[i] = extract_choice(completions[i]) == it.gold
+            results[i] = score_choice(completions[i], it.gold)
         elif it.domain != "code":
             raise ValueError(f"no scorer for domain {it.domain!r} (item {it.id})")
     return [bool(r) for r in results]

@@ -1,12 +1,13 @@
 """Running model-written Python for evaluation: one throwaway process per program.
 
-Containment, outermost first: a fresh isolated interpreter (`-I -S`) in a new session and an
-empty temporary directory, an empty environment, resource limits (CPU time, address space,
-file size, no core dumps, few processes), a wall-clock timeout that kills the whole process
-group, capped output, and a short prelude that disables process creation, sockets and file
-deletion inside the program. The prelude is defence in depth, not a security boundary (a
-determined program can undo it); do not run untrusted code on machines that hold secrets
-without an OS-level sandbox around the worker.
+Containment, outermost first: a fresh interpreter without site-packages in a new session, an
+empty temporary working directory, an environment built from scratch, resource limits (CPU time,
+address space, file size, no core dumps, few processes), a wall-clock timeout that kills the whole
+process group, capped output, and a short prelude that disables process creation, sockets, signals,
+file deletion and writes outside the working directory. The prelude is defence in depth, not a
+security boundary: a determined program can undo it (ctypes, os.open, reading any file the user
+can read). Do not run untrusted code on machines that hold secrets without an OS-level sandbox
+(container, VM, seccomp) around the worker.
 """
 
 from __future__ import annotations
@@ -21,23 +22,50 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-# Limits are set by the child itself (no preexec_fn: it is unsafe with the thread pool below).
+_SYNTAX_ERROR_EXIT = 86  # the prelude's exit status when the program does not compile
+_FILE_LIMIT = 1 << 20  # largest file the program may write, its own stderr included
+# Not -I: it implies -E, which would drop the fixed hash seed that keeps set order (and so
+# scores) reproducible. The environment is ours anyway, so -E would add nothing.
+_ENV = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+
+# Runs in the child before the program. Limits are set here rather than in preexec_fn, which is
+# unsafe (can deadlock) when run_many's threads start processes.
 _PRELUDE = """\
-import os, resource, shutil, socket, subprocess
-for _limit, _value in (("RLIMIT_CPU", {cpu}), ("RLIMIT_AS", {memory}), ("RLIMIT_FSIZE", {fsize}),
-                       ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 64)):  # NPROC is not enforced for root
-    resource.setrlimit(getattr(resource, _limit), (_value, _value))
+import builtins, io, os, resource, shutil, signal, socket, subprocess, sys, types
 def _blocked(*args, **kwargs):
     raise PermissionError("blocked by the spd-ray sandbox")
-for _name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp", "execvpe", "spawnv",
-              "spawnve", "kill", "killpg", "remove", "unlink", "rmdir", "removedirs", "rename",
-              "replace", "chmod", "chown", "truncate", "posix_spawn", "posix_spawnp"):
+for _name, _value in (("RLIMIT_CPU", {cpu}), ("RLIMIT_AS", {memory}), ("RLIMIT_FSIZE", {fsize}),
+                      ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 64)):  # NPROC is not enforced for root
+    resource.setrlimit(getattr(resource, _name), (_value, _value))
+resource.setrlimit = resource.prlimit = _blocked  # root could raise the hard limits again
+for _name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp", "execvpe",
+              "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "kill", "killpg", "remove",
+              "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "chmod", "chown",
+              "truncate", "setsid", "setpgid"):
     if hasattr(os, _name):
         setattr(os, _name, _blocked)
-shutil.rmtree = shutil.move = _blocked
+shutil.rmtree = shutil.move = signal.pthread_kill = _blocked
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _blocked
-socket.socket = socket.create_connection = _blocked
-del _name, _limit, _value
+socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _blocked
+_root, _open = os.getcwd() + os.sep, io.open
+def _open_inside(file, mode="r", *args, **kwargs):  # writes stay in the working directory
+    if (set(mode) & set("wax+") and not isinstance(file, int)
+            and not os.fsdecode(os.path.realpath(file)).startswith(_root)):
+        raise PermissionError("writing outside the sandbox directory is blocked")
+    return _open(file, mode, *args, **kwargs)
+builtins.open = io.open = _open_inside
+builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined
+_path = sys.argv.pop()
+try:
+    with _open(_path, encoding="utf-8") as _file:
+        _code = compile(_file.read(), "program.py", "exec")
+except (SyntaxError, ValueError) as _err:  # ValueError: null bytes (Python < 3.12)
+    print(f"{{type(_err).__name__}}: {{_err}}", file=sys.stderr)
+    sys.exit({syntax_exit})
+# Like the HumanEval/MBPP harnesses, __name__ is not "__main__": a completion's demo block
+# (which often reads stdin) does not run. A registered module keeps pickle/dataclasses working.
+_module = sys.modules["__sandbox__"] = types.ModuleType("__sandbox__")
+exec(_code, _module.__dict__)
 """
 
 
@@ -48,50 +76,70 @@ class ExecResult:
     stderr_tail: str = ""
 
 
-def run_program(code: str, timeout_s: float = 5.0, memory_mb: int = 512,
-                max_output_bytes: int = 10_000) -> ExecResult:
-    """Run `code`; it passes when it exits with status 0 within the limits."""
-    try:
-        compile(code, "<program>", "exec")
-    except (SyntaxError, ValueError) as err:
-        return ExecResult(False, "error", f"{type(err).__name__}: {err}")
-    prelude = _PRELUDE.format(cpu=math.ceil(timeout_s), memory=memory_mb << 20, fsize=max_output_bytes)
-    with tempfile.TemporaryDirectory(prefix="spd-sandbox-") as workdir:
+def run_program(
+    code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 10_000
+) -> ExecResult:
+    """Run `code`; it passes when it exits with status 0 within the limits.
+
+    status: "error" when it does not compile, "timeout" when it runs past `timeout_s` (wall clock
+    or CPU time), "failed" for any other non-zero exit (assertion, exception, memory limit)."""
+    prelude = _PRELUDE.format(
+        cpu=max(1, math.ceil(timeout_s)),
+        memory=memory_mb << 20,
+        fsize=max(_FILE_LIMIT, max_output_bytes),
+        syntax_exit=_SYNTAX_ERROR_EXIT,
+    )
+    with tempfile.TemporaryDirectory(prefix="spd-sandbox-") as tmp:
+        # the program and its stderr sit beside (not in) the program's working directory
+        workdir, program = os.path.join(tmp, "work"), os.path.join(tmp, "program.py")
+        os.mkdir(workdir)
+        with open(program, "w", encoding="utf-8", errors="replace") as f:
+            f.write(code)
         # stderr goes to a file so RLIMIT_FSIZE caps it (a pipe would buffer without bound)
-        with open(os.path.join(workdir, ".stderr"), "w+b") as err_file:
+        with open(os.path.join(tmp, "stderr"), "w+b") as err_file:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", prelude + "\n" + code],
-                cwd=workdir, env={"PYTHONHASHSEED": "0"}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True,
+                [sys.executable, "-s", "-S", "-c", prelude, program],
+                cwd=workdir,
+                env=_ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                start_new_session=True,
             )
+            timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                pass
+                timed_out = True
             finally:
-                try:  # the program and anything it left behind in its session
+                try:  # the program and anything it left behind in its process group
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            timed_out = proc.wait() == -signal.SIGKILL
+                proc.wait()
             err_file.seek(0)
-            err = err_file.read()[-max_output_bytes:]
-    if timed_out:
-        return ExecResult(False, "timeout")
-    tail = err.decode(errors="replace")
-    if proc.returncode == 0:
+            tail = err_file.read()[-max_output_bytes:].decode(errors="replace")
+    rc = proc.returncode
+    if rc == 0 and not timed_out:
         return ExecResult(True, "passed", tail)
-    # killed by the CPU limit counts as a timeout
-    status = "timeout" if proc.returncode == -signal.SIGXCPU else "failed"
-    return ExecResult(False, status, tail)
+    # RLIMIT_CPU sends SIGXCPU, then SIGKILL at the hard limit (equal here)
+    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
+        return ExecResult(False, "timeout", tail)
+    return ExecResult(False, "error" if rc == _SYNTAX_ERROR_EXIT else "failed", tail)
 
 
-def run_tests(completion: str, tests: Sequence[str], setup: str = "", timeout_s: float = 5.0) -> ExecResult:
-    return run_program(setup + completion + "\n" + "\n".join(tests) + "\n", timeout_s)
+def run_tests(
+    completion: str, tests: Sequence[str], setup: str = "", timeout_s: float = 5.0
+) -> ExecResult:
+    """Run `setup`, then the completion, then the test lines (MBPP `assert`s)."""
+    return run_program("\n".join([setup, completion, *tests]) + "\n", timeout_s)
 
 
-def run_many(jobs: Sequence[tuple[str, Sequence[str]]], timeout_s: float = 5.0,
-             max_workers: int | None = None) -> list[ExecResult]:
+def run_many(
+    jobs: Sequence[tuple[str, Sequence[str]]],
+    timeout_s: float = 5.0,
+    max_workers: int | None = None,
+) -> list[ExecResult]:
     """(completion, tests) pairs run in parallel; results keep the input order."""
     workers = max_workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its subprocess

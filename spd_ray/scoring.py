@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import re
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_CHOICE_PATTERNS = [
-    re.compile(r"^\s*\(?([A-J])\)?(?:[\s.):,]|$)"),  # " C", "C.", "(C)", "C) text"
-    re.compile(r"answer(?: is)?:?\s*\(?([A-J])\)?\b", re.IGNORECASE),  # "The answer is C"
-]
+# A number: optional sign (not a hyphen between digits, as in "3-5"), then digits with proper
+# thousands separators ("1,234", but "1,2,3" is three numbers), then an optional decimal part.
+_NUMBER = re.compile(r"(?:(?<![\d)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<!\d)-?\.\d+")
 _CODE_STOP = re.compile(r"^(Instruction:|Question:|Your code should|###|assert\s)")
+_FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
 
 
 def _normalize_number(text: str) -> str:
     text = text.replace(",", "").rstrip(".")
-    if "." in text:
+    if "." in text:  # "8.0" -> "8", "7.50" -> "7.5"
         text = text.rstrip("0").rstrip(".")
-    return text or "0"
+    if text.startswith("-."):
+        text = "-0" + text[1:]
+    elif text.startswith("."):
+        text = "0" + text
+    return "0" if text in ("", "-", "-0") else text
 
 
 def extract_number(text: str) -> str | None:
-    """The number after the last `####` (GSM8K), else the last number in the text."""
+    """The first number after the last `####` (GSM8K), else the last number in the text."""
     if "####" in text:
         found = _NUMBER.search(text.rsplit("####", 1)[1])
         return _normalize_number(found.group()) if found else None
@@ -31,36 +34,48 @@ def extract_number(text: str) -> str | None:
 def numbers_match(pred: str | None, gold: str) -> bool:
     if pred is None:
         return False
+    pred, gold = _normalize_number(pred.strip()), _normalize_number(gold.strip())
     try:
-        return abs(float(pred) - float(_normalize_number(gold))) < 1e-6
-    except ValueError:
-        return False
+        return abs(float(pred) - float(gold)) < 1e-6
+    except ValueError:  # not plain numbers: fall back to the normalised text
+        return pred == gold
 
 
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The answer letter of a completion (" C", "C.", "(C)", "The answer is C"), or None."""
-    for pattern in _CHOICE_PATTERNS:
-        found = pattern.search(text)
-        if found and found.group(1) in letters:
-            return found.group(1)
+    """The answer letter of a completion (" C", "C.", "(C)", " C) foo", "The answer is C"), or None.
+
+    A letter opening the completion wins (a model that goes on with the next few-shot question
+    would otherwise be scored on that question's "Answer: X"), except "A"/"I" followed by a
+    lowercase word, which read as an article or pronoun ("A car is ...")."""
+    cls = f"[{re.escape(letters)}]"
+    leading = re.match(rf"[\s*(\[]*({cls})(?=[\s*).\]:,]|$)", text)
+    if leading and not re.match(r"\s*[AI] [a-z]", text):
+        return leading.group(1)
+    stated = re.search(rf"\banswer(?: is)?\s*:?\s*[*(\[]*({cls})(?!\w)", text, re.IGNORECASE)
+    if stated and stated.group(1) in letters:  # IGNORECASE also lets lowercase letters through
+        return stated.group(1)
     return None
 
 
-def normalize_answer(text: str) -> str:
-    """BBH-style normalisation for exact match: case, spaces and wrapping punctuation."""
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.strip(" .,:;!?()[]\"'")
-
-
 def extract_code(completion: str) -> str:
-    """The program in a raw completion: a fenced block if any, else the text up to the first line
-    that leaves the code (a new instruction, a test, or two blank lines)."""
-    fenced = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.DOTALL)
+    """The program in a raw completion: the first fenced block if any, else the text up to the
+    first line that leaves the code (a new instruction, a test, or two blank lines in a row)."""
+    fenced = _FENCE.search(completion)
     if fenced:
         return fenced.group(1).rstrip()
     lines: list[str] = []
     for line in completion.split("\n"):
+        if not lines and not line.strip():
+            continue  # leading blank lines are not the "two blank lines" that end the code
         if _CODE_STOP.match(line) or (not line.strip() and lines[-1:] == [""]):
             break
-        lines.append("" if not line.strip() else line)
+        lines.append(line if line.strip() else "")
     return "\n".join(lines).rstrip()
+
+
+def score_math(completion: str, gold: str) -> bool:
+    return numbers_match(extract_number(completion), gold)
+
+
+def score_choice(completion: str, gold_letter: str, letters: str = "ABCD") -> bool:
+    return extract_choice(completion, letters) == gold_letter.strip(" ()").upper()

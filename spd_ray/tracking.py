@@ -7,6 +7,7 @@ is kept in the run directory, so a resumed pipeline appends to the same W&B run.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from spd_ray.config import SPDConfig, to_dict
@@ -14,7 +15,7 @@ from spd_ray.config import SPDConfig, to_dict
 
 class Tracker:
     def __init__(self, cfg: SPDConfig, run_dir: Path):
-        self.run = None
+        self.run, self.run_id = None, None
         w = cfg.run.wandb
         if not w.enabled or w.mode == "disabled":
             return
@@ -24,8 +25,9 @@ class Tracker:
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
+        self.run_id = run_id
         self.run = wandb.init(project=w.project, group=w.group or cfg.run.name, name=cfg.run.name,
                               id=run_id, resume="allow", mode=mode, dir=str(run_dir),
                               config=to_dict(cfg))

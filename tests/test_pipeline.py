@@ -1,44 +1,79 @@
-"""The main job end to end on the embedded testbed, at a small size."""
+"""The whole job on the embedded testbed, at a small size: submitted with the real `ray job submit`
+to a real `ray start --head` cluster, and on a simulated multi-node cluster."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 import spd  # noqa: E402
 
-SMALL = ["task.n_calibration=16", "task.n_train_prompts=48", "task.n_eval=12",
-         "generation.max_new_tokens=48", "evaluation.max_new_tokens=48", "finetune.epochs=1"]
+SMALL = ["task.n_calibration=16", "task.n_train_prompts=32", "task.n_eval=8",
+         "evaluation.domains=[math,code]", "generation.max_new_tokens=32",
+         "evaluation.max_new_tokens=32", "finetune.epochs=1", "run.wandb.mode=offline"]
+ARTIFACTS = ("config.yaml", "manifest.json", "subspace/subspace.safetensors", "subspace/subspace.json",
+             "generations", "model/config.json", "eval_base.json", "eval_spd.json", "metrics.json",
+             "results.md", "wandb_id")
+
+
+def _ray(*args, env, check=True, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, check=check,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_main_job_runs_and_reuses_artifacts(tmp_path, capsys):
-    args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=small"]
-    assert spd.main(args) == 0
-    run = tmp_path / "small"
-    for name in ("config.yaml", "manifest.json", "subspace/subspace.safetensors", "subspace/subspace.json",
-                 "generations.parquet", "model/config.json", "eval_base.json", "eval_spd.json",
-                 "metrics.json", "results.md"):
-        assert (run / name).exists(), name
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["base"]) == set(metrics["spd"]) and "math/transfer/accuracy" in metrics["base"]
-    meta = json.loads((run / "subspace/subspace.json").read_text())
-    assert meta["meta"]["layers"] == [3, 2]  # the paper's [L-1, L//2] for the 4-layer model
-    AutoModelForCausalLM.from_pretrained(run / "model")  # a plain HF folder
-    assert "| math/test/accuracy |" in capsys.readouterr().out
+def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1"}
+    port = "8297"
+    _ray("start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+         "--port=6390", env=env)
+    try:
+        submit = ["job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
+                  "--", "python", "jobs/spd.py", *SMALL, f"run.output_dir={tmp_path}", "run.name=job"]
+        first = _ray(*submit, env=env, check=False)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "succeeded" in first.stdout + first.stderr
+        run = tmp_path / "job"
+        for name in ARTIFACTS:
+            assert (run / name).exists(), name
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert set(metrics["base"]) == set(metrics["spd"]) >= {"math/test/accuracy", "code/transfer/nll"}
+        assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [3, 2]
+        assert "| math/test/accuracy |" in first.stdout
 
-    # a rerun with the same config redoes nothing; a changed fine-tuning recipe redoes stage 3 on
-    assert spd.main(args) == 0
-    out = capsys.readouterr().out
-    assert out.count("reusing") == 5
-    assert spd.main([*args, "finetune.lr=2e-4"]) == 0
-    out = capsys.readouterr().out
-    assert "subspace: reusing" in out and "generations: reusing" in out and "model: reusing" not in out
+        again = _ray(*submit, env=env, check=False)
+        assert again.returncode == 0, again.stdout[-3000:]
+        assert again.stdout.count("reusing") == 5  # subspace, generations, model, both evaluations
+    finally:
+        _ray("stop", "--force", env=env, check=False)
+
+
+@pytest.mark.slow
+def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
+    import pyarrow.parquet as pq
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no work
+    nodes = {cluster.add_node(num_cpus=3).node_id, cluster.add_node(num_cpus=3).node_id}
+    try:
+        args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=multi", f"run.ray_address={cluster.address}",
+                "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD"]
+        assert spd.main(args) == 0
+        run = tmp_path / "multi"
+        meta = json.loads((run / "subspace/subspace.json").read_text())["meta"]
+        assert set(meta["worker_nodes"]) == nodes  # stage 1 on both nodes
+        assert set(pq.read_table(run / "generations").column("node").to_pylist()) == nodes  # stage 2
+        assert set(json.loads((run / "model/train_summary.json").read_text())["nodes"]) == nodes  # stage 3
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
@@ -52,5 +87,5 @@ def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), f"model.path={tmp_path}/nomodel",
                            f"run.output_dir={tmp_path}"], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "nomodel" in proc.stderr
+    assert proc.returncode == 2
+    assert "model folder not found" in proc.stderr and "nomodel" in proc.stderr

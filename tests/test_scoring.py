@@ -4,47 +4,105 @@ from spd_ray.scoring import (
     extract_choice,
     extract_code,
     extract_number,
-    normalize_answer,
     numbers_match,
+    score_choice,
+    score_math,
 )
 
 
-@pytest.mark.parametrize("text, number", [
-    (" 3 + 5 = 8.\n#### 8", "8"),
-    ("#### 1,234", "1234"),
-    ("#### -5", "-5"),
-    ("#### 7.50", "7.5"),
-    ("#### 8.0", "8"),
-    ("first #### 3 then #### 4 and 9", "4"),  # the last marker wins, its first number
-    ("The answer is 12.", "12"),
-    ("5 + 7 = 12. So 12 apples.", "12"),
-    ("no number at all", None),
-    ("#### none", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        (" 3 + 5 = 8.\n#### 8", "8"),
+        ("#### 1,234", "1234"),
+        ("#### $1,234,567.", "1234567"),
+        ("#### -5", "-5"),
+        ("#### 7.50", "7.5"),
+        ("#### 8.0", "8"),
+        ("#### 0.0", "0"),
+        ("#### .5", "0.5"),
+        ("first #### 3 then #### 4 and 9", "4"),  # the last marker wins, its first number
+        ("#### 12\n\nQuestion: Tom has 3 apples", "12"),  # the model went on with a new question
+        ("The answer is 12.", "12"),
+        ("5 + 7 = 12. So 12 apples.", "12"),
+        ("It dropped by -3 degrees", "-3"),
+        ("pages 3-5", "5"),  # a hyphen between numbers is not a sign
+        ("1,2,3", "3"),  # not a thousands separator
+        ("no number at all", None),
+        ("#### none", None),
+        ("", None),
+    ],
+)
 def test_extract_number(text, number):
     assert extract_number(text) == number
 
 
-def test_numbers_match():
-    assert numbers_match("8", "8") and numbers_match("8", "8.0") and numbers_match("1234", "1,234")
-    assert not numbers_match(None, "8") and not numbers_match("7", "8")
+@pytest.mark.parametrize(
+    "pred, gold, same",
+    [
+        ("8", "8", True),
+        ("8", "8.0", True),
+        ("1234", "1,234", True),
+        ("0.5", ".5", True),
+        ("-5", "-5", True),
+        ("7", "8", False),
+        (None, "8", False),
+        ("5", "-5", False),
+        ("0.1", "0.1000000001", True),
+    ],
+)
+def test_numbers_match(pred, gold, same):
+    assert numbers_match(pred, gold) is same
 
 
-@pytest.mark.parametrize("text, letter", [
-    (" B", "B"), ("B.", "B"), ("(D)", "D"), (" C) slow", "C"), ("answer: C", "C"),
-    ("The answer is A", "A"), (" (B)\nQ: next", "B"), ("none", None), (" E", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        (" B", "B"),
+        ("B.", "B"),
+        ("(D)", "D"),
+        (" C) slow", "C"),
+        ("C", "C"),
+        (" **A**", "A"),
+        ("answer: C", "C"),
+        ("Answer: (B)", "B"),
+        ("The answer is A", "A"),
+        ("The correct answer is D.", "D"),
+        (" (B)\nQuestion: next\nAnswer: C", "B"),  # the first answer, not the next question's
+        (" A car is fast. The answer is C", "C"),  # "A car": an article, not an answer
+        ("none", None),
+        (" E", None),
+        ("", None),
+        ("The answer is a trick", None),
+        ("Cats", None),
+    ],
+)
 def test_extract_choice(text, letter):
     assert extract_choice(text) == letter
 
 
-def test_normalize_answer():
-    assert normalize_answer("  (True). ") == "true"
-    assert normalize_answer("Hello   World") == "hello world"
+def test_extract_choice_other_letters():
+    assert extract_choice(" E", letters="ABCDE") == "E"
+    assert extract_choice(" (J)", letters="ABCDEFGHIJ") == "J"
 
 
-def test_extract_code():
-    assert extract_code("\ndef f(x):\n    return x\nInstruction: Write more") == "\ndef f(x):\n    return x"
-    assert extract_code("Sure:\n```python\ndef f(x):\n    return 1\n```\nbye") == "def f(x):\n    return 1"
-    assert extract_code("def f(x):\n    return x\nassert f(1) == 1") == "def f(x):\n    return x"
-    assert extract_code("def f(x):\n\n    return x\n\n\nprint('junk')") == "def f(x):\n\n    return x"
+@pytest.mark.parametrize(
+    "completion, code",
+    [
+        ("\ndef f(x):\n    return x\nInstruction: Write more", "def f(x):\n    return x"),
+        ("Sure:\n```python\ndef f(x):\n    return 1\n```\nbye", "def f(x):\n    return 1"),
+        ("```\ndef f(x):\n    return 2", "def f(x):\n    return 2"),  # an unclosed fence
+        ("def f(x):\n    return x\nassert f(1) == 1", "def f(x):\n    return x"),
+        ("def f(x):\n\n    return x\n\n\nprint('junk')", "def f(x):\n\n    return x"),
+        ("def f(x):\n    return x\n### Instruction:\nnext", "def f(x):\n    return x"),
+    ],
+)
+def test_extract_code(completion, code):
+    assert extract_code(completion) == code
+
+
+def test_score_helpers():
+    assert score_math("3 + 4 = 7\n#### 7", "7") and not score_math("#### 8", "7")
+    assert (
+        score_choice(" C. Paris", "C") and score_choice(" C", "(C)") and not score_choice(" A", "C")
+    )
