@@ -23,7 +23,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from spd_ray.config import TESTBED_MODEL
+from spd_ray.config import TESTBED_MODEL, EvalConfig
+from spd_ray.evaluation import evaluate_model
 from spd_ray.testbed import DOMAINS, make_split
 
 # Qwen2's own pre-tokenization (transformers' Qwen2Tokenizer): `AutoTokenizer` loads a folder whose
@@ -133,11 +134,10 @@ def main() -> None:
             rate = tokens / (time.time() - t0)
             print(f"step {step}/{args.steps} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            from spd_ray.evaluation import evaluate_accuracy
-
             model.eval()
-            acc = {f"{d}/{s}": evaluate_accuracy(model, tokenizer, make_split(d, s, 100), max_new_tokens=96)
-                   for d in DOMAINS for s in ("test", "transfer")}
+            splits = {f"{d}/{s}": make_split(d, s, 100) for d in DOMAINS for s in ("test", "transfer")}
+            acc = {k.removesuffix("/accuracy"): v for k, v in evaluate_model(
+                model, tokenizer, splits, EvalConfig(max_new_tokens=96)).items() if k.endswith("accuracy")}
             history.append({"step": step, **acc})
             print(f"step {step} greedy accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()),
                   flush=True)

@@ -66,27 +66,6 @@ class RunDir:
         return out
 
 
-class Progress:
-    """Progress lines for long steps, about every 10% (or every 20 steps when the total is unknown)."""
-
-    def __init__(self, what: str, total: int | None, log: Callable[[str], None]):
-        self.what, self.total, self.log = what, total, log
-        self.done, self.start, self.next_report = 0, time.time(), 0.1
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.total and self.done / self.total >= self.next_report:
-            rate = self.done / max(1e-9, time.time() - self.start)
-            self.log(f"  {self.what}: {self.done}/{self.total} ({rate:.1f}/s)")
-            self.next_report += 0.1
-
-    def step(self, info: dict) -> None:
-        self.total = info["total_steps"]
-        if info["step"] % max(1, self.total // 10) == 0 or info["step"] == self.total:
-            self.log(f"  {self.what}: step {info['step']}/{self.total} loss {info['loss']:.3f} "
-                     f"lr {info['lr']:.2e}")
-
-
 def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
     """Markdown: one row per evaluation metric, one column per model, plus the SPD - base delta."""
     models = list(metrics)

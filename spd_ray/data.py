@@ -48,17 +48,3 @@ def sampling_rows(prompts: Sequence[str], n_samples: int, seed: int) -> list[dic
             row_seed = int.from_bytes(hashlib.sha256(f"{seed}/{i}/{k}".encode()).digest()[:4], "little")
             rows.append({"id": f"{i}-{k}", "prompt": prompt, "seed": row_seed})
     return rows
-
-
-def keep_usable(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
-    """Drop only empty completions (no filtering on content); count those that training will
-    truncate to `max_length` tokens."""
-    kept, counts = [], {"empty": 0, "truncated": 0}
-    for row in rows:
-        if not row["completion"].strip():
-            counts["empty"] += 1
-            continue
-        if len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) > max_length:
-            counts["truncated"] += 1
-        kept.append(row)
-    return kept, counts

@@ -34,13 +34,6 @@ def score(items: Sequence[Item], completions: Sequence[str], code_timeout_s: flo
     return [bool(r) for r in results]
 
 
-def evaluate_accuracy(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 256,
-                      batch_size: int = 64, code_timeout_s: float = 5.0) -> float:
-    completions = generate(model, tokenizer, [it.prompt for it in items],
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return sum(score(items, completions, code_timeout_s)) / max(1, len(items))
-
-
 @torch.no_grad()
 def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
                   max_length: int = 512) -> float:

@@ -1,14 +1,14 @@
 """Distillation fine-tuning (paper Eq. 14): next-token loss on prompt + completion.
 
 The pieces (tokenized examples, padding-free batches, LoRA/full preparation, AdamW with
-cosine warm-up) are shared by the single-process loop below and by distributed trainers.
+cosine warm-up) are plain torch + peft; `spd_ray.ray_finetune` runs them under Ray Train +
+DeepSpeed.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -76,50 +76,3 @@ def optimizer_and_schedule(model, cfg: FinetuneConfig, total_steps: int, steps_p
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Shuffled row indices per batch; the order depends on (seed, epoch) only."""
-    order = list(range(n_rows))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
-
-
-def train(model, tokenizer, rows: Sequence[dict], cfg: FinetuneConfig,
-          on_step: Callable[[dict], None] | None = None):
-    """Single-process fine-tuning; returns the finished (merged) model."""
-    if not rows:
-        raise ValueError("no training examples: the generated corpus is empty")
-    torch.manual_seed(cfg.seed)
-    model = prepare_model(model, cfg)
-    model.train()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    opt, sched = optimizer_and_schedule(model, cfg, total_steps, steps_per_epoch)
-    step, epoch = 0, 0
-    while step < total_steps:
-        batches = epoch_batches(len(rows), cfg.batch_size, epoch, cfg.seed)
-        for i in range(0, len(batches), cfg.grad_accum):
-            group = batches[i : i + cfg.grad_accum]
-            n_tokens = 0
-            for idx in group:
-                batch = {k: v.to(device) for k, v in collate([rows[j] for j in idx], pad_id).items()}
-                loss = model(**batch).loss / len(group)
-                loss.backward()
-                n_tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if on_step is not None:
-                on_step({"step": step, "total_steps": total_steps, "epoch": epoch,
-                         "loss": loss.item() * len(group), "lr": sched.get_last_lr()[0],
-                         "grad_norm": float(grad_norm), "tokens": n_tokens})
-            if step >= total_steps:
-                break
-        epoch += 1
-    model.eval()
-    return finished_model(model)

@@ -5,6 +5,8 @@ computes the capability subspace once (the sum is exact: SPD_METHOD.md step 4)."
 from __future__ import annotations
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from spd_ray.config import SPDConfig
 from spd_ray.gradients import accumulate_kv_gradient_stats
@@ -31,13 +33,25 @@ def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int])
     nodes the workers ran on."""
     c = cfg.calibration
     n_workers = max(1, min(c.num_workers, len(batches)))
-    workers = [CalibrationWorker.options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
-                                         scheduling_strategy="SPREAD").remote(cfg)
-               for _ in range(n_workers)]
-    shards = [batches[i::n_workers] for i in range(n_workers)]
-    results = ray.get([w.accumulate.remote(shard, layers) for w, shard in zip(workers, shards)])
-    for w in workers:
-        ray.kill(w)
+    # one bundle per worker, on distinct nodes whenever enough nodes can hold one (SPREAD alone
+    # is only a preference, and packs a small job onto one node)
+    bundle = {k: v for k, v in {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}.items() if v > 0}
+    fitting = [n for n in ray.nodes()
+               if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+    strategy = "STRICT_SPREAD" if len(fitting) >= n_workers else "SPREAD"
+    group = placement_group([bundle] * n_workers, strategy=strategy)
+    ray.get(group.ready())
+    try:
+        workers = [CalibrationWorker.options(
+            num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        ).remote(cfg) for i in range(n_workers)]
+        shards = [batches[i::n_workers] for i in range(n_workers)]
+        results = ray.get([w.accumulate.remote(shard, layers) for w, shard in zip(workers, shards)])
+        for w in workers:
+            ray.kill(w)
+    finally:
+        remove_placement_group(group)
     total: dict = {}
     for stats, *_ in results:
         for key, d in stats.items():

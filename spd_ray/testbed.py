@@ -270,14 +270,16 @@ def _make_code(rng: random.Random, split: str, idx: int) -> Item:
             shown_body = CODE_FAMILIES[rng.choice(list(CODE_FAMILIES))][2].format(**params)
         if rng.random() < 0.3:  # style variation
             shown_body = f"result = {shown_body[len('return '):]}\n    return result"
-    code = f"\ndef {name}(x):\n    {shown_body}\n"
+    # the prompt ends with the newline: byte-level BPEs (Qwen2's) merge ":\n" into one token, so a
+    # prompt ending in ":" would stop mid-token and look unlike anything seen in training
+    code = f"def {name}(x):\n    {shown_body}\n"
     transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.15)
     if transfer:
         prompt = (f"### Instruction:\nCreate a Python function called {name} that "
-                  f"{alpaca.format(**params)}.\n### Response:")
+                  f"{alpaca.format(**params)}.\n### Response:\n")
     else:
         prompt = (f"Instruction: Write a function {name}(x) that {instruction.format(**params)}."
-                  f"\nYour code should pass these tests:\n" + "\n".join(tests) + "\nCode:")
+                  f"\nYour code should pass these tests:\n" + "\n".join(tests) + "\nCode:\n")
     return Item(id=f"code-{split}-{idx}", domain="code", split=split, prompt=prompt,
                 answer=code, tests=tests, span_rule="asserts")
 

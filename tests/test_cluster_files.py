@@ -469,9 +469,8 @@ def test_working_dir_upload_excludes_git_and_outputs(tmp_path):
     assert size < min(100 * 2**20, GCS_STORAGE_MAX_SIZE), f"{size / 2**20:.1f} MiB"
 
 
-def test_without_excludes_git_would_be_uploaded(tmp_path):
-    """Why cluster/runtime_env.yaml exists: .gitignore does not cover .git itself."""
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
+def test_rayignore_keeps_git_out_even_without_excludes(tmp_path):
+    """.gitignore does not cover .git itself: the repository's .rayignore does."""
+    assert ".git" in (ROOT / ".rayignore").read_text().split()
     with _upload(tmp_path, []) as pkg:
-        assert any(n.split("/")[0] == ".git" for n in pkg.namelist())
+        assert not any(n.split("/")[0] == ".git" for n in pkg.namelist())

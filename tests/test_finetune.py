@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from spd_ray.config import FinetuneConfig
-from spd_ray.finetune import build_examples, collate, optimizer_and_schedule, train
+from spd_ray.finetune import (
+    build_examples,
+    collate,
+    finished_model,
+    optimizer_and_schedule,
+    prepare_model,
+)
 
 
 def test_examples_and_padding(testbed_tokenizer):
@@ -36,7 +42,7 @@ def test_cosine_schedule_with_half_epoch_warmup():
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_lowers_the_loss(testbed_model, testbed_tokenizer, method):
+def test_recipe_pieces_train_and_merge(testbed_model, testbed_tokenizer, method):
     tok = testbed_tokenizer
     prompts = [f"Question: Zed has {i} ants. How many?\nAnswer:" for i in range(8)]
     rows = build_examples(tok, prompts, [" zzz qqq zzz"] * 8, max_length=64)
@@ -45,9 +51,19 @@ def test_training_lowers_the_loss(testbed_model, testbed_tokenizer, method):
         with torch.no_grad():
             return model(**collate(rows, tok.pad_token_id)).loss.item()
 
-    base = copy.deepcopy(testbed_model)
-    cfg = FinetuneConfig(method=method, lr=3e-3, epochs=4, batch_size=4, warmup_epochs=0.0)
-    trained = train(copy.deepcopy(testbed_model), tok, rows, cfg)
+    cfg = FinetuneConfig(method=method, lr=3e-3, batch_size=4, warmup_epochs=0.0)
+    model = prepare_model(copy.deepcopy(testbed_model), cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert (trainable < 0.1 * total) if method == "lora" else (trainable == total)
+    opt, sched = optimizer_and_schedule(model, cfg, total_steps=8, steps_per_epoch=2)
+    model.train()
+    for _ in range(4):
+        for i in range(0, len(rows), cfg.batch_size):
+            model(**collate(rows[i:i + cfg.batch_size], tok.pad_token_id)).loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    trained = finished_model(model.eval())
     assert type(trained) is type(testbed_model)  # LoRA is merged back into a plain HF model
-    assert loss(trained) < 0.8 * loss(base)
-    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), testbed_model.parameters()))
+    assert loss(trained) < 0.8 * loss(testbed_model)

@@ -62,9 +62,11 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no work
     nodes = {cluster.add_node(num_cpus=3).node_id, cluster.add_node(num_cpus=3).node_id}
+    cluster.wait_for_nodes()
     try:
         args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=multi", f"run.ray_address={cluster.address}",
-                "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD"]
+                "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD",
+                "calibration.batch_size=4", "generation.batch_size=4"]
         assert spd.main(args) == 0
         run = tmp_path / "multi"
         meta = json.loads((run / "subspace/subspace.json").read_text())["meta"]
