@@ -35,7 +35,7 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
          "--port=6390", env=env)
     try:
         submit = ["job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-                  "--", "python", "jobs/spd.py", *SMALL, f"run.output_dir={tmp_path}", "run.name=job"]
+                  "--", sys.executable, "jobs/spd.py", *SMALL, f"run.output_dir={tmp_path}", "run.name=job"]
         first = _ray(*submit, env=env, check=False)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         assert "succeeded" in first.stdout + first.stderr
