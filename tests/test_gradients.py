@@ -4,37 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from spd_ray.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients
 from spd_ray.modeling import decoder_layers, kv_dim, kv_linears, load_model, resolve_layers
 from spd_ray.subspace import SufficientStats
-
-CONFIGS = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-    "mistral": MistralConfig,
-}
-
-
-def tiny(arch: str, layers: int = 3, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = CONFIGS[arch](
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    return AutoModelForCausalLM.from_config(cfg).eval()
+from tests.tiny_models import CONFIGS, tiny
 
 
 def padded_batch(lengths: list[int], side: str, seed: int = 0) -> dict:

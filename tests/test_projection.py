@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+from transformers import DynamicCache
 
 from spd_ray.modeling import kv_dim, kv_linears, resolve_layers
 from spd_ray.projection import fold_projection, kinds_for_mode, projection_hooks
 from spd_ray.subspace import CapabilitySubspace, random_subspace
+from tests.tiny_models import tiny
 
-CONFIGS = {"qwen2": Qwen2Config, "llama": LlamaConfig}  # Qwen2 has k/v biases, Llama none
+ARCHS = ["qwen2", "llama"]  # Qwen2 has k/v biases, Llama none
 MODES = ["both", "k_only", "v_only"]
 
 
-def tiny(arch: str, layers: int = 3):
-    torch.manual_seed(0)
-    cfg = CONFIGS[arch](
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        attn_implementation="eager",
-    )
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+def tiny_projected(arch: str, layers: int = 3):
+    model = tiny(arch, layers, attn_implementation="eager")
     if arch == "qwen2":  # non-zero biases, so folding P b is exercised
         for layer in resolve_layers(model, None):
             for m in kv_linears(model, layer).values():
@@ -61,9 +48,9 @@ def greedy(model, batch) -> torch.Tensor:
     return out[:, batch["input_ids"].shape[1] :]
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=ARCHS)
 def arch_model(request):
-    return request.param, tiny(request.param)
+    return request.param, tiny_projected(request.param)
 
 
 def test_modes():
@@ -135,7 +122,7 @@ def test_cached_decoding_equals_full_recompute_under_hooks(arch_model):
 
 def test_mismatched_kv_dim_is_an_error(arch_model):
     _, model = arch_model
-    other = tiny("llama")
+    other = tiny_projected("llama")
     other_d = torch.zeros(48, 24)
     bad = CapabilitySubspace({(2, "k"): other_d, (2, "v"): other_d})
     assert kv_dim(other, 2) == 32
