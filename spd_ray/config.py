@@ -51,10 +51,16 @@ class CalibrationConfig:
     num_workers: int = 2  # Ray workers that share the calibration set
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # 0: each worker holds a full replica; 3: the workers hold one ZeRO-3-partitioned model
+    # between them (for models too large for one device: activation gradients need no
+    # parameter gradients, so no optimizer state is ever built)
+    zero_stage: Literal[0, 3] = 0
 
 
 @dataclass
 class SubspaceConfig:
+    kind: Literal["gradient", "random"] = "gradient"  # random: the same-rank ablation baseline
+    random_seed: int = 0  # for kind=random
     rank_mode: Literal["half", "fixed", "energy"] = "half"
     rank: int | None = None  # for rank_mode=fixed
     energy: float = 0.95  # for rank_mode=energy: smallest r with this fraction of sum S^2
@@ -119,6 +125,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 256
     code_timeout_s: float = 5.0
+    project: bool = False  # True: the inference-only baseline (base model with the projection on)
 
 
 @dataclass
@@ -135,6 +142,7 @@ class RunConfig:
     output_dir: str = "runs"  # local path, or shared storage (NFS mount) on multi-node clusters
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
+    rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

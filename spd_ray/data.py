@@ -13,8 +13,13 @@ from spd_ray.testbed import Item, make_split
 @dataclass
 class Task:
     calibration: list[Item]  # labeled: the only place answers are used
-    train_prompts: list[str]  # unlabeled
+    train_items: list[Item]  # only their prompts reach generation and training; the answers
+    #                          serve one diagnostic, the quality of the raw corpus (Table 3)
     eval_splits: dict[str, list[Item]]  # "math/test", "math/transfer", ...
+
+    @property
+    def train_prompts(self) -> list[str]:
+        return [it.prompt for it in self.train_items]
 
 
 def load_task(cfg: SPDConfig) -> Task:
@@ -22,7 +27,7 @@ def load_task(cfg: SPDConfig) -> Task:
     domains = cfg.evaluation.domains or [t.domain]
     return Task(
         calibration=make_split(t.domain, "calibration", t.n_calibration, t.seed),
-        train_prompts=[it.prompt for it in make_split(t.domain, "train", t.n_train_prompts, t.seed)],
+        train_items=make_split(t.domain, "train", t.n_train_prompts, t.seed),
         eval_splits={f"{d}/{s}": make_split(d, s, t.n_eval, t.seed)
                      for d in domains for s in cfg.evaluation.splits},
     )
