@@ -1,0 +1,326 @@
+"""The comparison report: Markdown tables and PNG plots of a method comparison, plus subspace
+diagnostics (spectra and principal angles between capability subspaces).
+
+Records are one per (train domain, method, seed, round) run; metric keys are
+`<domain>/<split>/<metric>` (e.g. `math/test/accuracy`, `code/transfer/nll`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import statistics
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
+
+from spd_ray.subspace import CapabilitySubspace
+
+DASH = "–"
+
+
+# ---------------------------------------------------------------- subspace diagnostics
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between the column spans of orthonormal a and b."""
+    # re-orthonormalise in float64: arccos turns a float32 basis's 1e-7 error into ~0.03 degrees
+    a, b = torch.linalg.qr(a.to(torch.float64)).Q, torch.linalg.qr(b.to(torch.float64)).Q
+    s = torch.linalg.svdvals(a.T @ b).clamp(0, 1)
+    return torch.rad2deg(torch.arccos(s))  # svdvals is descending, so the angles ascend
+
+
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cos^2 of the principal angles: 1 for identical spans, 0 for orthogonal ones."""
+    m = a.to(torch.float64).T @ b.to(torch.float64)
+    return float((m**2).sum() / min(a.shape[1], b.shape[1]))
+
+
+def chance_overlap(d: int, r1: int, r2: int) -> float:
+    """Expected overlap of a random r-dim subspace with a fixed one: E||a^T b||^2 = r1 r2 / d."""
+    return max(r1, r2) / d
+
+
+def compare_subspaces(subspaces: dict[str, CapabilitySubspace]) -> list[dict]:
+    """One row per pair of named subspaces and (layer, kind) they share."""
+    rows = []
+    for (na, sa), (nb, sb) in itertools.combinations(subspaces.items(), 2):
+        for layer, kind in sorted(sa.bases.keys() & sb.bases.keys()):
+            a, b = sa.bases[(layer, kind)], sb.bases[(layer, kind)]
+            if a.shape[0] != b.shape[0]:
+                raise ValueError(
+                    f"subspaces {na!r} and {nb!r} differ in kv_dim at layer {layer} {kind}: "
+                    f"{a.shape[0]} vs {b.shape[0]} (different models?)"
+                )
+            angles = principal_angles(a, b)
+            rows.append(dict(
+                a=na, b=nb, layer=layer, kind=kind, rank_a=a.shape[1], rank_b=b.shape[1],
+                overlap=subspace_overlap(a, b),
+                chance=chance_overlap(a.shape[0], a.shape[1], b.shape[1]),
+                mean_angle=float(angles.mean()), min_angle=float(angles.min()),
+            ))
+    return rows
+
+
+# ---------------------------------------------------------------- aggregation over seeds
+
+
+def summarize(records: list[dict], field: str = "metrics") -> list[dict]:
+    """Mean and sample std over seeds per (domain, method, round, metric) of `record[field]`
+    (`field="corpus"` aggregates corpus quality; records without it are skipped)."""
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for r in records:
+        for metric, value in (r.get(field) or {}).items():
+            if value is not None:
+                key = (r["domain"], r["method"], r.get("round", 1), metric)
+                groups.setdefault(key, []).append((r["seed"], float(value)))
+    rows = []
+    for (domain, method, rnd, metric), pairs in sorted(groups.items()):
+        pairs.sort()
+        values = [v for _, v in pairs]
+        rows.append(dict(
+            domain=domain, method=method, round=rnd, metric=metric,
+            mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            n=len(values), seeds=[s for s, _ in pairs], values=values,
+        ))
+    return rows
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _cell(row: dict | None, digits: int = 3) -> str:
+    return f"{row['mean']:.{digits}f} ± {row['std']:.{digits}f}" if row else DASH
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return DASH if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _label(metric: str) -> str:
+    """`math/test/accuracy` -> `math test accuracy`, flagging the metrics where lower is better."""
+    return metric.replace("/", " ") + (" (lower is better)" if metric.endswith("/nll") else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _is_test(metric: str) -> bool:
+    return metric.split("/")[1:2] == ["test"]
+
+
+def _metric_order(metric: str) -> tuple:
+    # test split first (the in-domain benchmark), then the rest alphabetically
+    return (not _is_test(metric), metric)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _own_spectra(sub: CapabilitySubspace) -> dict[tuple[int, str], torch.Tensor]:
+    # a random basis (energy NaN) carries the gradient spectrum of another subspace, not its own
+    return {k: s for k, s in sub.singular_values.items() if not math.isnan(sub.energy.get(k, 0.0))}
+
+
+def _plot_spectrum(path: Path, name: str, sub: CapabilitySubspace,
+                   spectra: dict[tuple[int, str], torch.Tensor]) -> None:
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for key, s in sorted(spectra.items()):
+        s2 = s.to(torch.float64) ** 2
+        cum = (torch.cumsum(s2, 0) / s2.sum()).tolist()
+        (line,) = ax.plot(range(1, len(cum) + 1), cum, label=f"layer {key[0]} {key[1]}")
+        if key in sub.bases:  # mark the kept rank
+            r = sub.bases[key].shape[1]
+            ax.plot([r], [cum[r - 1]], "o", color=line.get_color())
+    ax.set(xlabel="rank", ylabel="cumulative energy (S² / total)", ylim=(0, 1.02),
+           title=f"gradient spectrum: {name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def _plot_overlaps(path: Path, names: list[str], keys: list[tuple], rows: list[dict]) -> None:
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    size = 1.2 + 0.6 * len(names)
+    fig = Figure(figsize=(size * ncols + 1, size * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    idx = {n: i for i, n in enumerate(names)}
+    for ax, key in zip(axes, keys):
+        m = [[1.0 if i == j else math.nan for j in range(len(names))] for i in range(len(names))]
+        for r in rows:
+            if (r["layer"], r["kind"]) == key:
+                m[idx[r["a"]]][idx[r["b"]]] = m[idx[r["b"]]][idx[r["a"]]] = r["overlap"]
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for i, j in itertools.product(range(len(names)), repeat=2):
+            if not math.isnan(m[i][j]):
+                ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="k" if m[i][j] > 0.6 else "w")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"layer {key[0]} {key[1]}", fontsize=9)
+    for ax in axes[len(keys):]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes.tolist(), label="overlap (mean cos²)")
+    fig.savefig(path, dpi=100)
+
+
+def _plot_bars(path: Path, domain: str, methods: list[str], metrics: list[str],
+               cells: list[list[dict | None]]) -> None:
+    fig = Figure(figsize=(1.5 + 1.2 * len(metrics) * max(1, len(methods)) / 3, 4),
+                 layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(methods)
+    for i, (method, rows) in enumerate(zip(methods, cells)):
+        ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(metrics))],
+               [r["mean"] if r else math.nan for r in rows], width,
+               yerr=[r["std"] if r else 0.0 for r in rows], capsize=3, label=method)
+    ax.set_xticks(range(len(metrics)), [_label(m.removeprefix(f"{domain}/")) for m in metrics],
+                  fontsize=8)
+    ax.set(title=f"trained on {domain} (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(
+    out_dir: str | Path,
+    records: list[dict],
+    *,
+    methods_order: list[str],
+    subspaces: dict[str, CapabilitySubspace] | None = None,
+    header: str = "",
+    baseline: str = "base",
+) -> Path:
+    """Write `out_dir/report.md` and its PNGs; returns the report path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {(r["domain"], r["method"], r["round"], r["metric"]): r for r in summarize(records)}
+    listed = [r for r in records if r["method"] in methods_order]
+    corpus = {(r["domain"], r["method"], r["round"], r["metric"]): r
+              for r in summarize(listed, "corpus")}
+    domains = list(dict.fromkeys(r["domain"] for r in records))
+    rounds = {dm: sorted({k[2] for k in stats if k[:2] == dm}) for dm in {k[:2] for k in stats}}
+    lines = [header.rstrip(), ""] if header else []
+
+    def present(domain):
+        return [m for m in methods_order if (domain, m) in rounds]
+
+    def cell(domain, method, metric, rnd=None):
+        # the main tables use each method's first round (the paper's one-round protocol)
+        rs = rounds.get((domain, method))
+        return stats.get((domain, method, rs[0] if rnd is None else rnd, metric)) if rs else None
+
+    def own(domain):
+        return sorted({k[3] for k in stats if k[0] == domain and k[3].startswith(f"{domain}/")},
+                      key=_metric_order)
+
+    lines += ["## Main results (in-domain and transfer)", ""]
+    for domain in domains:
+        metrics = own(domain)
+        test = next((m for m in metrics if _is_test(m)), None)
+        base = cell(domain, baseline, test)
+        rows = []
+        for method in present(domain):
+            cells = [cell(domain, method, m) for m in metrics]
+            row = cell(domain, method, test)
+            delta = _num(row["mean"] - base["mean"], "+.3f") if row and base else DASH
+            seeds = max((c["n"] for c in cells if c), default=DASH)
+            rows.append([method, str(seeds), *map(_cell, cells), delta])
+        lines += [f"### Trained on {domain}", ""]
+        lines += _table(["method", "seeds", *map(_label, metrics), f"Δ vs {baseline}"], rows)
+
+    ood = {d: sorted({k[3] for k in stats if k[0] == d and not k[3].startswith(f"{d}/")},
+                     key=lambda m: (m.split("/")[0], _metric_order(m))) for d in domains}
+    if any(ood.values()):
+        lines += ["## Out-of-domain (other domains' benchmarks)", ""]
+        for domain in (d for d in domains if ood[d]):
+            rows = [[m] + [_cell(cell(domain, m, k)) for k in ood[domain]] for m in present(domain)]
+            lines += [f"### Trained on {domain}", ""]
+            lines += _table(["method", *map(_label, ood[domain])], rows)
+
+    if corpus:
+        lines += ["## Corpus quality before training (self-generated, paper Table 3)", "",
+                  "Accuracy of the generated training completions, and their mean length in "
+                  "characters (mean ± std over seeds).", ""]
+        cdomains = [d for d in domains if any(k[0] == d for k in corpus)]
+        keys = [(m, rnd) for m in methods_order
+                for rnd in sorted({k[2] for k in corpus if k[1] == m})]
+        multi = len({k[1] for k in keys}) > 1
+        rows = []
+        for method, rnd in keys:
+            row = [f"{method}, round {rnd}" if multi else method]
+            for d in cdomains:
+                row += [_cell(corpus.get((d, method, rnd, "accuracy"))),
+                        _cell(corpus.get((d, method, rnd, "mean_chars")), 1)]
+            rows.append(row)
+        lines += _table(["method", *(f"{d} {c}" for d in cdomains for c in ("accuracy", "chars"))],
+                        rows)
+
+    if any(k[2] > 1 for k in stats):
+        lines += ["## Rounds (iterated self-distillation)", ""]
+        for domain in domains:
+            metrics = own(domain)
+            rows = [[m, str(rnd)] + [_cell(cell(domain, m, k, rnd)) for k in metrics]
+                    for m in present(domain) for rnd in rounds[(domain, m)]]
+            lines += [f"### Trained on {domain}", ""]
+            lines += _table(["method", "round", *map(_label, metrics)], rows)
+
+    if subspaces:
+        lines += ["## Capability subspace spectra", "",
+                  "Energy: the fraction of the gradient energy (sum S²) in the kept rank.", ""]
+        for name, sub in subspaces.items():
+            rows = [[str(layer), kind, str(b.shape[0]), str(b.shape[1]),
+                     _num(sub.energy.get((layer, kind)))]
+                    for (layer, kind), b in sorted(sub.bases.items())]
+            lines += [f"### {name}", ""]
+            lines += _table(["layer", "kind", "kv_dim", "rank", "energy captured"], rows)
+            spectra = _own_spectra(sub)
+            if spectra:
+                png = f"spectrum_{_slug(name)}.png"
+                _plot_spectrum(out / png, name, sub, spectra)
+                lines += [f"![cumulative energy vs rank: {name}]({png})", ""]
+
+        pairs = compare_subspaces(subspaces)
+        if pairs:
+            lines += ["## Principal angles between subspaces", "",
+                      "Overlap = mean cos² of the principal angles (1 identical, 0 orthogonal); "
+                      "chance = the expected overlap of a random subspace, max(r_a, r_b) / kv_dim. "
+                      "Angles in degrees.", ""]
+            rows = [[p["a"], p["b"], str(p["layer"]), p["kind"], str(p["rank_a"]), str(p["rank_b"]),
+                     _num(p["overlap"]), _num(p["chance"]), _num(p["mean_angle"], ".1f"),
+                     _num(p["min_angle"], ".1f")] for p in pairs]
+            lines += _table(["a", "b", "layer", "kind", "rank a", "rank b", "overlap", "chance",
+                             "mean angle", "min angle"], rows)
+            keys = sorted({(p["layer"], p["kind"]) for p in pairs})
+            _plot_overlaps(out / "subspace_overlap.png", list(subspaces), keys, pairs)
+            lines += ["![subspace overlap heatmaps](subspace_overlap.png)", ""]
+
+    bars = [(d, present(d), own(d)) for d in domains if present(d) and own(d)]
+    if bars:
+        lines += ["## In-domain results (plots)", ""]
+        for domain, methods, metrics in bars:
+            png = f"bars_{_slug(domain)}.png"
+            cells = [[cell(domain, m, k) for k in metrics] for m in methods]
+            _plot_bars(out / png, domain, methods, metrics, cells)
+            lines += [f"![trained on {domain}]({png})", ""]
+
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")  # ±, – and Δ whatever the locale
+    return path
