@@ -3,11 +3,17 @@
 Containment, outermost first: a fresh interpreter without site-packages in a new session, an
 empty temporary working directory, an environment built from scratch, resource limits (CPU time,
 address space, file size, no core dumps, few processes), a wall-clock timeout that kills the whole
-process group, capped output, and a short prelude that disables process creation, sockets, signals,
-file deletion and writes outside the working directory. The prelude is defence in depth, not a
-security boundary: a determined program can undo it (ctypes, os.open, reading any file the user
-can read). Do not run untrusted code on machines that hold secrets without an OS-level sandbox
-(container, VM, seccomp) around the worker.
+process group, capped output, and a short prelude that disables process creation, sockets, signals
+and file deletion, keeps writes inside the working directory, and keeps reads and directory
+listings inside the working directory and the standard library (through open, io.open, pathlib,
+os.open, os.listdir and os.scandir; os.stat and friends still tell whether a path exists).
+
+The prelude is defence in depth, not a security boundary: a determined program can undo it
+(ctypes, _io, posix, _socket, _posixsubprocess) and then read any file and reach any host the
+worker's user can. Do not run untrusted code on machines that hold secrets without an OS-level
+sandbox (container, VM, seccomp, no network) around the worker.
+
+`run_many` runs batches as Ray tasks when Ray is initialized, threads otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import ray
 
 _SYNTAX_ERROR_EXIT = 86  # the prelude's exit status when the program does not compile
 _FILE_LIMIT = 1 << 20  # largest file the program may write, its own stderr included
@@ -47,13 +55,30 @@ for _name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp",
 shutil.rmtree = shutil.move = signal.pthread_kill = _blocked
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _blocked
 socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _blocked
-_root, _open = os.getcwd() + os.sep, io.open
-def _open_inside(file, mode="r", *args, **kwargs):  # writes stay in the working directory
-    if (set(mode) & set("wax+") and not isinstance(file, int)
-            and not os.fsdecode(os.path.realpath(file)).startswith(_root)):
-        raise PermissionError("writing outside the sandbox directory is blocked")
+_open, _os_open, _listdir, _scandir = io.open, os.open, os.listdir, os.scandir
+_work = os.path.join(os.getcwd(), "")
+_readable = tuple(os.path.join(os.path.realpath(p), "") for p in sys.path)  # "": the working dir
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def _check(path, write):  # writes stay in the working directory, reads also see the stdlib
+    if isinstance(path, int):  # an already open file descriptor
+        return
+    real = os.path.join(os.fsdecode(os.path.realpath(path)), "")
+    if not real.startswith(_work if write else _readable):
+        raise PermissionError(f"{{path!r}} is outside the sandbox")
+def _open_checked(file, mode="r", *args, **kwargs):
+    _check(file, bool(set(mode) & set("wax+")))
     return _open(file, mode, *args, **kwargs)
-builtins.open = io.open = _open_inside
+def _os_open_checked(path, flags, mode=0o777):  # no dir_fd: it would dodge the path check
+    _check(path, bool(flags & _WRITE_FLAGS))
+    return _os_open(path, flags, mode)
+def _listdir_checked(path="."):
+    _check(path, False)
+    return _listdir(path)
+def _scandir_checked(path="."):
+    _check(path, False)
+    return _scandir(path)
+builtins.open = io.open = _open_checked
+os.open, os.listdir, os.scandir = _os_open_checked, _listdir_checked, _scandir_checked
 builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined
 _path = sys.argv.pop()
 try:
@@ -97,8 +122,8 @@ def run_program(
             f.write(code)
         # stderr goes to a file so RLIMIT_FSIZE caps it (a pipe would buffer without bound)
         with open(os.path.join(tmp, "stderr"), "w+b") as err_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-s", "-S", "-c", prelude, program],
+            proc = subprocess.Popen(  # -B: no .pyc written into the shared stdlib
+                [sys.executable, "-B", "-s", "-S", "-c", prelude, program],
                 cwd=workdir,
                 env=_ENV,
                 stdin=subprocess.DEVNULL,
@@ -135,12 +160,31 @@ def run_tests(
     return run_program("\n".join([setup, completion, *tests]) + "\n", timeout_s)
 
 
+def _run_local(
+    jobs: Sequence[tuple[str, Sequence[str]]], timeout_s: float, workers: int
+) -> list[ExecResult]:
+    with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its subprocess
+        return list(pool.map(lambda job: run_tests(job[0], job[1], timeout_s=timeout_s), jobs))
+
+
+_CHUNK = 16  # programs per Ray task: a few hundred tiny programs make a few dozen tasks
+# A task reserves one CPU and keeps two programs going: most of a short program's time is
+# interpreter start-up, and a sleeping or timed-out one should not idle the CPU.
+_TASK_THREADS = 2
+_run_chunk = ray.remote(num_cpus=1)(_run_local)
+
+
 def run_many(
     jobs: Sequence[tuple[str, Sequence[str]]],
     timeout_s: float = 5.0,
     max_workers: int | None = None,
 ) -> list[ExecResult]:
-    """(completion, tests) pairs run in parallel; results keep the input order."""
-    workers = max_workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its subprocess
-        return list(pool.map(lambda job: run_tests(job[0], job[1], timeout_s=timeout_s), jobs))
+    """(completion, tests) pairs run in parallel; results keep the input order.
+
+    With Ray initialized, chunks of `_CHUNK` programs run as Ray tasks (`max_workers` programs at
+    a time per task, default `_TASK_THREADS`); otherwise threads here (default: one per CPU)."""
+    if not ray.is_initialized():
+        return _run_local(jobs, timeout_s, max_workers or os.cpu_count() or 1)
+    chunks = [jobs[i : i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
+    refs = [_run_chunk.remote(c, timeout_s, max_workers or _TASK_THREADS) for c in chunks]
+    return [result for chunk in ray.get(refs) for result in chunk]
