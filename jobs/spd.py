@@ -34,12 +34,13 @@ import ray  # noqa: E402
 
 from spd_ray import artifacts, data  # noqa: E402
 from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
+from spd_ray.evaluation import score  # noqa: E402
 from spd_ray.modeling import load_tokenizer, num_layers, resolve_layers  # noqa: E402
 from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
 from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
 from spd_ray.spans import calibration_batches  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace, build_subspace  # noqa: E402
+from spd_ray.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -63,14 +64,17 @@ def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: 
                                   "n_calibration": len(calibration) - skipped, "skipped": skipped,
                                   "calibration_hash": data.fingerprint([it.text for it in calibration]),
                                   "mean_calibration_loss": loss, "worker_nodes": nodes})
-    subspace.save(out)
     tracker.log({"stage1/calibration_loss": loss, "stage1/skipped": skipped})
     tracker.spectra(subspace)
+    if s.kind == "random":  # the ablation: same ranks, random directions
+        subspace = random_subspace(subspace, s.random_seed)
+    subspace.save(out)
 
 
-def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path, out: Path,
+def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | None, out: Path,
                     tracker: Tracker) -> None:
-    """Raw completions from the actor pool, K/V projected onto the capability subspace."""
+    """Raw completions from the actor pool, K/V projected onto the capability subspace
+    (unprojected for the PSR / SSD baselines: generation.project=false)."""
     g = cfg.generation
     start = time.time()
     rows = data.sampling_rows(prompts, g.n_samples, g.seed)
@@ -78,8 +82,7 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path, out:
     if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
         folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
             cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
-    ds = generate_dataset(ray.data.from_items(rows), cfg.model, g,
-                          subspace_dir=subspace_dir if g.project else None,
+    ds = generate_dataset(ray.data.from_items(rows), cfg.model, g, subspace_dir=subspace_dir,
                           mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
     ds = ds.filter(lambda row: bool(row["completion"].strip())).materialize()  # only empty text is dropped
     ds.write_parquet(str(out))
@@ -93,18 +96,85 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path, out:
     tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in ds.take(32)])
 
 
-def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, run: artifacts.RunDir,
-                    tracker: Tracker) -> None:
-    """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights."""
+def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
+    """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
+    only use of the training prompts' answers; nothing is filtered by it."""
+    rows = ray.data.read_parquet(str(generations), columns=["id", "completion"]).take_all()
+    items = [train_items[int(r["id"].split("-")[0])] for r in rows]
+    correct = score(items, [r["completion"] for r in rows], cfg.evaluation.code_timeout_s)
+    out.write_text(json.dumps({"accuracy": sum(correct) / max(1, len(rows)), "n": len(rows),
+                               "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
+
+
+def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, tracker: Tracker) -> None:
+    """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights
+    (for round k of iterated SPD: round k-1's model)."""
     finetune_on_ray(cfg.finetune, cfg.model.path, ray.data.read_parquet(str(generations)),
                     output_dir=out, run_name=f"{cfg.run.name}-finetune",
-                    storage_path=str(run.path / "train"), wandb_run_id=tracker.run_id,
+                    storage_path=str(out.with_name("train")), wandb_run_id=tracker.run_id,
                     on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
 
 
-def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path) -> None:
+def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: Path | None = None) -> None:
     model = dataclasses.replace(cfg.model, path=model_path)
-    out.write_text(json.dumps(evaluate_on_ray(model, cfg.generation, cfg.evaluation, splits), indent=1))
+    out.write_text(json.dumps(evaluate_on_ray(model, cfg.generation, cfg.evaluation, splits,
+                                              subspace_dir, cfg.subspace.mode), indent=1))
+
+
+def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
+    """Evaluation of the base model, then stages 1-3 and evaluation for `run.rounds` rounds.
+    `train=False` stops after stage 1 (for the inference-only baseline, evaluation.project).
+    Returns every evaluation, each round's subspace folder and the quality of its raw corpus."""
+    task = data.load_task(cfg)
+    log("evaluation of the base model: greedy, projection off")
+    base = run.stage("eval_base.json", lambda out: evaluate(cfg, cfg.model.path, task.eval_splits, out))
+    results = {"eval": {"base": json.loads(base.read_text())}, "corpus": {}, "subspaces": {}}
+    model_path = cfg.model.path
+    for r in range(1, cfg.run.rounds + 1):
+        rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+        model_path = spd_round(rcfg, r, run, tracker, task, results, train)
+        if not train:
+            break
+    tracker.log({f"eval/{m}/{k}": v for m, vals in results["eval"].items() for k, v in vals.items()})
+    return results
+
+
+def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: data.Task,
+              results: dict, train: bool) -> str:
+    """One round on `cfg.model` (round k > 1: round k-1's model); returns the trained model's path."""
+    prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
+    read = lambda path: json.loads(path.read_text())  # noqa: E731
+    subspace_dir = None
+    if cfg.generation.project or cfg.evaluation.project:
+        log(f"stage 1: capability subspace of {cfg.model.path} from {len(task.calibration)} "
+            f"calibration examples on {cfg.calibration.num_workers} workers")
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
+            cfg, tokenizer, task.calibration, out, tracker), cfg)
+        results["subspaces"][r] = str(subspace_dir)
+        subspace = CapabilitySubspace.load(subspace_dir)
+        log("  " + ", ".join(f"L{layer}.{kind} r={b.shape[1]} energy={subspace.energy[(layer, kind)]:.3f}"
+                             for (layer, kind), b in sorted(subspace.bases.items())))
+    if cfg.evaluation.project and r == 1:
+        log("evaluation of the base model with the projection on (inference-only baseline)")
+        results["eval"]["base+projection"] = read(run.stage("eval_projected.json", lambda out: evaluate(
+            cfg, cfg.model.path, task.eval_splits, out, subspace_dir)))
+    if not train:
+        return cfg.model.path
+    log(f"stage 2: {'projected' if cfg.generation.project else 'unprojected'} self-generation "
+        f"for {len(task.train_items)} prompts")
+    gen_dir = run.stage(prefix + "generations", lambda out: stage2_generate(
+        cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker), cfg)
+    results["corpus"][r] = read(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
+        cfg, task.train_items, gen_dir, out), cfg))
+    log(f"  raw corpus accuracy {results['corpus'][r]['accuracy']:.3f} (a diagnostic; nothing is filtered)")
+    log(f"stage 3: fine-tuning ({cfg.finetune.method}, ZeRO-{cfg.finetune.zero_stage}) "
+        f"on {cfg.finetune.num_workers} workers")
+    model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(cfg, gen_dir, out, tracker), cfg)
+    log(f"evaluation of round {r}'s model: greedy, projection off")
+    results["eval"][name] = read(run.stage(prefix + "eval_spd.json", lambda out: evaluate(
+        cfg, str(model_dir), task.eval_splits, out), cfg))
+    return str(model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         cfg = load_config(args.config, args.overrides)
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        check(cfg)
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -123,34 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     run = artifacts.RunDir(cfg)
     tracker = Tracker(cfg, run.path)
     log(f"run directory {run.path}")
-    task = data.load_task(cfg)
-
-    log(f"stage 1: capability subspace from {len(task.calibration)} calibration examples "
-        f"on {cfg.calibration.num_workers} workers")
-    subspace_dir = run.stage("subspace", lambda out: stage1_subspace(cfg, tokenizer, task.calibration, out, tracker))
-    subspace = CapabilitySubspace.load(subspace_dir)
-    log("stage 1 done: " + ", ".join(f"L{layer}.{kind} r={b.shape[1]} energy={subspace.energy[(layer, kind)]:.3f}"
-                                     for (layer, kind), b in sorted(subspace.bases.items())))
-
-    log(f"stage 2: projected self-generation for {len(task.train_prompts)} prompts")
-    generations = run.stage("generations", lambda out: stage2_generate(cfg, task.train_prompts, subspace_dir, out, tracker))
-
-    log(f"stage 3: fine-tuning ({cfg.finetune.method}, ZeRO-{cfg.finetune.zero_stage}) "
-        f"on {cfg.finetune.num_workers} workers")
-    model_dir = run.stage("model", lambda out: stage3_finetune(cfg, generations, out, run, tracker))
-
-    log("evaluation: greedy, projection off")
-    base = run.stage("eval_base.json", lambda out: evaluate(cfg, cfg.model.path, task.eval_splits, out))
-    spd = run.stage("eval_spd.json", lambda out: evaluate(cfg, str(model_dir), task.eval_splits, out))
-    metrics = {"base": json.loads(base.read_text()), "spd": json.loads(spd.read_text())}
-    tracker.log({f"eval/{m}/{k}": v for m, vals in metrics.items() for k, v in vals.items()})
-    table = artifacts.comparison_table(metrics)
+    results = run_pipeline(cfg, run, tracker)
+    table = artifacts.comparison_table(results["eval"])
     (run.path / "results.md").write_text(table)
-    (run.path / "metrics.json").write_text(json.dumps({**metrics, "wall_time_s": time.time() - start}, indent=1))
+    (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
     tracker.finish()
     print("\n" + table)
     log(f"done in {time.time() - start:.0f} s; artifacts in {run.path}")
     return 0
+
+
+def check(cfg: SPDConfig) -> None:
+    """Problems that would surface only after hours of work, reported before any."""
+    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)  # a wrong model path fails here
+    if cfg.run.rounds < 1:
+        raise ConfigError(f"run.rounds={cfg.run.rounds}: need at least 1 round")
+    if cfg.run.rounds > 1 and cfg.finetune.method == "lora" and cfg.finetune.export != "merged":
+        raise ConfigError("run.rounds > 1 trains each round from the previous round's model, which "
+                          "must be a full model: set finetune.export=merged")
+    if cfg.subspace.kind == "random" and not cfg.generation.project:
+        raise ConfigError("subspace.kind=random only matters with generation.project=true")
 
 
 def connect_ray(cfg: SPDConfig) -> None:

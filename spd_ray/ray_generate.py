@@ -125,25 +125,33 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
 
 
 @ray.remote
-def _reference_nll(model: ModelConfig, items: list, batch_size: int) -> float:
+def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
+                   mode: str) -> float:
     from spd_ray.evaluation import reference_nll
     from spd_ray.modeling import load_model, load_tokenizer
+    from spd_ray.projection import fold_projection
+    from spd_ray.subspace import CapabilitySubspace
 
-    return reference_nll(load_model(model.path, model.dtype, model.device, model.trust_remote_code),
-                         load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
+    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+    if subspace_dir is not None:
+        net = fold_projection(net, CapabilitySubspace.load(subspace_dir), mode)
+    return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
 
 
 def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
-                    splits: dict[str, list[Item]]) -> dict[str, float]:
-    """Greedy completions from the generation actors (projection off), scored on the driver."""
+                    splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
+                    mode: str = "both") -> dict[str, float]:
+    """Greedy completions from the generation actors, scored on the driver. Projection off,
+    unless `subspace_dir` is given (the inference-only baseline)."""
+    subspace_dir = None if subspace_dir is None else str(subspace_dir)
     rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
             for name, items in splits.items() for i, it in enumerate(items)]
     greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
-    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True,
-                            max_new_tokens=ev.max_new_tokens).take_all()
+    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
+                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all()
     by_id = {r["id"]: r["completion"] for r in done}
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(items))]
                    for name, items in splits.items()}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
-           .remote(model, splits[name], ev.batch_size) for name in nll_splits(splits)}
+           .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
     return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev.code_timeout_s)

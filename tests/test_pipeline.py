@@ -17,7 +17,7 @@ SMALL = ["task.n_calibration=16", "task.n_train_prompts=32", "task.n_eval=8",
          "evaluation.domains=[math,code]", "generation.max_new_tokens=32",
          "evaluation.max_new_tokens=32", "finetune.epochs=1", "run.wandb.mode=offline"]
 ARTIFACTS = ("config.yaml", "manifest.json", "subspace/subspace.safetensors", "subspace/subspace.json",
-             "generations", "model/config.json", "eval_base.json", "eval_spd.json", "metrics.json",
+             "generations", "corpus.json", "model/config.json", "eval_base.json", "eval_spd.json", "metrics.json",
              "results.md", "wandb_id")
 
 
@@ -43,13 +43,16 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         for name in ARTIFACTS:
             assert (run / name).exists(), name
         metrics = json.loads((run / "metrics.json").read_text())
-        assert set(metrics["base"]) == set(metrics["spd"]) >= {"math/test/accuracy", "code/transfer/nll"}
+        assert set(metrics["eval"]["base"]) == set(metrics["eval"]["spd"]) >= {"math/test/accuracy",
+                                                                              "code/transfer/nll"}
+        assert 0 <= metrics["corpus"]["1"]["accuracy"] <= 1 and metrics["corpus"]["1"]["n"] > 0
         assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [3, 2]
         assert "| math/test/accuracy |" in first.stdout
 
         again = _ray(*submit, env=env, check=False)
         assert again.returncode == 0, again.stdout[-3000:]
-        assert again.stdout.count("reusing") == 5  # subspace, generations, model, both evaluations
+        # both evaluations, subspace, generations, corpus quality, model
+        assert again.stdout.count("reusing") == 6
     finally:
         _ray("stop", "--force", env=env, check=False)
 

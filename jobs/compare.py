@@ -1,0 +1,109 @@
+"""The paper's comparison in one command: methods x domains x seeds, then a report.
+
+    python jobs/compare.py --config configs/compare/testbed.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/compare.py --config configs/compare/<x>.yaml
+
+Every method is the SPD pipeline (jobs/spd.py) with overrides that change only how the training
+corpus is made (Base, inference-only projection, PSR, SSD, SPD and its ablations). All runs share
+one artifact store, so whatever their configs agree on (the base model's evaluation, the
+subspace, round 1 of iterated SPD) is computed once. The report (Markdown + PNG) lands in
+<output_dir>/<name>/: mean +- std over seeds, out-of-domain scores, the raw corpus's quality,
+subspace spectra and principal angles between domains and rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spd import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: E402
+
+from spd_ray import artifacts, data, report  # noqa: E402
+from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
+from spd_ray.modeling import load_tokenizer  # noqa: E402
+from spd_ray.subspace import CapabilitySubspace  # noqa: E402
+from spd_ray.tracking import Tracker  # noqa: E402
+
+
+def run_config(cc: CompareConfig, domain: str, method, seed: int) -> SPDConfig:
+    base = Path(cc.base_config)
+    base = base if base.is_absolute() else ROOT / base
+    return load_config(base, [
+        *cc.overrides, f"task.domain={domain}", f"generation.seed={seed}", f"finetune.seed={seed}",
+        f"subspace.random_seed={seed}", *method.overrides,
+        f"run.output_dir={Path(cc.output_dir) / cc.name / 'runs'}",
+        f"run.name={domain}-{method.name}-s{seed}", f"run.wandb.group={cc.name}"])
+
+
+def domain_subspace(cfg: SPDConfig, store: Path) -> str:
+    """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
+    task = data.load_task(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    run = artifacts.RunDir(cfg, store)
+    return str(run.stage("subspace", lambda out: stage1_subspace(
+        cfg, tokenizer, task.calibration, out, Tracker(cfg, run.path))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "compare" / "testbed.yaml"))
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of the comparison config, e.g. seeds=[42]")
+    args = ap.parse_args(argv)
+    start = time.time()
+    try:
+        cc = load_compare_config(args.config, args.overrides)
+        plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
+        for *_, cfg in plan:
+            check(cfg)
+    except (ConfigError, OSError, ValueError) as err:  # every run's config is checked before any runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    exp = (Path(cc.output_dir) / cc.name).resolve()
+    store = exp / "store"
+    connect_ray(plan[0][3])
+    records, subspaces = [], {}
+    for i, (domain, method, seed, cfg) in enumerate(plan, 1):
+        log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
+        run = artifacts.RunDir(cfg, store)
+        tracker = Tracker(cfg, run.path)
+        res = run_pipeline(cfg, run, tracker, train=method.train)
+        tracker.finish()
+        if not method.train:
+            key = "base+projection" if cfg.evaluation.project else "base"
+            records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
+                                metrics=res["eval"][key], corpus=None))
+        for r in range(1, cfg.run.rounds + 1 if method.train else 1):
+            records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
+                                metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
+                                corpus=res["corpus"][r]))
+        if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
+            for r, path in res["subspaces"].items():
+                if cfg.subspace.kind == "gradient":
+                    subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
+        (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
+    for domain in cc.subspace_domains:
+        if domain not in subspaces:
+            log(f"stage 1 for the {domain} subspace (principal angles between domains)")
+            spd = next(m for m in cc.methods if m.train)
+            subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store)
+    header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
+              f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
+    path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
+                               subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
+    log(f"report: {path}")
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The run directory and the experiment store: what is reused, what is redone, what is kept."""
+
+from spd_ray.artifacts import RunDir
+from spd_ray.config import load_config
+
+
+def _cfg(tmp_path, name, *overrides):
+    return load_config(None, [f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}", *overrides])
+
+
+def _writer(calls, text):
+    def produce(out):
+        calls.append(out.name)
+        out.write_text(text)
+    return produce
+
+
+def test_store_shares_artifacts_whose_sections_agree(tmp_path):
+    store, calls = tmp_path / "store", []
+    psr = RunDir(_cfg(tmp_path, "psr", "generation.project=false", "generation.top_p=1.0"), store)
+    spd = RunDir(_cfg(tmp_path, "spd"), store)
+    full = RunDir(_cfg(tmp_path, "full", "task.calibration_loss=full", "evaluation.project=true"), store)
+    a = psr.stage("eval_base.json", _writer(calls, "base"))
+    b = spd.stage("eval_base.json", _writer(calls, "other"))
+    c = full.stage("eval_base.json", _writer(calls, "other"))
+    assert a == b == c and calls == ["eval_base.json.partial"]  # the base is evaluated once
+    assert (spd.path / "eval_base.json").read_text() == "base"  # linked from the run directory
+    spd.stage("generations", _writer(calls, "projected"))
+    psr.stage("generations", _writer(calls, "plain"))
+    assert len(calls) == 3  # the generation config differs: two corpora
+    assert spd.stage("subspace", _writer(calls, "s")) != full.stage("subspace", _writer(calls, "f"))
+
+
+def test_round_artifacts_are_keyed_by_the_round_model(tmp_path):
+    run, calls = RunDir(_cfg(tmp_path, "it")), []
+    first = run.stage("model", _writer(calls, "m1"))
+    round2 = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=it", f"model.path={first}"])
+    second = run.stage("round2/model", _writer(calls, "m2"), round2)
+    assert second == run.path / "round2" / "model" and second.read_text() == "m2"
+    assert run.key("model") != run.key("round2/model", round2)
+    assert run.stage("round2/model", _writer(calls, "again"), round2).read_text() == "m2"
+    assert calls == ["model", "model"]
+
+
+def test_crashed_stage_is_redone_and_a_changed_config_keeps_the_old_artifact(tmp_path):
+    store = tmp_path / "store"
+    run = RunDir(_cfg(tmp_path, "a"), store)
+
+    def crash(out):
+        out.write_text("half")
+        raise RuntimeError("worker lost")
+
+    try:
+        run.stage("corpus.json", crash)
+    except RuntimeError:
+        pass
+    calls = []
+    out = run.stage("corpus.json", _writer(calls, "whole"))
+    assert out.read_text() == "whole" and calls == ["corpus.json.partial"]
+    local = RunDir(_cfg(tmp_path, "b"))  # no store: the run directory holds the artifact
+    local.stage("eval_spd.json", _writer(calls, "v1"))
+    changed = RunDir(_cfg(tmp_path, "b", "finetune.lr=0.5"))
+    changed.stage("eval_spd.json", _writer(calls, "v2"))
+    kept = [p.name for p in changed.path.iterdir() if p.name.startswith("eval_spd.json.")]
+    assert len(kept) == 1 and (changed.path / kept[0]).read_text() == "v1"
