@@ -31,16 +31,48 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
+# The paper's benchmarks on the Hugging Face hub: benchmark -> "name" or "name:config"
+# (SPD_METHOD.md, Benchmarks). MMLU's `all` config holds auxiliary_train as a flat split (its
+# `auxiliary_train` config nests each row under a `train` column); BBH has a config per subtask.
+HUB_DATASETS = {
+    "gsm8k": "openai/gsm8k:main",
+    "svamp": "ChilleD/SVAMP",
+    "mmlu": "cais/mmlu:all",
+    "bbh": "lukaemon/bbh",
+    "mbpp": "google-research-datasets/mbpp:full",
+    "mbpp_sanitized": "google-research-datasets/mbpp:sanitized",
+    "codealpaca": "sahil2801/CodeAlpaca-20k",
+}
+EVAL_SPLITS = ("test", "transfer")
+
+
 @dataclass
 class TaskConfig:
     domain: Literal["math", "mcq", "code"] = "math"
-    source: Literal["testbed"] = "testbed"
-    seed: int = 0  # data seed: which synthetic items are drawn
+    # testbed: the embedded synthetic tasks; hub: the paper's benchmarks (spd_ray.hub)
+    source: Literal["testbed", "hub"] = "testbed"
+    # hub source: None loads by name from the hub; a folder holds local copies in the hub schema,
+    # <data_dir>/<name>/<config or default>/<split>.jsonl or .parquet (see spd_ray.hub)
+    data_dir: str | None = None
+    hub_datasets: dict[str, str] = field(default_factory=dict)  # overrides of HUB_DATASETS
+    seed: int = 0  # data seed: which synthetic items are drawn; the hub source's shuffle
     n_calibration: int = 50
     n_train_prompts: int = 2000
     n_eval: int = 200  # items per evaluation split
+    n_eval_splits: dict[str, int] = field(default_factory=dict)  # per split: {"code/test": 257}
     # correctness: the paper's Eq. 6 loss on correctness spans; full: the Table 5 ablation
     calibration_loss: Literal["correctness", "full"] = "correctness"
+
+    def __post_init__(self):
+        unknown = sorted(set(self.hub_datasets) - set(HUB_DATASETS))
+        if unknown:
+            raise ConfigError(f"unknown benchmark task.hub_datasets.{unknown[0]}; valid ones: {list(HUB_DATASETS)}")
+        self.hub_datasets = {**HUB_DATASETS, **self.hub_datasets}
+        for key in self.n_eval_splits:
+            domain, _, split = key.partition("/")
+            if domain not in ("math", "mcq", "code") or split not in EVAL_SPLITS:
+                raise ConfigError(f"task.n_eval_splits key {key!r} must be <domain>/<split> with a "
+                                  f"domain of math, mcq, code and a split of {list(EVAL_SPLITS)}")
 
 
 @dataclass
@@ -193,6 +225,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a mapping")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a list")
@@ -252,6 +289,13 @@ def _parse_override(item: str) -> dict:
     return nested
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML (quote values that hold ': ' or braces): {err}") from err
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SPDConfig:
     """Defaults <- YAML file <- `key=value` overrides, checked against the dataclasses."""
     data: dict = {}
@@ -259,13 +303,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         data = loaded
     for item in overrides:
         data = _merge(data, _parse_override(item))
     return _build(SPDConfig, data)
+
+
+@dataclass
+class MethodSpec:
+    """One method of a comparison: a name and the overrides that make its training corpus."""
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    train: bool = True  # False: an evaluation of the base model only (Base, inference-only)
+
+
+@dataclass
+class CompareConfig:
+    """Methods x domains x seeds, each a pipeline run of `base_config` plus overrides."""
+    name: str = "compare"
+    output_dir: str = "runs"
+    base_config: str = "configs/testbed.yaml"  # relative paths: to the repository root
+    overrides: list[str] = field(default_factory=list)  # applied to every run
+    domains: list[str] = field(default_factory=lambda: ["math"])  # training (and calibration) domains
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])  # sampling and fine-tuning seeds
+    methods: list[MethodSpec] = field(default_factory=list)
+    subspace_domains: list[str] = field(default_factory=list)  # extra subspaces for principal angles
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CompareConfig:
+    """A comparison config (YAML) with dotted overrides, checked like the pipeline config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"comparison config {path} does not exist; the shipped ones are in configs/compare/")
+    data = _read_yaml(path)
+    for item in overrides:
+        data = _merge(data, _parse_override(item))
+    cfg = _build(CompareConfig, data)
+    if not cfg.methods:
+        raise ConfigError(f"{path}: `methods` is empty; list at least one (name, overrides, train)")
+    names = [m.name for m in cfg.methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: method names must be unique, got {names}")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -23,14 +23,20 @@ class Task:
 
 
 def load_task(cfg: SPDConfig) -> Task:
+    """The task's data from its source: the embedded testbed or the paper's benchmarks (hub)."""
     t = cfg.task
-    domains = cfg.evaluation.domains or [t.domain]
-    return Task(
-        calibration=make_split(t.domain, "calibration", t.n_calibration, t.seed),
-        train_items=make_split(t.domain, "train", t.n_train_prompts, t.seed),
-        eval_splits={f"{d}/{s}": make_split(d, s, t.n_eval, t.seed)
-                     for d in domains for s in cfg.evaluation.splits},
-    )
+    sizes = {(d, s): t.n_eval_splits.get(f"{d}/{s}", t.n_eval)
+             for d in cfg.evaluation.domains or [t.domain] for s in cfg.evaluation.splits}
+    if t.source == "hub":
+        from spd_ray import hub  # imports `datasets`: only runs that read the hub pay for it
+
+        calibration, train = hub.calibration_and_train(t)
+        splits = {f"{d}/{s}": hub.eval_split(t, d, s, n) for (d, s), n in sizes.items()}
+    else:
+        calibration = make_split(t.domain, "calibration", t.n_calibration, t.seed)
+        train = make_split(t.domain, "train", t.n_train_prompts, t.seed)
+        splits = {f"{d}/{s}": make_split(d, s, n, t.seed) for (d, s), n in sizes.items()}
+    return Task(calibration=calibration, train_items=train, eval_splits=splits)
 
 
 def fingerprint(texts: Sequence[str]) -> str:

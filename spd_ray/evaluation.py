@@ -12,25 +12,27 @@ import torch
 from spd_ray.config import EvalConfig
 from spd_ray.generation import generate
 from spd_ray.sandbox import run_many
-from spd_ray.scoring import extract_code, score_choice, score_math
+from spd_ray.scoring import extract_code, score_choice, score_exact, score_math
 from spd_ray.testbed import Item
+
+_TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_exact}
 
 
 def score(items: Sequence[Item], completions: Sequence[str], code_timeout_s: float = 5.0) -> list[bool]:
-    """Per-item correctness: final number (math), answer letter (mcq), asserts pass (code)."""
+    """Per-item correctness by the item's metric: final number (GSM8K, SVAMP), answer letter
+    (MMLU), normalized exact match (BBH), asserts pass (MBPP; its setup runs first)."""
     results: list[bool | None] = [None] * len(items)
-    code_rows = [i for i, it in enumerate(items) if it.domain == "code"]
+    code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]
     if code_rows:
-        jobs = [(extract_code(completions[i]), items[i].tests) for i in code_rows]
+        jobs = [(f"{items[i].setup}\n{extract_code(completions[i])}", items[i].tests) for i in code_rows]
         for i, res in zip(code_rows, run_many(jobs, timeout_s=code_timeout_s)):
             results[i] = res.passed
     for i, it in enumerate(items):
-        if it.domain == "math":
-            results[i] = score_math(completions[i], it.gold)
-        elif it.domain == "mcq":
-            results[i] = score_choice(completions[i], it.gold)
-        elif it.domain != "code":
-            raise ValueError(f"no scorer for domain {it.domain!r} (item {it.id})")
+        if it.metric in _TEXT_SCORERS:
+            results[i] = _TEXT_SCORERS[it.metric](completions[i], it.gold)
+        elif it.metric != "asserts":
+            raise ValueError(f"item {it.id} has no accuracy scorer (metric {it.metric!r}); "
+                             f"valid metrics: {[*_TEXT_SCORERS, 'asserts']}")
     return [bool(r) for r in results]
 
 
@@ -60,14 +62,22 @@ def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
 
 def split_metrics(splits: dict[str, Sequence[Item]], completions: dict[str, Sequence[str]],
                   nll: dict[str, float], code_timeout_s: float) -> dict[str, float]:
-    """Accuracy per split from its greedy completions, plus the reference NLL where computed."""
+    """Accuracy per split from its greedy completions (none for NLL-only splits), plus the
+    reference NLL where computed."""
     metrics = {}
+    scored = accuracy_splits(splits)
     for name, items in splits.items():
-        correct = score(items, completions[name], code_timeout_s)
-        metrics[f"{name}/accuracy"] = sum(correct) / max(1, len(correct))
+        if name in scored:
+            correct = score(items, completions[name], code_timeout_s)
+            metrics[f"{name}/accuracy"] = sum(correct) / len(correct)
         if name in nll:
             metrics[f"{name}/nll"] = nll[name]
     return metrics
+
+
+def accuracy_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
+    """Splits scored from greedy completions: all but the NLL-only ones (CodeAlpaca)."""
+    return [name for name, items in splits.items() if items and items[0].metric != "nll"]
 
 
 def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
@@ -77,8 +87,8 @@ def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
 
 def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
     """In-process evaluation: greedy completions, projection off, raw prompts."""
-    completions = {name: generate(model, tokenizer, [it.prompt for it in items],
+    completions = {name: generate(model, tokenizer, [it.prompt for it in splits[name]],
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-                   for name, items in splits.items()}
+                   for name in accuracy_splits(splits)}
     nll = {name: reference_nll(model, tokenizer, splits[name], cfg.batch_size) for name in nll_splits(splits)}
     return split_metrics(splits, completions, nll, cfg.code_timeout_s)

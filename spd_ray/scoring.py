@@ -1,14 +1,19 @@
-"""Text scorers for the paper's benchmarks: final number, answer letter, code to execute."""
+"""Text scorers for the paper's benchmarks: final number, answer letter, BBH's normalized exact
+match, code to execute."""
 
 from __future__ import annotations
 
 import re
+import string
 
 # A number: optional sign (not a hyphen between digits, as in "3-5"), then digits with proper
 # thousands separators ("1,234", but "1,2,3" is three numbers), then an optional decimal part.
 _NUMBER = re.compile(r"(?:(?<![\d)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<!\d)-?\.\d+")
 _CODE_STOP = re.compile(r"^(Instruction:|Question:|Your code should|###|assert\s)")
 _FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
+_STATED = re.compile(r"answer is:?\s*(.*)", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.,;:!?](?=\s|$)")  # punctuation before a space: not the dot of "3.5"
+_OPTION = re.compile(r"\([A-Z]\)")  # BBH multiple-choice targets: "(A)"
 
 
 def _normalize_number(text: str) -> str:
@@ -79,3 +84,26 @@ def score_math(completion: str, gold: str) -> bool:
 
 def score_choice(completion: str, gold_letter: str, letters: str = "ABCD") -> bool:
     return extract_choice(completion, letters) == gold_letter.strip(" ()").upper()
+
+
+def extract_answer(text: str) -> str:
+    """The answer of a free-form completion: what follows its first "answer is", else its first
+    non-empty line; cut at the end of the first clause ("No, because ..." -> "No")."""
+    stated = _STATED.search(text)
+    line = stated.group(1) if stated else next((ln for ln in text.split("\n") if ln.strip()), "")
+    return _CLAUSE_END.split(line, 1)[0].strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation dropped, spacing collapsed: " (A)" -> "a", "True." -> "true"."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def score_exact(completion: str, target: str) -> bool:
+    """BBH's normalized exact match of the completion's answer against the target ("True",
+    "valid", "yes"). A multiple-choice target "(B)" matches the option letter however it is
+    written (" (B)", "B.", "(B) 12/14/1937"), read as `extract_choice` reads MMLU letters."""
+    answer = extract_answer(completion)
+    if _OPTION.fullmatch(target.strip()):
+        return score_choice(answer, target, letters=string.ascii_uppercase)
+    return normalize_answer(answer) == normalize_answer(target)

@@ -27,6 +27,7 @@ SPLITS = ("calibration", "train", "test", "transfer", "pretrain")
 _SPLIT_SALT = {"calibration": 11, "train": 23, "test": 37, "transfer": 41, "pretrain": 53}
 _DOMAIN_SALT = {"math": 1, "mcq": 2, "code": 3}
 LETTERS = "ABCD"
+DOMAIN_METRIC = {"math": "number", "mcq": "choice", "code": "asserts"}
 
 
 @dataclass
@@ -39,6 +40,13 @@ class Item:
     gold: str = ""  # final number / answer letter; empty for code
     tests: list[str] = field(default_factory=list)  # code: assert lines
     span_rule: str = ""  # which correctness-span rule applies (spd_ray.spans)
+    setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
+    # scorer (spd_ray.evaluation.score): number | choice | exact | asserts | nll (reference NLL
+    # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
+    metric: str = ""
+
+    def __post_init__(self):
+        self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")
 
     @property
     def text(self) -> str:
