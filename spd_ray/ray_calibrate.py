@@ -1,38 +1,143 @@
-"""Stage 1 on Ray: the calibration batches are sharded over workers, each holding a model
-replica; each worker returns the sufficient statistics of its shard, the driver sums them and
-computes the capability subspace once (the sum is exact: SPD_METHOD.md step 4)."""
+"""Stage 1 on Ray: the calibration batches are sharded over workers; each worker returns the
+sufficient statistics of its shard, the driver sums them and computes the capability subspace
+once (the sum is exact: SPD_METHOD.md step 4).
+
+`calibration.zero_stage`: 0 gives every worker a full replica; 3 (models too large for one
+device) makes the workers one torch.distributed group (gloo on CPU, NCCL with one GPU each) that
+holds one ZeRO-3-partitioned model. Rank 0 offers its node IP and a free port as rendezvous, as
+Ray Train's torch backend does; plain actors rather than a TorchTrainer, because statistics come
+back as return values (Train returns only reported metrics and checkpoints) and the placement
+group is shared with the replica path. `deepspeed.initialize` without an optimizer (ZeRO-3
+inference) gathers each module's parameters for its forward and backward; those gathers are
+collectives, so every rank runs one pass per batch and the shorter shards add padding passes
+whose statistics are dropped.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Sequence
+
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from spd_ray.config import SPDConfig
+from spd_ray.config import FinetuneConfig, SPDConfig
 from spd_ray.gradients import accumulate_kv_gradient_stats
-from spd_ray.modeling import load_model
+from spd_ray.modeling import load_model, load_model_zero3, resolve_dtype
+from spd_ray.ray_finetune import deepspeed_config, zero3_partition_counts
 from spd_ray.subspace import SufficientStats
+
+
+def _examples(batches: list[dict]) -> int:
+    return sum(int(b["input_ids"].shape[0]) for b in batches)
 
 
 @ray.remote
 class CalibrationWorker:
+    """One shard of stage 1: a full model replica, or (ZeRO-3) one rank's partition after
+    `join_zero3`."""
+
     def __init__(self, cfg: SPDConfig):
         m = cfg.model
-        self.model = load_model(m.path, m.dtype, m.device, m.trust_remote_code)
+        self.cfg, self.engine = cfg, None
+        if cfg.calibration.zero_stage == 0:
+            self.model = load_model(m.path, m.dtype, m.device, m.trust_remote_code)
 
-    def accumulate(self, batches: list[dict], layers: list[int]) -> tuple[dict, float, int, str]:
-        """(statistics as plain tensors, summed example losses, examples, node id) of one shard."""
-        stats, mean_loss = accumulate_kv_gradient_stats(self.model, batches, layers)
-        n = sum(int(b["input_ids"].shape[0]) for b in batches)
+    def free_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it: the process group's rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join_zero3(self, host: str, port: int, rank: int, world: int, ds_config: dict,
+                   dtype: torch.dtype) -> dict:
+        """Join the process group and load this rank's partition of the model (every rank at
+        once); returns the rank, its node and its partition counts."""
+        gpu = self.cfg.calibration.gpus_per_worker > 0
+        # the launcher's environment contract; LOCAL_RANK 0: Ray shows each actor only its GPU
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK="0")
+        if not gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        m = self.cfg.model
+        model, self._hf_ds = load_model_zero3(m.path, ds_config, dtype, m.trust_remote_code)
+        model.requires_grad_(False)  # activation gradients only: no parameter gradients
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        self.model = self.engine.module
+        return {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
+                **zero3_partition_counts(self.model)}
+
+    def accumulate(self, batches: list[dict], layers: list[int],
+                   padding: Sequence[dict] = ()) -> tuple[dict, float, int, str]:
+        """(statistics as plain tensors, summed example losses, examples, node id) of one shard.
+        `padding` (ZeRO-3 only): batches run after the shard, their statistics discarded."""
+        if self.engine is None:
+            stats, mean_loss = accumulate_kv_gradient_stats(self.model, batches, layers)
+            loss_sum = mean_loss * _examples(batches)
+        else:
+            # a call per batch is exactly one forward/backward pass, whatever the function's
+            # internal re-batching: the pass counts of the ranks must match
+            stats, loss_sum = {}, 0.0
+            for b in batches:
+                _, mean_loss = accumulate_kv_gradient_stats(self.model, [b], layers, stats=stats)
+                loss_sum += mean_loss * _examples([b])
+            for b in padding:
+                accumulate_kv_gradient_stats(self.model, [b], layers)
         node = ray.get_runtime_context().get_node_id()
-        return {key: s.to_dict() for key, s in stats.items()}, mean_loss * n, n, node
+        return ({key: s.to_dict() for key, s in stats.items()}, loss_sum, _examples(batches), node)
 
 
-def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int]):
+def _check_zero_stage(cfg: SPDConfig) -> None:
+    """Settings that cannot work, refused before any worker starts."""
+    c, m = cfg.calibration, cfg.model
+    if c.zero_stage not in (0, 3):
+        raise ValueError(f"calibration.zero_stage={c.zero_stage}; valid values: 0 (a model replica "
+                         "per worker), 3 (one ZeRO-3-partitioned model over the workers)")
+    if c.zero_stage != 3:
+        return
+    if c.gpus_per_worker not in (0, 1):
+        raise ValueError(f"calibration.zero_stage=3 with calibration.gpus_per_worker="
+                         f"{c.gpus_per_worker}: each rank uses exactly one device (NCCL refuses "
+                         "two ranks on one GPU); set it to 1 for GPU workers or 0 for CPU workers")
+    gpu = c.gpus_per_worker > 0
+    if m.device != "auto" and (m.device == "cuda") != gpu:
+        raise ValueError(f"calibration.zero_stage=3 with model.device={m.device} and "
+                         f"calibration.gpus_per_worker={c.gpus_per_worker}: the ranks run on their "
+                         "GPU when they have one, on CPU otherwise; set model.device=auto")
+
+
+def zero3_config(cfg: SPDConfig, world: int, overrides: dict | None = None) -> tuple[dict, torch.dtype]:
+    """The DeepSpeed config of ZeRO-3 calibration (stage 3's builder: its optimizer and batch
+    fields are inert without an optimizer) and the model dtype, which its precision matches."""
+    gpu = cfg.calibration.gpus_per_worker > 0
+    dtype = resolve_dtype(cfg.model.dtype, "cuda" if gpu else "cpu")
+    precision = {"bf16": {"enabled": dtype == torch.bfloat16},
+                 "fp16": {"enabled": dtype == torch.float16}}
+    ft = FinetuneConfig(zero_stage=3, use_gpu=gpu, batch_size=cfg.calibration.batch_size)
+    return deepspeed_config(ft, world, {**precision, **(overrides or {})}), dtype
+
+
+def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int], *,
+                         ds_overrides: dict | None = None, worker_info: list | None = None):
     """Summed statistics over `calibration.num_workers` Ray workers, the mean loss, and the
-    nodes the workers ran on."""
+    nodes the workers ran on.
+
+    ZeRO-3 only: `ds_overrides` is merged into the DeepSpeed config (e.g.
+    `{"zero_optimization": {"stage3_param_persistence_threshold": 0}}` to partition a tiny
+    model); `worker_info`, when given, receives one dict per rank (node, partition counts)."""
+    _check_zero_stage(cfg)
+    if not batches:
+        raise ValueError("no calibration batches: stage 1 needs at least one labeled example")
     c = cfg.calibration
-    n_workers = max(1, min(c.num_workers, len(batches)))
+    zero3 = c.zero_stage == 3
+    # a ZeRO-3 group keeps its size (it holds the model); replicas beyond the batches are idle
+    n_workers = max(1, c.num_workers if zero3 else min(c.num_workers, len(batches)))
     # one bundle per worker, on distinct nodes whenever enough nodes can hold one (SPREAD alone
     # is only a preference, and packs a small job onto one node)
     bundle = {k: v for k, v in {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}.items() if v > 0}
@@ -47,11 +152,22 @@ def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int])
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
         ).remote(cfg) for i in range(n_workers)]
         shards = [batches[i::n_workers] for i in range(n_workers)]
-        results = ray.get([w.accumulate.remote(shard, layers) for w, shard in zip(workers, shards)])
+        padding = [[] for _ in shards]
+        if zero3:
+            host, port = ray.get(workers[0].free_address.remote())
+            ds_config, dtype = zero3_config(cfg, n_workers, ds_overrides)
+            info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config, dtype)
+                            for rank, w in enumerate(workers)])
+            if worker_info is not None:
+                worker_info.extend(info)
+            # shard 0 is the longest; any batch serves as padding (its statistics are dropped)
+            padding = [[batches[0]] * (len(shards[0]) - len(s)) for s in shards]
+        results = ray.get([w.accumulate.remote(s, layers, p)
+                           for w, s, p in zip(workers, shards, padding)])
         for w in workers:
             ray.kill(w)
     finally:
-        remove_placement_group(group)
+        remove_placement_group(group)  # also ends the workers if anything failed
     total: dict = {}
     for stats, *_ in results:
         for key, d in stats.items():

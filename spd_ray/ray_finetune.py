@@ -126,7 +126,7 @@ def _consolidated_state_dict(engine, zero_stage: int) -> dict | None:
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _zero3_partition_counts(model) -> dict:
+def zero3_partition_counts(model) -> dict:
     """How ZeRO-3 holds the parameters on this rank. Partitioned: the local shard `ds_tensor` is
     smaller than the full tensor. Persistent (numel below stage3_param_persistence_threshold):
     kept whole after the first forward. Released: no whole copy held right now."""
@@ -222,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
     opt, sched = optimizer_and_schedule(model, cfg, total_steps, spe)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=ds_cfg)
-    say(f"ZeRO-{cfg.zero_stage} on {world} workers: {_zero3_partition_counts(engine.module)}; "
+    say(f"ZeRO-{cfg.zero_stage} on {world} workers: {zero3_partition_counts(engine.module)}; "
         f"plan {plan}")
 
     tokenizer = load_tokenizer(model_path)
@@ -294,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "steps_per_epoch": spe, "world_size": world, "wandb_run_id": wandb_run_id,
                    "epoch_loss": sum(losses) / len(losses) if losses else float("nan"),
                    "nodes": sorted(set(nodes)),
-                   **_zero3_partition_counts(engine.module), "history": history}
+                   **zero3_partition_counts(engine.module), "history": history}
         with tempfile.TemporaryDirectory(prefix="spd_ckpt_") as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
                                    client_state={"epochs_done": epochs_done, "step": step})

@@ -1,0 +1,69 @@
+"""Stage 1 with calibration.zero_stage=3: Ray workers share one ZeRO-3-partitioned model."""
+
+import pytest
+import ray
+import torch
+
+from spd_ray.config import SPDConfig
+from spd_ray.gradients import accumulate_kv_gradient_stats
+from spd_ray.modeling import resolve_layers
+from spd_ray.ray_calibrate import distributed_kv_stats
+from spd_ray.spans import calibration_batches
+from spd_ray.subspace import build_subspace
+from spd_ray.testbed import make_split
+
+
+def _cfg(path: str, **calibration) -> SPDConfig:
+    cfg = SPDConfig()
+    cfg.model.path, cfg.model.device = path, "cpu"
+    for k, v in {"zero_stage": 3, "num_workers": 2, **calibration}.items():
+        setattr(cfg.calibration, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"gpus_per_worker": 0.5}, "exactly one device"),
+    ({"gpus_per_worker": 1}, "model.device=auto"),  # model.device=cpu contradicts the GPUs
+    ({"zero_stage": 2}, "valid values: 0"),
+])
+def test_settings_that_cannot_work_fail_before_any_worker(testbed_model_path, setting, match):
+    with pytest.raises(ValueError, match=match):
+        distributed_kv_stats(_cfg(testbed_model_path, **setting), [{}], [0])
+
+
+@pytest.mark.slow
+def test_zero3_two_workers_uneven_shards_equal_one_process(testbed_model_path, testbed_tokenizer,
+                                                           testbed_model):
+    items = make_split("math", "calibration", 10)
+    batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
+                                     [it.span_rule for it in items], batch_size=4, max_length=256)
+    assert len(batches) == 3  # rank 0 runs 2 batches, rank 1 one and a discarded padding pass
+    layers = resolve_layers(testbed_model, None)
+    local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)
+
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        info: list = []
+        summed, loss, nodes = distributed_kv_stats(
+            _cfg(testbed_model_path), batches, layers, worker_info=info,
+            ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    finally:
+        ray.shutdown()
+
+    # really partitioned: every parameter is split, each rank holds about half of the weights
+    assert [i["rank"] for i in info] == [0, 1] and len(nodes) == 1
+    for i in info:
+        assert i["zero3_partitioned"] == i["zero3_params"] == i["params"] > 0
+        assert i["local_numel"] <= i["full_numel"] // 2 + i["params"]
+    assert sum(i["local_numel"] for i in info) >= info[0]["full_numel"]
+
+    assert loss == pytest.approx(local_loss, rel=1e-5)
+    assert summed.keys() == local.keys()
+    for key, s in local.items():  # float32 gradients: tolerances relative to the largest entry
+        assert summed[key].count == s.count
+        for got, want in ((summed[key].total, s.total), (summed[key].gram, s.gram)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    a, b = build_subspace(local), build_subspace(summed)
+    for key in a.bases:
+        torch.testing.assert_close(b.projector(*key), a.projector(*key), atol=1e-5, rtol=0)
