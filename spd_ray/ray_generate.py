@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
-from spd_ray.evaluation import nll_splits, split_metrics
+from spd_ray.evaluation import accuracy_splits, nll_splits, split_metrics
 from spd_ray.generation import generate
 from spd_ray.testbed import Item
 
@@ -144,14 +144,14 @@ def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
     """Greedy completions from the generation actors, scored on the driver. Projection off,
     unless `subspace_dir` is given (the inference-only baseline)."""
     subspace_dir = None if subspace_dir is None else str(subspace_dir)
+    scored = accuracy_splits(splits)  # NLL-only splits need no completions
     rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
-            for name, items in splits.items() for i, it in enumerate(items)]
+            for name in scored for i, it in enumerate(splits[name])]
     greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
     done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
-                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all()
+                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all() if rows else []
     by_id = {r["id"]: r["completion"] for r in done}
-    completions = {name: [by_id[f"{name}#{i}"] for i in range(len(items))]
-                   for name, items in splits.items()}
+    completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
            .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
     return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev.code_timeout_s)
