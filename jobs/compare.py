@@ -14,6 +14,7 @@ subspace spectra and principal angles between domains and rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -36,7 +37,7 @@ from spd_ray.tracking import Tracker  # noqa: E402
 
 
 def run_config(cc: CompareConfig, domain: str, method, seed: int) -> SPDConfig:
-    base = Path(cc.base_config)
+    base = Path(cc.domain_configs.get(domain, cc.base_config))
     base = base if base.is_absolute() else ROOT / base
     return load_config(base, [
         *cc.overrides, f"task.domain={domain}", f"generation.seed={seed}", f"finetune.seed={seed}",
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
               f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
     path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
                                subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
+    summary = dataclasses.replace(plan[0][3], run=dataclasses.replace(plan[0][3].run, name=f"{cc.name}-report"))
+    tracker = Tracker(summary, exp)  # the same results in W&B, as one run of the experiment's group
+    tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
+                                      for row in report.summarize(records)])
+    tracker.images({f"compare/{p.stem}": p for p in sorted(exp.glob("*.png"))})
+    tracker.finish()
     log(f"report: {path}")
     print(path.read_text())
     return 0

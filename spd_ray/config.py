@@ -320,16 +320,36 @@ class MethodSpec:
     train: bool = True  # False: an evaluation of the base model only (Base, inference-only)
 
 
+def _paper_methods() -> list[MethodSpec]:
+    """The paper's baselines and ablations (SPD_METHOD.md), plus iterated SPD."""
+    unprojected = "generation.project=false"
+    return [
+        MethodSpec("base", train=False),
+        MethodSpec("inference_only", ["evaluation.project=true"], train=False),
+        MethodSpec("psr", [unprojected, "generation.top_p=1.0"]),
+        MethodSpec("ssd", [unprojected]),  # as run by the SPD authors: T 0.7, top-p 0.9
+        MethodSpec("ssd_original", [unprojected, "generation.temperature=1.5", "generation.top_k=20",
+                                    "generation.top_p=0.95"]),  # the SSD paper's hot, truncated sampling
+        MethodSpec("spd"),
+        MethodSpec("spd_full_loss", ["task.calibration_loss=full"]),  # paper Table 5
+        MethodSpec("spd_random", ["subspace.kind=random"]),  # same ranks, random directions
+        MethodSpec("spd_k_only", ["subspace.mode=k_only"]),
+        MethodSpec("spd_v_only", ["subspace.mode=v_only"]),
+        MethodSpec("spd_iterated", ["run.rounds=2"]),  # its round 1 is the spd run, reused
+    ]
+
+
 @dataclass
 class CompareConfig:
-    """Methods x domains x seeds, each a pipeline run of `base_config` plus overrides."""
+    """Methods x domains x seeds, each a pipeline run of a base config plus overrides."""
     name: str = "compare"
     output_dir: str = "runs"
     base_config: str = "configs/testbed.yaml"  # relative paths: to the repository root
+    domain_configs: dict[str, str] = field(default_factory=dict)  # domain -> its own base config
     overrides: list[str] = field(default_factory=list)  # applied to every run
     domains: list[str] = field(default_factory=lambda: ["math"])  # training (and calibration) domains
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])  # sampling and fine-tuning seeds
-    methods: list[MethodSpec] = field(default_factory=list)
+    methods: list[MethodSpec] = field(default_factory=_paper_methods)
     subspace_domains: list[str] = field(default_factory=list)  # extra subspaces for principal angles
 
 

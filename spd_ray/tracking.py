@@ -43,6 +43,12 @@ class Tracker:
             columns = list(rows[0])
             self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
 
+    def images(self, paths: dict[str, Path]) -> None:
+        if self.run is not None and paths:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in paths.items()})
+
     def spectra(self, subspace) -> None:
         """Cumulative energy of the gradient spectrum per layer and K/V, with its rank, as a plot."""
         if self.run is None:

@@ -45,6 +45,7 @@ def test_comparison_runs_every_kind_of_method_and_writes_the_report(tmp_path):
     assert "| psr |" in report and "spd_iterated" in report and "Made by `python jobs/compare.py" in report
     assert "code" in report and "math/round2" in report  # principal angles between domains and rounds
     assert list(exp.glob("*.png"))
+    assert (exp / "wandb_id").exists() and list((exp / "wandb").glob("offline-run-*"))  # the summary run
 
 
 def test_a_bad_method_override_fails_before_anything_runs(tmp_path):
@@ -52,3 +53,15 @@ def test_a_bad_method_override_fails_before_anything_runs(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     assert compare.main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_comparison_configs_resolve_every_run(path):
+    from spd_ray.config import load_compare_config
+
+    cc = load_compare_config(path)
+    runs = [compare.run_config(cc, d, m, s) for d in cc.domains for m in cc.methods for s in cc.seeds]
+    assert len({c.run.name for c in runs}) == len(runs) == len(cc.domains) * len(cc.methods) * len(cc.seeds)
+    assert all(c.task.domain in cc.domains for c in runs)
+    psr = [c for c in runs if c.run.name.split("-")[1] == "psr"]
+    assert psr and all(not c.generation.project and c.generation.top_p == 1.0 for c in psr)
