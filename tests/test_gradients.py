@@ -108,6 +108,113 @@ def test_gradient_is_wrt_pre_rope_k_proj_output_through_all_paths():
         close(stats[key].gram, g.T @ g)
 
 
+def mid_labeled_batch(lengths: list[int], side: str, seed: int = 0) -> dict:
+    """Like padded_batch, but the answer sits mid-sequence: a long unlabeled tail follows it."""
+    batch = padded_batch(lengths, side, seed)
+    width = max(lengths)
+    for i, n in enumerate(lengths):
+        start = 0 if side == "right" else width - n
+        row = batch["labels"][i]
+        row[:] = -100
+        a = start + n // 2
+        row[a : a + 2] = batch["input_ids"][i, a : a + 2]
+    return batch
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2, 5])
+def test_any_rebatching_and_a_long_unlabeled_tail_give_the_reference(batch_size):
+    """Positions past the last prediction position are not computed: their rows are exact zeros
+    that still count (they shift the mean that centring subtracts)."""
+    model = tiny("qwen2", layers=4)
+    layers = resolve_layers(model, None)
+    batches = [mid_labeled_batch([11, 6, 14], "left", 7), mid_labeled_batch([9, 13], "right", 8)]
+    stats, _ = accumulate_kv_gradient_stats(model, batches, layers, batch_size=batch_size)
+    ref = stacked_kv_gradients(model, [r for b in batches for r in rows_of(b)], layers)
+    for key, g in ref.items():
+        assert stats[key].count == g.shape[0] == 53
+        # the tails after each answer (n - n//2 - 1 positions) really are zero rows
+        assert int((g.abs().sum(1) == 0).sum()) == sum(n - n // 2 - 1 for n in [11, 6, 14, 9, 13])
+        close(stats[key].gram, g.T @ g)
+        close(stats[key].total, g.sum(0))
+
+
+def test_gemma2_logit_softcapping_is_kept():
+    """The head runs on the gathered positions inside the model's own forward, so logit
+    post-processing after the head (Gemma-2 soft-capping) still applies."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                       final_logit_softcapping=0.5, sliding_window=4)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    batches = [padded_batch([12, 7, 10], "right", seed=9)]
+    stats, loss = accumulate_kv_gradient_stats(model, batches, [2, 1])
+    ref = stacked_kv_gradients(model, rows_of(batches[0]), [2, 1])
+    for key, g in ref.items():
+        close(stats[key].gram, g.T @ g)
+
+
+def test_without_a_head_module_full_logits_are_gathered_after():
+    model = tiny("mistral")
+    model.get_output_embeddings = lambda: None  # e.g. a model whose head is not a module
+    batches = [padded_batch([8, 11], "left", seed=6)]
+    stats, _ = accumulate_kv_gradient_stats(model, batches, [2, 1])
+    ref = stacked_kv_gradients(model, rows_of(batches[0]), [2, 1])
+    for key, g in ref.items():
+        close(stats[key].gram, g.T @ g)
+
+
+def test_work_saved_head_only_at_labels_no_graph_below_lowest_target_flags_restored():
+    model = tiny("llama", layers=4)
+    layers = resolve_layers(model, None)
+    assert min(layers) == 2
+    batch = padded_batch([10, 6, 8], "right", seed=3)
+    n_labeled = int((batch["labels"][:, 1:] != -100).sum())
+    model.train()
+    frozen = model.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    seen: dict[str, list] = {"head": [], "mlp": [], "below": [], "lowest_in": [], "lowest_out": []}
+    layer_mods = decoder_layers(model)
+    handles = [
+        model.lm_head.register_forward_hook(lambda m, a, o: seen["head"].append(a[0].shape)),
+        layer_mods[3].mlp.register_forward_hook(lambda m, a, o: seen["mlp"].append(a[0].shape)),
+        layer_mods[1].register_forward_hook(
+            lambda m, a, o: seen["below"].append((o[0] if isinstance(o, tuple) else o).requires_grad)
+        ),
+        layer_mods[2].register_forward_pre_hook(
+            lambda m, a, kw: seen["lowest_in"].append((a[0] if a else kw["hidden_states"]).requires_grad),
+            with_kwargs=True,
+        ),
+        layer_mods[2].register_forward_hook(
+            lambda m, a, o: seen["lowest_out"].append((o[0] if isinstance(o, tuple) else o).requires_grad)
+        ),
+    ]
+    try:
+        stats, loss = accumulate_kv_gradient_stats(model, [batch], layers)
+    finally:
+        for h in handles:
+            h.remove()
+    # vocab logits, and the last layer's MLP, only where a correctness token is predicted
+    assert seen["head"] == seen["mlp"] == [torch.Size([1, n_labeled, 64])]
+    assert seen["below"] == [False] and seen["lowest_in"] == [False]  # no graph below
+    assert seen["lowest_out"] == [True]
+    # flags and mode restored; no parameter gradient formed
+    assert model.training and not frozen.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if p is not frozen)
+    assert all(p.grad is None for p in model.parameters())
+    # the returned loss is the mean over examples of each example's mean correctness CE
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none"
+    )
+    per_example = ce.sum(1) / (batch["labels"][:, 1:] != -100).sum(1)
+    assert loss == pytest.approx(float(per_example.mean()), rel=1e-5)
+
+
 def test_example_without_labels_is_an_error():
     model = tiny("llama", layers=2)
     batch = padded_batch([6, 6], "right")
