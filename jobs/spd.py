@@ -145,7 +145,7 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, t
     prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
     read = lambda path: json.loads(path.read_text())  # noqa: E731
     subspace_dir = None
-    if cfg.generation.project or cfg.evaluation.project:
+    if (train and cfg.generation.project) or cfg.evaluation.project:
         log(f"stage 1: capability subspace of {cfg.model.path} from {len(task.calibration)} "
             f"calibration examples on {cfg.calibration.num_workers} workers")
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -211,6 +211,8 @@ def check(cfg: SPDConfig) -> None:
     if cfg.run.rounds > 1 and cfg.finetune.method == "lora" and cfg.finetune.export != "merged":
         raise ConfigError("run.rounds > 1 trains each round from the previous round's model, which "
                           "must be a full model: set finetune.export=merged")
+    if cfg.subspace.rank_mode == "fixed" and cfg.subspace.rank is None:
+        raise ConfigError("subspace.rank_mode=fixed needs subspace.rank (e.g. subspace.rank=16)")
     if cfg.subspace.kind == "random" and not cfg.generation.project:
         raise ConfigError("subspace.kind=random only matters with generation.project=true")
 

@@ -24,7 +24,6 @@ def test_comparison_runs_every_kind_of_method_and_writes_the_report(tmp_path):
         "domains": ["math"], "seeds": [7], "subspace_domains": ["code"],
         "methods": [{"name": "base", "train": False},
                     {"name": "inference_only", "train": False, "overrides": ["evaluation.project=true"]},
-                    {"name": "psr", "overrides": ["generation.project=false", "generation.top_p=1.0"]},
                     {"name": "spd_iterated", "overrides": ["run.rounds=2"]}],
     }
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
@@ -35,14 +34,14 @@ def test_comparison_runs_every_kind_of_method_and_writes_the_report(tmp_path):
     exp = tmp_path / "toy"
     records = json.loads((exp / "records.json").read_text())
     assert [(r["method"], r["round"]) for r in records] == [
-        ("base", 1), ("inference_only", 1), ("psr", 1), ("spd_iterated", 1), ("spd_iterated", 2)]
+        ("base", 1), ("inference_only", 1), ("spd_iterated", 1), ("spd_iterated", 2)]
     base, projected = records[0]["metrics"], records[1]["metrics"]
     assert set(base) == set(projected) and base != projected  # the projection changes the outputs
-    assert records[2]["corpus"]["n"] > 0 and records[0]["corpus"] is None
+    assert records[3]["corpus"]["n"] > 0 and records[0]["corpus"] is None
     assert len(list((exp / "store").glob("*/eval_base.json"))) == 1  # evaluated once, shared by all
     assert len(list((exp / "store").glob("*/subspace"))) == 3  # math rounds 1 and 2, code
     report = (exp / "report.md").read_text()
-    assert "| psr |" in report and "spd_iterated" in report and "Made by `python jobs/compare.py" in report
+    assert "| spd_iterated |" in report and "Made by `python jobs/compare.py" in report
     assert "code" in report and "math/round2" in report  # principal angles between domains and rounds
     assert list(exp.glob("*.png"))
     assert (exp / "wandb_id").exists() and list((exp / "wandb").glob("offline-run-*"))  # the summary run
