@@ -46,6 +46,10 @@ def run_config(cc: CompareConfig, domain: str, method, seed: int) -> SPDConfig:
         f"run.name={domain}-{method.name}-s{seed}", f"run.wandb.group={cc.name}"])
 
 
+def store_dir(cc: CompareConfig) -> Path:
+    return (Path(cc.output_dir) / (cc.store or f"{cc.name}/store")).resolve()
+
+
 def domain_subspace(cfg: SPDConfig, store: Path) -> str:
     """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
     task = data.load_task(cfg)
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     exp = (Path(cc.output_dir) / cc.name).resolve()
-    store = exp / "store"
+    store = store_dir(cc)
     connect_ray(plan[0][3])
     records, subspaces = [], {}
     for i, (domain, method, seed, cfg) in enumerate(plan, 1):

@@ -351,6 +351,9 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])  # sampling and fine-tuning seeds
     methods: list[MethodSpec] = field(default_factory=_paper_methods)
     subspace_domains: list[str] = field(default_factory=list)  # extra subspaces for principal angles
+    # artifact store (relative: to output_dir); default <name>/store. Experiments that name the
+    # same store reuse each other's artifacts wherever their configs agree
+    store: str | None = None
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CompareConfig:

@@ -66,3 +66,15 @@ def test_shipped_comparison_configs_resolve_every_run(path):
     assert all(not c.generation.project and c.generation.top_p == 1.0 for c in psr)
     if path.stem != "testbed-rank":  # the rank probe has inference-only methods alone
         assert psr
+
+
+def test_experiments_share_a_store_only_when_they_name_it(tmp_path):
+    from spd_ray.config import load_compare_config
+
+    own = load_compare_config(ROOT / "configs/compare/testbed.yaml", [f"output_dir={tmp_path}"])
+    why = load_compare_config(ROOT / "configs/compare/testbed-why.yaml", [f"output_dir={tmp_path}"])
+    assert compare.store_dir(own) == compare.store_dir(why) == tmp_path.resolve() / "compare-testbed" / "store"
+    rank = load_compare_config(ROOT / "configs/compare/testbed-rank.yaml", [f"output_dir={tmp_path}"])
+    assert compare.store_dir(rank) == tmp_path.resolve() / "compare-testbed-rank" / "store"
+    elsewhere = load_compare_config(ROOT / "configs/compare/testbed-why.yaml", [f"store={tmp_path / 's'}"])
+    assert compare.store_dir(elsewhere) == tmp_path.resolve() / "s"  # absolute paths are kept
