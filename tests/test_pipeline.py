@@ -3,8 +3,11 @@ to a real `ray start --head` cluster, and on a simulated multi-node cluster."""
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +30,35 @@ def _ray(*args, env, check=True, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
 @pytest.mark.slow
 def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1"}
-    port = "8297"
-    _ray("start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-         "--port=6390", env=env)
+    # A head of our own: its own temp dir (short, for Unix socket paths) and free ports, so that no
+    # other Ray on this machine finds it, clashes with it or is stopped with it (`ray stop` stops all).
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    port, gcs_port, agent_port = _free_ports(3)
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+                             f"--port={gcs_port}", f"--dashboard-agent-listen-port={agent_port}",
+                             f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        for _ in range(120):  # written once the head is up
+            if (temp_dir / "ray_current_cluster").exists() or head.poll() is not None:
+                break
+            time.sleep(1)
+        assert head.poll() is None, "ray start --head exited"
         submit = ["job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
                   "--", sys.executable, "jobs/spd.py", *SMALL, f"run.output_dir={tmp_path}", "run.name=job"]
         for _ in range(10):  # a loaded machine can take a while to start the head's job agent
@@ -59,7 +83,9 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         # both evaluations, subspace, generations, corpus quality, model
         assert again.stdout.count("reusing") == 6
     finally:
-        _ray("stop", "--force", env=env, check=False)
+        head.terminate()  # `ray start --block` stops its own node's processes on SIGTERM
+        head.wait(timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
