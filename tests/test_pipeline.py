@@ -1,5 +1,6 @@
-"""The whole job on the embedded testbed, at a small size: submitted with the real `ray job submit`
-to a real `ray start --head` cluster, and on a simulated multi-node cluster."""
+"""The whole job at a small size: submitted with the real `ray job submit` to a real
+`ray start --head` cluster (on local copies of the paper's benchmarks), and on a simulated
+multi-node cluster (on the embedded testbed)."""
 
 import json
 import os
@@ -11,11 +12,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 import spd  # noqa: E402
+
+from .hub_files import GSM8K_TRAIN, write_hub_files  # noqa: E402
 
 SMALL = ["task.n_calibration=16", "task.n_train_prompts=32", "task.n_eval=8",
          "evaluation.domains=[math,code]", "generation.max_new_tokens=32",
@@ -59,8 +63,11 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
                 break
             time.sleep(1)
         assert head.poll() is None, "ray start --head exited"
+        # the paper's benchmarks, read through the hub loaders from local copies in their schemas
+        hub = ["task.source=hub", f"task.data_dir={write_hub_files(tmp_path / 'data')}",
+               "task.n_calibration=3", "task.n_train_prompts=4"]  # GSM8K train has 7 rows here
         submit = ["job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-                  "--", sys.executable, "jobs/spd.py", *SMALL, f"run.output_dir={tmp_path}", "run.name=job"]
+                  "--", sys.executable, "jobs/spd.py", *SMALL, *hub, f"run.output_dir={tmp_path}", "run.name=job"]
         for _ in range(10):  # a loaded machine can take a while to start the head's job agent
             first = _ray(*submit, env=env, check=False)
             if "No available agent to submit job" not in first.stderr:
@@ -74,7 +81,9 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         metrics = json.loads((run / "metrics.json").read_text())
         assert set(metrics["eval"]["base"]) == set(metrics["eval"]["spd"]) >= {"math/test/accuracy",
                                                                               "code/transfer/nll"}
-        assert 0 <= metrics["corpus"]["1"]["accuracy"] <= 1 and metrics["corpus"]["1"]["n"] > 0
+        assert 0 <= metrics["corpus"]["1"]["accuracy"] <= 1 and metrics["corpus"]["1"]["n"] == 4
+        prompts = pq.read_table(run / "generations").column("prompt").to_pylist()
+        assert len(prompts) == 4 and all(any(r["question"] in p for r in GSM8K_TRAIN) for p in prompts)
         assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [3, 2]
         assert "| math/test/accuracy |" in first.stdout
 
@@ -90,7 +99,6 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
 
 @pytest.mark.slow
 def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
-    import pyarrow.parquet as pq
     import ray
     from ray.cluster_utils import Cluster
 
