@@ -62,6 +62,8 @@ class RunDir:
         ignored = IGNORED.get(base, {})
         sections = {s: {k: v for k, v in to_dict(getattr(cfg, s)).items() if k not in ignored.get(s, ())}
                     for s in DEPENDS_ON[base]}
+        if "subspace" in sections and cfg.subspace.kind != "random":
+            del sections["subspace"]["random_seed"]  # a gradient subspace is the same for every seed
         return hashlib.sha256(json.dumps([base, sections], sort_keys=True).encode()).hexdigest()[:16]
 
     def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None) -> Path:

@@ -31,6 +31,15 @@ def test_store_shares_artifacts_whose_sections_agree(tmp_path):
     assert spd.stage("subspace", _writer(calls, "s")) != full.stage("subspace", _writer(calls, "f"))
 
 
+def test_only_a_random_subspace_depends_on_the_seed(tmp_path):
+    gradient = [RunDir(_cfg(tmp_path, f"g{seed}", f"subspace.random_seed={seed}")) for seed in (1, 2)]
+    random = [RunDir(_cfg(tmp_path, f"r{seed}", "subspace.kind=random", f"subspace.random_seed={seed}"))
+              for seed in (1, 2)]
+    for name in ("subspace", "eval_projected.json"):  # stage 1 runs once for all seeds of a comparison
+        assert gradient[0].key(name) == gradient[1].key(name)
+        assert random[0].key(name) != random[1].key(name)
+
+
 def test_round_artifacts_are_keyed_by_the_round_model(tmp_path):
     run, calls = RunDir(_cfg(tmp_path, "it")), []
     first = run.stage("model", _writer(calls, "m1"))
