@@ -2,9 +2,11 @@
 `ray start --head` cluster (on local copies of the paper's benchmarks), and on a simulated
 multi-node cluster (on the embedded testbed)."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -92,8 +94,12 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         # both evaluations, subspace, generations, corpus quality, model
         assert again.stdout.count("reusing") == 6
     finally:
-        head.terminate()  # `ray start --block` stops its own node's processes on SIGTERM
-        head.wait(timeout=120)
+        head.terminate()  # `ray start --block` leads a process group of its node's processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a graceful stop, then the group
+            head.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
