@@ -68,8 +68,9 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         # the paper's benchmarks, read through the hub loaders from local copies in their schemas
         hub = ["task.source=hub", f"task.data_dir={write_hub_files(tmp_path / 'data')}",
                "task.n_calibration=3", "task.n_train_prompts=4"]  # GSM8K train has 7 rows here
+        one_worker = ["calibration.num_workers=1", "generation.replicas_max=1", "finetune.num_workers=1"]
         submit = ["job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-                  "--", sys.executable, "jobs/spd.py", *SMALL, *hub, f"run.output_dir={tmp_path}", "run.name=job"]
+                  "--", sys.executable, "jobs/spd.py", *SMALL, *hub, *one_worker, f"run.output_dir={tmp_path}", "run.name=job"]
         for _ in range(10):  # a loaded machine can take a while to start the head's job agent
             first = _ray(*submit, env=env, check=False)
             if "No available agent to submit job" not in first.stderr:
