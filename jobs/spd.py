@@ -101,7 +101,7 @@ def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) ->
     only use of the training prompts' answers; nothing is filtered by it."""
     rows = ray.data.read_parquet(str(generations), columns=["id", "completion"]).take_all()
     items = [train_items[int(r["id"].split("-")[0])] for r in rows]
-    correct = score(items, [r["completion"] for r in rows], cfg.evaluation.code_timeout_s)
+    correct = score(items, [r["completion"] for r in rows], cfg.evaluation)
     out.write_text(json.dumps({"accuracy": sum(correct) / max(1, len(rows)), "n": len(rows),
                                "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
 

@@ -157,6 +157,9 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 256
     code_timeout_s: float = 5.0
+    # model-written code: "isolated" (kernel namespaces via bubblewrap; refused where the machine
+    # cannot isolate) or "process" (rlimits only, logged as a warning: no security boundary)
+    sandbox: Literal["isolated", "process"] = "isolated"
     project: bool = False  # True: the inference-only baseline (base model with the projection on)
 
 

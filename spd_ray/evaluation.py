@@ -18,14 +18,16 @@ from spd_ray.testbed import Item
 _TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_exact}
 
 
-def score(items: Sequence[Item], completions: Sequence[str], code_timeout_s: float = 5.0) -> list[bool]:
+def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
     """Per-item correctness by the item's metric: final number (GSM8K, SVAMP), answer letter
-    (MMLU), normalized exact match (BBH), asserts pass (MBPP; its setup runs first)."""
+    (MMLU), normalized exact match (BBH), asserts run to the end (MBPP; its setup runs first)
+    in the `ev.sandbox` sandbox (default: isolated, 5 s)."""
+    ev = ev or EvalConfig()
     results: list[bool | None] = [None] * len(items)
     code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]
     if code_rows:
-        jobs = [(f"{items[i].setup}\n{extract_code(completions[i])}", items[i].tests) for i in code_rows]
-        for i, res in zip(code_rows, run_many(jobs, timeout_s=code_timeout_s)):
+        jobs = [(extract_code(completions[i]), items[i].tests, items[i].setup) for i in code_rows]
+        for i, res in zip(code_rows, run_many(jobs, mode=ev.sandbox, timeout_s=ev.code_timeout_s)):
             results[i] = res.passed
     for i, it in enumerate(items):
         if it.metric in _TEXT_SCORERS:
@@ -61,14 +63,14 @@ def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
 
 
 def split_metrics(splits: dict[str, Sequence[Item]], completions: dict[str, Sequence[str]],
-                  nll: dict[str, float], code_timeout_s: float) -> dict[str, float]:
+                  nll: dict[str, float], ev: EvalConfig) -> dict[str, float]:
     """Accuracy per split from its greedy completions (none for NLL-only splits), plus the
     reference NLL where computed."""
     metrics = {}
     scored = accuracy_splits(splits)
     for name, items in splits.items():
         if name in scored:
-            correct = score(items, completions[name], code_timeout_s)
+            correct = score(items, completions[name], ev)
             metrics[f"{name}/accuracy"] = sum(correct) / len(correct)
         if name in nll:
             metrics[f"{name}/nll"] = nll[name]
@@ -91,4 +93,4 @@ def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: Eva
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
                    for name in accuracy_splits(splits)}
     nll = {name: reference_nll(model, tokenizer, splits[name], cfg.batch_size) for name in nll_splits(splits)}
-    return split_metrics(splits, completions, nll, cfg.code_timeout_s)
+    return split_metrics(splits, completions, nll, cfg)

@@ -154,4 +154,4 @@ def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
            .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
-    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev.code_timeout_s)
+    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev)

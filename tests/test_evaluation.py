@@ -9,9 +9,13 @@ from spd_ray.testbed import make_split
 
 def test_reference_answers_score_perfectly_and_wrong_ones_do_not():
     items = [it for d in ("math", "mcq", "code") for it in make_split(d, "test", 4)]
-    assert all(score(items, [it.answer for it in items], code_timeout_s=5))
+    assert all(score(items, [it.answer for it in items]))
     wrong = {"math": " 1 + 1 = 2.\n#### -999", "mcq": " Z", "code": "\ndef nothing():\n    pass\n"}
-    assert not any(score(items, [wrong[it.domain] for it in items], code_timeout_s=5))
+    assert not any(score(items, [wrong[it.domain] for it in items]))
+    # the code domain: a wrong program that exits "successfully" before its asserts fails
+    code = [it for it in items if it.domain == "code"]
+    for ending in ("raise SystemExit", "import os\nos._exit(0)", "import atexit, os\natexit.register(os._exit, 0)"):
+        assert not any(score(code, [f"{wrong['code']}{ending}\n"] * len(code)))
 
 
 def test_evaluate_model_reports_every_split(testbed_model, testbed_tokenizer):

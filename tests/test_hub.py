@@ -6,7 +6,7 @@ import re
 import pytest
 
 from spd_ray import hub
-from spd_ray.config import ConfigError, load_config
+from spd_ray.config import ConfigError, EvalConfig, load_config
 from spd_ray.data import load_task
 from spd_ray.evaluation import score, split_metrics
 from spd_ray.scoring import score_exact
@@ -89,13 +89,17 @@ def test_scorers_on_hub_items(data_dir):
     body = "def volume_sphere(r):\n  return (4/3)*math.pi*r**3\n"
     assert score([sphere], [body]) == [True]
     assert score([sphere], [body.replace("**3", "**2")]) == [False]
+    # a wrong body that ends its process "successfully" before the asserts is no pass
+    for ending in ("exit()", "import sys\nsys.exit(0)", "import os\nos._exit(0)",
+                   "import atexit, os\natexit.register(os._exit, 0)"):
+        assert score(mbpp := splits["code/test"], [f"{body}\n{ending}\n"] * len(mbpp)) == [False] * len(mbpp)
     # BBH answers as a model writes them
     bbh = splits["mcq/transfer"]
     assert score(bbh[:4], [" (B) Eli finished last", "(C)", " Let's see. So the answer is (D).", " (D)"]) == [
         True, False, True, False]
     # an NLL-only split (CodeAlpaca) reports no accuracy
     metrics = split_metrics({"code/transfer": splits["code/transfer"], "math/test": splits["math/test"]},
-                            {"math/test": ["#### 18", "#### 4", "#### 70000"]}, {"code/transfer": 0.7}, 5.0)
+                            {"math/test": ["#### 18", "#### 4", "#### 70000"]}, {"code/transfer": 0.7}, EvalConfig())
     assert metrics == {"code/transfer/nll": 0.7, "math/test/accuracy": pytest.approx(2 / 3)}
     with pytest.raises(ValueError, match="no accuracy scorer"):
         score(splits["code/transfer"][:1], ["x"])

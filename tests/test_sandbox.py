@@ -1,3 +1,17 @@
+"""The sandbox for model-written code: passes that cannot be faked, and one test per way out.
+
+Each escape test runs the same program in the isolated sandbox, where it must be contained with
+nothing outside changed, and in the unisolated "process" mode, where the same check must see
+it get out: so every check is shown to catch an escape when there is one."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -6,152 +20,365 @@ import pytest
 import ray
 
 from spd_ray import sandbox
-from spd_ray.sandbox import run_many, run_program, run_tests
+from spd_ray.sandbox import SandboxUnavailable, run_many, run_program
+
+pytestmark = pytest.mark.isolated  # skipped, visibly, where the machine cannot isolate (not in CI)
 
 SOLUTION = "def add(x):\n    return x + 1\n"
+TESTS = ["assert add(1) == 2", "assert add(-1) == 0"]
+# a wrong solution, then each way a program can end its process "successfully" before its tests
+FAKE_PASSES = [
+    "exit()", "quit()", "import sys\nsys.exit(0)", "raise SystemExit", "raise SystemExit(0)",
+    "import os\nos._exit(0)", "import atexit, os\natexit.register(os._exit, 0)",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
+    "import threading, os\nthreading.Thread(target=os._exit, args=(0,)).start()\nimport time\ntime.sleep(1)",
+    # forged result lines on every descriptor the program may hold, then a quiet exit
+    "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'passed\\n')\n    except OSError: pass\n"
+    "print('passed')\nos._exit(0)",
+]
 
 
-def test_correct_passes_and_wrong_fails():
-    ok = run_tests(SOLUTION, ["assert add(1) == 2", "assert add(-1) == 0"])
-    assert ok.passed and ok.status == "passed"
-    wrong = run_tests(SOLUTION, ["assert add(1) == 3"])
-    assert not wrong.passed and wrong.status == "failed" and "AssertionError" in wrong.stderr_tail
-    assert run_tests("x = 1\n", ["assert add(1) == 2"], setup=SOLUTION).passed
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_known_correct_programs_pass_and_wrong_ones_fail(mode):
+    ok = run_program(SOLUTION, TESTS, mode=mode)
+    assert ok == sandbox.ExecResult(True, "passed", "", "")
+    wrong = run_program(SOLUTION, ["assert add(1) == 2", "assert add(1) == 3"], mode=mode)
+    assert not wrong.passed and wrong.status == "failed" and wrong.reason == "test 2: AssertionError"
+    assert run_program("x = add(1)", ["assert x == 2"], setup=SOLUTION, mode=mode).passed
+    # the program may start with a future import even after a setup; stdlib imports work
+    code = "from __future__ import annotations\nimport heapq, re, json, inspect\n" \
+           "def f(xs: list[int]) -> list[int]:\n    return heapq.nsmallest(2, xs)\n"
+    assert run_program(code, ["assert f([5, 1, 4]) == [1, 4]",
+                              "assert inspect.getsource(json.dumps).startswith('def dumps')"],
+                       setup="import math", mode=mode).passed
 
 
-def test_known_correct_solutions_using_the_stdlib_pass():
-    # the read guard must leave imports and stdlib source (inspect, tracebacks) alone
-    solutions = [
-        ("import heapq\ndef smallest(xs, n):\n    return heapq.nsmallest(n, xs)\n",
-         ["assert smallest([5, 1, 4, 2], 2) == [1, 2]"]),
-        ("import re\ndef words(s):\n    return re.findall(r'[a-z]+', s)\n",
-         ["assert words('ab, cd!') == ['ab', 'cd']"]),
-        ("from collections import Counter\ndef top(s):\n    return Counter(s).most_common(1)[0][0]\n",
-         ["assert top('abcbb') == 'b'"]),
-        ("import inspect, json\ndef src():\n    return inspect.getsource(json.dumps)\n",
-         ["assert src().startswith('def dumps')"]),
-    ]
-    assert all(r.passed for r in run_many(solutions, timeout_s=5))
+@pytest.mark.parametrize("mode", sandbox.MODES)
+@pytest.mark.parametrize("ending", FAKE_PASSES)
+def test_an_early_exit_is_never_a_pass(ending, mode):
+    result = run_program("def add(x):\n    return None\n" + ending, TESTS, mode=mode, timeout_s=3)
+    assert not result.passed and result.status in ("failed", "timeout"), result
+    assert result.reason
+
+
+def test_failure_reasons():
+    assert run_program("exit(0)").reason == "program exited early (SystemExit: 0) before the tests finished"
+    assert run_program("import os\nos._exit(0)").reason.startswith("no result from the harness (exit status 0)")
+    assert run_program("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").reason.startswith(
+        "no result from the harness (killed by SIGKILL)")
+    assert run_program("raise ValueError('bad')").reason == "program: ValueError: bad"
+    assert run_program("x = 1", ["exit()"]).reason.startswith("test 1 exited early")
 
 
 @pytest.mark.parametrize("code", ["def f(:\n", "x = 1\n\0\n", "if True:\nreturn 1\n"])
 def test_syntax_error_is_error(code):
-    result = run_program(code)
-    assert not result.passed and result.status == "error"
+    result = run_program(code, TESTS)
+    assert not result.passed and result.status == "error" and result.reason
 
 
 def test_program_runs_as_a_module_not_as_main():
-    # future imports must stay first in the file, so the prelude cannot simply be prepended
-    code = "from __future__ import annotations\nimport dataclasses, pickle\n"
-    code += "@dataclasses.dataclass\nclass P:\n    x: int\nassert pickle.loads(pickle.dumps(P(1))) == P(1)\n"
+    code = "import dataclasses, pickle\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+    code += "assert pickle.loads(pickle.dumps(P(1))) == P(1)\n"
     code += "if __name__ == '__main__':\n    input()\n"  # a demo block that reads stdin: not run
-    assert run_program(code).status == "passed"
-    assert run_program("exit(0)").passed and not run_program("exit(3)").passed
+    assert run_program(code).passed
 
 
 def test_hash_seed_is_fixed():
-    code = "print(hash('abc'), file=__import__('sys').stderr); raise SystemExit(1)"
-    assert run_program(code).stderr_tail == run_program(code).stderr_tail
+    code = "import sys\nprint(hash('abc'), file=sys.stderr)"
+    assert run_program(code).stderr_tail == run_program(code).stderr_tail != ""
 
 
-def test_infinite_loop_is_stopped():
-    for code in ("while True:\n    pass\n", "import time\ntime.sleep(100)\n"):  # CPU and wall clock
+# ------------------------------------------------------------------------------------------
+# Limits
+
+
+def test_wall_clock_and_cpu_limits():
+    for code in ("while True:\n    pass\n", "import time\ntime.sleep(100)\n"):
         start = time.monotonic()
         result = run_program(code, timeout_s=1)
-        assert not result.passed and result.status == "timeout" and time.monotonic() - start < 3
+        assert result.status == "timeout" and time.monotonic() - start < 3, result
     # the CPU limit stops a busy program even where the wall clock would not (a busy machine)
-    assert run_program("import resource\nassert resource.getrlimit(resource.RLIMIT_CPU) == (1, 1)",
-                       timeout_s=1).passed
+    code = "import resource\nassert resource.getrlimit(resource.RLIMIT_CPU) == (2, 3)"
+    assert run_program(code, timeout_s=2).passed
+    assert run_program("import resource\nresource.setrlimit(resource.RLIMIT_CPU, (100, 100))").reason \
+        .startswith("program: ValueError")  # the hard limit cannot be raised
 
 
-def test_unbounded_allocation_fails():
+def test_memory_file_size_open_files_and_processes_are_limited():
     for code in ("x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(bytearray(10**7))\n"):
-        result = run_program(code, timeout_s=5, memory_mb=256)
-        assert (
-            not result.passed and result.status == "failed" and "MemoryError" in result.stderr_tail
-        )
-
-
-@pytest.mark.parametrize(
-    "code",
-    [
-        "import os\nos.fork()",
-        "import os\nos.system('echo hi')",
-        "import os\nos.kill(os.getppid(), 9)",
-        "import os\nos.popen('echo hi')",
-        "import subprocess\nsubprocess.run(['echo', 'hi'])",
-        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
-        "import socket\ns = socket.socket()",
-        "import socket\nsocket.create_connection(('127.0.0.1', 9))",
-        "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (100, 100))",
-    ],
-)
-def test_processes_signals_sockets_and_limits_are_blocked(code):
-    result = run_program(code)
-    assert result.status == "failed" and "PermissionError" in result.stderr_tail
-
-
-def test_files_outside_stay_put(tmp_path):
-    victim = tmp_path / "keep.txt"
-    victim.write_text("data")
-    for code in (
-        f"import os\nos.remove({str(victim)!r})",
-        f"import os\nos.unlink({str(victim)!r})",
-        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-        f"import pathlib\npathlib.Path({str(victim)!r}).unlink()",
-        f"open({str(victim)!r}, 'w').write('gone')",
-        f"import pathlib\npathlib.Path({str(victim)!r}).write_text('gone')",
-        "open('../../keep.txt', 'w')",
-        f"import os\nos.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)",
-    ):
-        assert not run_program(code).passed, code
-    assert victim.read_text() == "data"
-    # the program starts in an empty throwaway directory, may write there, and sees no inherited env
-    code = "import os\nassert os.listdir('.') == [] and 'HOME' not in os.environ\n"
-    code += "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\n"
-    assert run_program(code).passed
-    assert not run_program("open('pyproject.toml')").passed  # the tests' cwd is not the program's
-    # deleting is blocked inside the working directory too
-    code = "import os\nopen('scratch.txt', 'w').close()\nos.remove('scratch.txt')"
-    result = run_program(code)
-    assert result.status == "failed" and "PermissionError" in result.stderr_tail
-
-
-def test_project_files_cannot_be_read():
-    project_file, project_dir = Path(__file__).resolve(), Path(__file__).resolve().parent.parent
-    assert project_file.exists()
-    for code in (
-        f"open({str(project_file)!r}).read()",
-        f"import pathlib\npathlib.Path({str(project_file)!r}).read_bytes()",
-        f"import os\nos.open({str(project_file)!r}, os.O_RDONLY)",
-        f"import os\nos.listdir({str(project_dir)!r})",
-        f"import os\nos.chdir({str(project_dir)!r})\nopen('pyproject.toml')",
-    ):
-        result = run_program(code)
-        assert result.status == "failed" and "PermissionError" in result.stderr_tail, code
-    assert run_program(f"import glob\nassert glob.glob({str(project_dir / '*')!r}) == []").passed
+        result = run_program(code, memory_mb=256)
+        assert result.status == "failed" and "MemoryError" in result.reason, result
+    big = run_program("open('big', 'wb').write(b'x' * (2 << 20))")
+    assert big.status == "failed" and "File too large" in big.reason, big
+    files = run_program("fs = [open(f'f{i}', 'w') for i in range(200)]")
+    assert files.status == "failed" and "Too many open files" in files.reason, files
+    bomb = "import os\npids = []\nwhile True:\n    pid = os.fork()\n    if pid == 0:\n" \
+           "        import time\n        time.sleep(30)\n    pids.append(pid)"
+    result = run_program(bomb, timeout_s=5)
+    assert result.status == "failed" and "Resource temporarily unavailable" in result.reason, result
 
 
 def test_huge_output_is_capped():
-    code = (
-        "import sys\nfor _ in range(10**5):\n    sys.stderr.write('x' * 100)\nraise SystemExit(1)"
-    )
-    result = run_program(code, timeout_s=5, max_output_bytes=1000)
+    code = "import sys\nfor _ in range(10**5):\n    sys.stderr.write('x' * 100)\nraise SystemExit(1)"
+    result = run_program(code, max_output_bytes=1000)
     assert not result.passed and len(result.stderr_tail) == 1000
     # a traceback after lots of output is still in the tail; stdout is discarded
-    code = "print('y' * 10**7)\nimport sys\nsys.stderr.write('z' * 5000)\nassert False, 'the end'"
+    code = "print('y' * 10**7)\nimport sys\nsys.stderr.write('z' * 5000 + 'the end')"
     result = run_program(code, max_output_bytes=1000)
-    assert result.status == "failed" and result.stderr_tail.endswith("AssertionError: the end\n")
+    assert result.passed and result.stderr_tail.endswith("zthe end") and "y" not in result.stderr_tail
+
+
+# ------------------------------------------------------------------------------------------
+# Escapes. Each program tries to get out and reports on stderr what it reached; the test then
+# checks the outside. `contained(mode)` is what the check must find in that mode.
+
+
+def contained(mode: str) -> bool:
+    return mode == "isolated"
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A file outside the sandbox with a secret in it, and its folder."""
+    path = tmp_path / "secret.txt"
+    path.write_text("TOKEN-1b2c3d")
+    return path
+
+
+READS = {
+    "open": "open({p!r}).read()",
+    "io.FileIO": "import io\nio.FileIO({p!r}).read().decode()",
+    "os.open": "import os\nos.read(os.open({p!r}, os.O_RDONLY), 100).decode()",
+    "_io after a reload": "import importlib, io, sys\ndel sys.modules['io']\nimport io\n"
+                          "importlib.reload(io)\nio.open({p!r}).read()",
+    "posix": "import posix\nposix.read(posix.open({p!r}, posix.O_RDONLY), 100).decode()",
+    "ctypes libc": "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(100)\n"
+                   "fd = libc.open({p!r}.encode(), 0)\nassert fd >= 0, 'open failed'\n"
+                   "libc.read(fd, buf, 100)\nbuf.value.decode()",
+}
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+@pytest.mark.parametrize("how", READS)
+def test_files_outside_cannot_be_read(victim, how, mode):
+    *lines, last = READS[how].format(p=str(victim)).split("\n")
+    code = "\n".join(lines + ["import sys", f"print('read:', {last}, file=sys.stderr)"])
+    result = run_program(code, mode=mode)
+    assert ("TOKEN-1b2c3d" not in result.stderr_tail) == contained(mode), result
+    if contained(mode):
+        assert result.status == "failed", result  # it ran, and its read failed
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_project_files_and_the_interpreters_packages_are_not_visible(mode):
+    project = Path(__file__).resolve().parent.parent
+    code = f"import glob, os\nassert glob.glob({str(project / '*')!r}) == []\n"
+    code += "import sysconfig\nassert not glob.glob(os.path.join(sysconfig.get_paths()['purelib'], '*'))"
+    assert run_program(code, mode=mode).passed == contained(mode)
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_a_hard_link_cannot_reach_a_file_outside(victim, mode):
+    code = f"import os\nos.link({str(victim)!r}, 'mine')\nopen('mine', 'w').write('changed')"
+    result = run_program(code, mode=mode)
+    assert (victim.read_text() == "TOKEN-1b2c3d") == contained(mode), result
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_nothing_is_created_or_deleted_outside(victim, mode):
+    folder = victim.parent
+    code = (f"import os, sqlite3, shutil\n"
+            f"for attempt in (lambda: sqlite3.connect({str(folder / 'made.db')!r}).execute('create table t(x)'),\n"
+            f"                lambda: os.mkdir({str(folder / 'made')!r}),\n"
+            f"                lambda: open({str(folder / 'made.txt')!r}, 'w').write('x'),\n"
+            f"                lambda: os.remove({str(victim)!r}),\n"
+            f"                lambda: shutil.rmtree({str(folder)!r})):\n"
+            f"    try:\n        attempt()\n    except Exception:\n        pass\n")
+    assert run_program(code, mode=mode).passed
+    untouched = folder.exists() and sorted(p.name for p in folder.iterdir()) == ["secret.txt"]
+    assert untouched == contained(mode)
+
+
+@pytest.fixture
+def listener():
+    """A service on the host's loopback; records whether anyone connected."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    seen: list = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                seen.append(server.accept())
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield SimpleNamespace(port=server.getsockname()[1], seen=seen)
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_host_loopback_services_cannot_be_reached(listener, mode):
+    code = (f"import _socket, socket, ctypes\n"
+            f"for connect in (lambda: socket.create_connection(('127.0.0.1', {listener.port}), timeout=1),\n"
+            f"                lambda: _socket.socket().connect(('127.0.0.1', {listener.port}))):\n"
+            f"    try:\n        connect()\n    except OSError:\n        pass\n")
+    assert run_program(code, mode=mode).passed
+    time.sleep(0.5)
+    assert (listener.seen == []) == contained(mode)
+
+
+def test_no_network_at_all():
+    code = ("import socket, errno\n"
+            "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
+            "for host in ('169.254.169.254', '8.8.8.8'):  # cloud metadata, the internet\n"
+            "    try:\n        socket.create_connection((host, 80), timeout=2)\n"
+            "    except OSError as err:\n        assert err.errno == errno.ENETUNREACH, err\n"
+            "    else:\n        raise AssertionError(host)\n")
+    result = run_program(code)
+    assert result.passed, result
+
+
+@pytest.fixture
+def host_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_processes_outside_cannot_be_signalled(host_process, mode):
+    code = (f"import os, signal, ctypes\n"
+            f"for kill in (lambda: os.kill({host_process.pid}, signal.SIGKILL),\n"
+            f"             lambda: ctypes.CDLL(None).kill({host_process.pid}, signal.SIGKILL)):\n"
+            f"    try:\n        kill()\n    except OSError:\n        pass\n")
+    assert run_program(code, mode=mode).passed
+    time.sleep(0.2)
+    assert (host_process.poll() is None) == contained(mode)
+
+
+def test_the_runner_cannot_be_killed():
+    # isolated only: in process mode this would kill the test itself
+    for code in ("import os\nos.kill(os.getppid(), 9)", "import os\nos.kill(-1, 9)",
+                 "import os\nos.kill(1, 9)", "import os\nos.killpg(0, 9)"):
+        assert not run_program(code, TESTS).passed
+    assert run_program(SOLUTION, TESTS).passed  # still here, still working
+
+
+def _running(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_no_process_outlives_the_run(mode):
+    marker = f"{time.time_ns() % 10**6}.{os.getpid()}"  # a sleep no one else runs
+    code = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\n"
+            f"time.sleep(0.3)\n")
+    assert run_program(code, mode=mode).passed
+    left = _running(marker)
+    for pid in left:  # process mode: tidy up what got away
+        os.kill(pid, signal.SIGKILL)
+    assert (left == []) == contained(mode)
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_secrets_in_the_callers_environment_are_not_visible(mode):
+    # the caller (a Ray worker, say) holds a secret in its environment from its start
+    code = ("import glob, os, sys\nseen = [repr(dict(os.environ))]\n"
+            "for path in glob.glob('/proc/*/environ'):\n"
+            "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
+            "    except OSError:\n        pass\nprint(len(glob.glob('/proc/*/environ')), *seen, file=sys.stderr)")
+    caller = (f"import json\nfrom spd_ray.sandbox import run_program\n"
+              f"print(json.dumps(run_program({code!r}, mode={mode!r}).stderr_tail))")
+    env = {**os.environ, "WANDB_API_KEY": "KEY-9f8e7d"}
+    out = subprocess.run([sys.executable, "-c", caller], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert int(seen.split(" ", 1)[0]) >= 2 and "PYTHONHASHSEED" in seen  # it looked
+    assert ("KEY-9f8e7d" not in seen) == contained(mode)
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_runs_as_an_unprivileged_uid(mode):
+    code = "import os\nassert os.getuid() != 0 and os.geteuid() != 0\n"
+    code += "for uid in (0, 1):\n    try:\n        os.setuid(uid)\n    except PermissionError:\n        pass\n" \
+            "    else:\n        raise AssertionError('setuid')\n"
+    # as root, process mode runs the program as root; as any other user, both modes refuse setuid
+    assert run_program(code, mode=mode).passed == (contained(mode) or os.geteuid() != 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Policy: refusal where isolation is missing, the explicit weak mode, parallel runs.
+
+
+@pytest.fixture
+def fresh_probe():
+    sandbox.isolation.cache_clear(), sandbox._bwrap_command.cache_clear()
+    yield
+    sandbox.isolation.cache_clear(), sandbox._bwrap_command.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_probe")
+def test_isolated_mode_refuses_without_bubblewrap(monkeypatch):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(SandboxUnavailable, match=r"bubblewrap \(bwrap\) is not installed.*apt-get "
+                                                 r"install bubblewrap.*evaluation.sandbox=process"):
+        run_program(SOLUTION, TESTS)
+    with pytest.raises(SandboxUnavailable):
+        run_many([(SOLUTION, TESTS, "")])
+    assert run_program(SOLUTION, TESTS, mode="process").passed  # the explicit choice still runs
+
+
+@pytest.mark.usefixtures("fresh_probe")
+def test_isolated_mode_refuses_without_user_namespaces(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"  # what bwrap says where the kernel or a container forbids namespaces
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'bubblewrap 0.8.0' && exit 0\n"
+                    "echo 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    facts = sandbox.isolation()
+    assert not facts["available"] and "No permissions to create new namespace" in facts["missing"]
+    with pytest.raises(SandboxUnavailable, match="user namespaces.*seccompProfile"):
+        run_program(SOLUTION, TESTS)
+
+
+def test_isolation_report_on_this_machine():
+    facts = sandbox.isolation()
+    assert facts["available"] and {"pid", "net", "mount", "ipc", "uts"} <= set(facts["namespaces"])
+    printed = subprocess.run([sys.executable, "-m", "spd_ray.sandbox"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    assert printed.returncode == 0 and json.loads(printed.stdout)["available"] is True
+
+
+def test_process_mode_is_logged_loudly(caplog):
+    with caplog.at_level(logging.WARNING, logger="spd_ray.sandbox"):
+        assert [r.passed for r in run_many([(SOLUTION, TESTS, ""), ("exit()", TESTS, "")],
+                                           mode="process")] == [True, False]
+    assert "WITHOUT isolation" in caplog.text
+    with pytest.raises(ValueError, match="valid modes"):
+        run_program(SOLUTION, mode="none")
 
 
 def test_run_many_keeps_order_and_runs_in_parallel():
-    jobs = [
-        (
-            SOLUTION + "import time\ntime.sleep(0.5)\n",
-            [f"assert add({i}) == {i + 1 if i % 2 else -1}"],
-        )
-        for i in range(8)
-    ]
+    jobs = [(SOLUTION + "import time\ntime.sleep(0.5)\n", [f"assert add({i}) == {i + 1 if i % 2 else -1}"], "")
+            for i in range(8)]
     start = time.monotonic()
     results = run_many(jobs, timeout_s=5, max_workers=8)
     assert [r.passed for r in results] == [i % 2 == 1 for i in range(8)]
@@ -170,9 +397,11 @@ def test_run_many_on_ray_tasks_matches_local(local_ray, monkeypatch):
     monkeypatch.setattr(sandbox, "_CHUNK", 3)  # 10 programs: 4 tasks, the last one short
     monkeypatch.setattr(sandbox, "_run_chunk", SimpleNamespace(
         remote=lambda chunk, *args: chunks.append(len(chunk)) or task.remote(chunk, *args)))
-    jobs = [(SOLUTION, [f"assert add({i}) == {i + 1 if i % 3 else 0}"]) for i in range(9)]
-    jobs.append(("while True:\n    pass\n", []))
+    jobs = [(SOLUTION, [f"assert add({i}) == {i + 1 if i % 3 else 0}"], "") for i in range(8)]
+    jobs += [("import os\nos.kill(os.getppid(), 9)\nos.kill(-1, 9)", [], ""),  # the Ray worker
+             ("while True:\n    pass\n", [], "")]
     on_ray = run_many(jobs, timeout_s=1)
     assert chunks == [3, 3, 3, 1]
-    assert on_ray == sandbox._run_local(jobs, timeout_s=1, workers=2)
-    assert [r.status for r in on_ray] == ["failed", "passed", "passed"] * 3 + ["timeout"]
+    assert on_ray == sandbox._run_local(jobs, "isolated", timeout_s=1, workers=2)
+    assert [r.status for r in on_ray] == ["failed", "passed", "passed"] * 2 + ["failed", "passed"] \
+        + ["failed", "timeout"]
