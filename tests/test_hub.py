@@ -92,7 +92,7 @@ def test_scorers_on_hub_items(data_dir):
     # a wrong body that ends its process "successfully" before the asserts is no pass
     for ending in ("exit()", "import sys\nsys.exit(0)", "import os\nos._exit(0)",
                    "import atexit, os\natexit.register(os._exit, 0)"):
-        assert score(mbpp := splits["code/test"], [f"{body}\n{ending}\n"] * len(mbpp)) == [False] * len(mbpp)
+        assert score([sphere], [f"{body.replace('**3', '**2')}\n{ending}\n"]) == [False]
     # BBH answers as a model writes them
     bbh = splits["mcq/transfer"]
     assert score(bbh[:4], [" (B) Eli finished last", "(C)", " Let's see. So the answer is (D).", " (D)"]) == [
