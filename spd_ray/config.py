@@ -79,7 +79,7 @@ class TaskConfig:
 class CalibrationConfig:
     layers: list[int] | None = None  # None: the paper's [L-1, L//2]; negative indices count from the end
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int = 256  # calibration texts are truncated here, as in the authors' code
     num_workers: int = 2  # Ray workers that share the calibration set
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0

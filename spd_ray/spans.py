@@ -1,8 +1,11 @@
 """Correctness spans (paper Eq. 6, Table 6) and the token labels they give.
 
 A rule finds the character spans that decide whether a calibration text is correct; a token
-is labeled iff its character span (leading/trailing whitespace trimmed, as tokenizers with
-`trim_offsets` report it) lies fully inside a correctness span. All other labels are -100.
+is labeled iff its character span, exactly as the tokenizer's offset mapping reports it, lies
+fully inside a correctness span (the authors' rule). All other labels are -100. The spans are
+the authors': math from just after the last `#### ` to the end of the text, multiple choice from
+just after the last `Answer:` to the end (so the letter's token with its space, " C", as
+Qwen-style tokenizers emit it), code every `assert ...` test line.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import torch
 
 # rule -> regex whose group 1 is a correctness span
 SPAN_RULES: dict[str, re.Pattern] = {
-    # GSM8K: the final number after '#### ' (the last marker wins)
-    "final_number": re.compile(r"####\s*(-?[\d,]*\.?\d+)"),
-    # MMLU: the letter after 'Answer:'; BBH-style 'A: (B)' too
-    "answer_letter": re.compile(r"(?:Answer:|^A:)\s*\(?([A-J])\)?", re.MULTILINE),
+    # GSM8K: from just after the last '#### ' to the end of the text
+    "final_number": re.compile(r"#### ((?:(?!#### ).)*)\Z", re.DOTALL),
+    # MMLU: from just after the last 'Answer:' to the end (BBH-style 'A: (B)' too)
+    "answer_letter": re.compile(r"(?:Answer:|^A:)((?:(?!Answer:|^A:).)*)\Z", re.DOTALL | re.MULTILINE),
     # MBPP: the text of each `assert ...` test line
     "asserts": re.compile(r"^[ \t]*(assert\b.*?)[ \t]*$", re.MULTILINE),
 }
-LAST_MATCH_ONLY = {"final_number", "answer_letter"}
 
 
 def correctness_spans(text: str, rule: str) -> list[tuple[int, int]]:
@@ -33,20 +35,12 @@ def correctness_spans(text: str, rule: str) -> list[tuple[int, int]]:
         return [(0, len(text))] if text else []
     if rule not in SPAN_RULES:
         raise ValueError(f"unknown correctness-span rule {rule!r}; valid rules: {[*SPAN_RULES, 'full']}")
-    spans = [m.span(1) for m in SPAN_RULES[rule].finditer(text)]
-    return spans[-1:] if rule in LAST_MATCH_ONLY else spans
+    return [m.span(1) for m in SPAN_RULES[rule].finditer(text) if m.end(1) > m.start(1)]
 
 
-def token_mask(text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
-    """For each token's (start, end) offsets: is it fully inside a correctness span?"""
-    out = []
-    for start, end in offsets:
-        while start < end and text[start].isspace():
-            start += 1
-        while end > start and text[end - 1].isspace():
-            end -= 1
-        out.append(end > start and any(s <= start and end <= e for s, e in spans))
-    return out
+def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's (start, end) offsets, untrimmed: is it fully inside a correctness span?"""
+    return [end > start and any(s <= start and end <= e for s, e in spans) for start, end in offsets]
 
 
 def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *, batch_size: int,
@@ -64,7 +58,7 @@ def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *
     rows = []
     for text, rule in zip(texts, rules, strict=True):
         enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
-        mask = token_mask(text, enc["offset_mapping"], correctness_spans(text, rule))
+        mask = token_mask(enc["offset_mapping"], correctness_spans(text, rule))
         mask[0] = False  # the first token has no prediction to learn from (causal shift)
         if any(mask):
             labels = [t if m else -100 for t, m in zip(enc["input_ids"], mask)]

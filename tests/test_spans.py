@@ -2,15 +2,20 @@ import pytest
 from transformers import AutoTokenizer
 
 from spd_ray.spans import calibration_batches, correctness_spans, token_mask
+from spd_ray.testbed import make_split
 
 
 def test_rules_on_the_papers_hub_formats():
     gsm = "Question: Natalia sold 48 clips.\nAnswer: She sold 48/2 = <<48/2=24>>24 clips.\n#### 72"
-    (s, e), = correctness_spans(gsm, "final_number")
+    (s, e), = correctness_spans(gsm, "final_number")  # the authors': after the last '#### ', to the end
     assert gsm[s:e] == "72"
+    two = "#### 1\n#### 2 apples\n"
+    assert [two[s:e] for s, e in correctness_spans(two, "final_number")] == ["2 apples\n"]
     mmlu = "Question: What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B"
-    (s, e), = correctness_spans(mmlu, "answer_letter")
-    assert mmlu[s:e] == "B"
+    (s, e), = correctness_spans(mmlu, "answer_letter")  # after the last 'Answer:', space included
+    assert mmlu[s:e] == " B"
+    bbh = "Q: x\nA: (B)"
+    assert [bbh[s:e] for s, e in correctness_spans(bbh, "answer_letter")] == [" (B)"]
     mbpp = ("Instruction: Write a function.\nYour code should pass these tests:\n"
             "assert f(1) == 2\nassert f(2) == 3\nCode: def f(x): return x + 1")
     spans = correctness_spans(mbpp, "asserts")
@@ -22,11 +27,43 @@ def test_rules_on_the_papers_hub_formats():
 
 
 def test_token_inside_span_rule():
-    text = "Answer: B"
-    spans = correctness_spans(text, "answer_letter")
-    # " B" (leading space trimmed) is inside; "Answer:" is not; a partial overlap is not
-    assert token_mask(text, [(0, 7), (7, 9)], spans) == [False, True]
-    assert token_mask("#### 72", [(0, 3), (3, 6), (4, 6), (6, 7)], [(5, 7)]) == [False, False, True, True]
+    # raw offsets, no trimming: a token is labeled iff its whole span lies inside a span
+    assert token_mask([(0, 7), (7, 9)], [(7, 9)]) == [False, True]
+    assert token_mask([(0, 3), (3, 6), (4, 6), (6, 7), (7, 7)], [(5, 7)]) == [False, False, False, True, False]
+    # a whitespace token inside counts; one that sticks out past the end (as "'\n") does not
+    assert token_mask([(10, 11), (11, 13)], [(5, 12)]) == [True, False]
+
+
+def _labeled(tokenizer, text, rule):
+    batches, skipped = calibration_batches(tokenizer, [text], [rule], batch_size=1, max_length=256)
+    ids, labels = batches[0]["input_ids"][0], batches[0]["labels"][0]
+    return [tokenizer.decode([int(t)]) for t, lab in zip(ids, labels) if lab != -100]
+
+
+@pytest.mark.parametrize("text, rule, tokens", [
+    # the testbed's three domains (spd_ray/testbed.py layouts)
+    ("Question: Omar has 3 books. Omar buys 31 more. How many books does Omar have now?\nAnswer: "
+     "3 + 31 = 34.\n#### 34", "final_number", ["3", "4"]),
+    ("Question: What is the opposite of early?\nA. down\nB. old\nC. late\nD. closed\nAnswer: C",
+     "answer_letter", [" C"]),
+    ("Instruction: Write a function process(x) that returns True if x is even.\nYour code should pass "
+     "these tests:\nassert process(3) == False\nassert process(12) == True\nCode:\ndef process(x):\n"
+     "    return x % 2 == 0\n", "asserts",
+     ["assert", " process", "(", "3", ")", " ==", " False", "assert", " process", "(", "1", "2", ")", " ==",
+      " True"]),
+    # the hub formats: GSM8K (thousands separator), MMLU, MBPP with a string assert whose last
+    # token "'\n" sticks out of the span and whose spaces before numbers are tokens of their own
+    ("Question: How many corn plants?\nAnswer: 3 * 450 = <<3*450=1350>>1,350 corn plants.\n#### 1,350",
+     "final_number", ["1", ",", "3", "5", "0"]),
+    ("Question: Which property of a mineral?\nA. luster\nB. mass\nC. weight\nD. hardness\nAnswer: A",
+     "answer_letter", [" A"]),
+    ("Instruction: Reverse a string.\nYour code should pass these tests:\nassert f('ab') == 'ba'\n"
+     "assert f((1, 2)) == 3\nCode: def f(s): return s[::-1]", "asserts",
+     ["assert", " f", "('", "ab", "')", " ==", " '", "ba",  # not "'\n"
+      "assert", " f", "(", "(", "1", ",", " ", "2", ")", ")", " ==", " ", "3"]),
+])
+def test_labeled_tokens_per_domain_and_hub_format(testbed_tokenizer, text, rule, tokens):
+    assert _labeled(testbed_tokenizer, text, rule) == tokens
 
 
 def test_labels_from_a_real_fast_tokenizer(testbed_tokenizer):
@@ -53,3 +90,33 @@ def test_errors_for_slow_tokenizer_and_empty_calibration(testbed_tokenizer, test
     with pytest.raises(ValueError, match="not a fast tokenizer.*offset"):
         calibration_batches(Slow(), ["x"], ["full"], batch_size=1, max_length=8)
     assert AutoTokenizer.from_pretrained(testbed_model_path).is_fast
+
+
+def _authors_spans(item) -> list[tuple[int, int]]:
+    """The authors' spans, written independently of spans.py: str.find, not regexes."""
+    text = item.text
+    if item.domain == "code":  # every occurrence of every test string
+        spans = []
+        for test in item.tests:
+            start = text.find(test)
+            while start != -1:
+                spans.append((start, start + len(test)))
+                start = text.find(test, start + 1)
+        return spans
+    marker = "#### " if item.domain == "math" else "Answer:"
+    return [(text.rfind(marker) + len(marker), len(text))]
+
+
+@pytest.mark.parametrize("domain", ["math", "mcq", "code"])
+def test_labels_equal_the_authors_rule_on_the_testbed_calibration_sets(testbed_tokenizer, domain):
+    items = make_split(domain, "calibration", 50)
+    batches, skipped = calibration_batches(testbed_tokenizer, [it.text for it in items],
+                                           [it.span_rule for it in items], batch_size=50, max_length=256)
+    assert skipped == 0
+    for row, item in enumerate(items):
+        enc = testbed_tokenizer(item.text, return_offsets_mapping=True, truncation=True, max_length=256)
+        spans = _authors_spans(item)
+        want = [i for i, (ts, te) in enumerate(enc["offset_mapping"])
+                if i > 0 and te > ts and any(ts >= cs and te <= ce for cs, ce in spans)]
+        got = (batches[0]["labels"][row] != -100).nonzero().flatten().tolist()
+        assert got == want, item.id
