@@ -302,16 +302,17 @@ def test_no_process_outlives_the_run(mode):
 def test_secrets_in_the_callers_environment_are_not_visible(mode):
     # the caller (a Ray worker, say) holds a secret in its environment from its start
     code = ("import glob, os, sys\nseen = [repr(dict(os.environ))]\n"
-            "for path in glob.glob('/proc/*/environ'):\n"
+            "paths = ['/proc/self/environ', '/proc/1/environ', f'/proc/{os.getppid()}/environ']\n"
+            "for path in paths + glob.glob('/proc/*/environ'):\n"
             "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
-            "    except OSError:\n        pass\nprint(len(glob.glob('/proc/*/environ')), *seen, file=sys.stderr)")
+            "    except OSError:\n        pass\nprint(*seen, 'PATHS', len(paths), file=sys.stderr)")
     caller = (f"import json\nfrom spd_ray.sandbox import run_program\n"
-              f"print(json.dumps(run_program({code!r}, mode={mode!r}).stderr_tail))")
+              f"print(json.dumps(run_program({code!r}, mode={mode!r}, max_output_bytes=10**6).stderr_tail))")
     env = {**os.environ, "WANDB_API_KEY": "KEY-9f8e7d"}
     out = subprocess.run([sys.executable, "-c", caller], env=env, capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert int(seen.split(" ", 1)[0]) >= 2 and "PYTHONHASHSEED" in seen  # it looked
+    assert seen.rsplit("PATHS ", 1)[1].strip() == "3" and "PYTHONHASHSEED" in seen  # it looked
     assert ("KEY-9f8e7d" not in seen) == contained(mode)
 
 
@@ -330,9 +331,10 @@ def test_runs_as_an_unprivileged_uid(mode):
 
 @pytest.fixture
 def fresh_probe():
-    sandbox.isolation.cache_clear(), sandbox._bwrap_command.cache_clear()
+    caches = (sandbox.isolation, sandbox._bwrap_command, sandbox._bwrap_options)
+    [cache.cache_clear() for cache in caches]
     yield
-    sandbox.isolation.cache_clear(), sandbox._bwrap_command.cache_clear()
+    [cache.cache_clear() for cache in caches]
 
 
 @pytest.mark.usefixtures("fresh_probe")
