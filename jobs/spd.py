@@ -39,6 +39,7 @@ from spd_ray.modeling import load_tokenizer, num_layers, resolve_layers  # noqa:
 from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
 from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
+from spd_ray.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
 from spd_ray.spans import calibration_batches  # noqa: E402
 from spd_ray.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
@@ -215,6 +216,14 @@ def check(cfg: SPDConfig) -> None:
         raise ConfigError("subspace.rank_mode=fixed needs subspace.rank (e.g. subspace.rank=16)")
     if cfg.subspace.kind == "random" and not cfg.generation.project:
         raise ConfigError("subspace.kind=random only matters with generation.project=true")
+    if "code" in {cfg.task.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run
+        if cfg.evaluation.sandbox == "process":
+            warn_unisolated()
+        else:
+            try:
+                require_isolation()
+            except SandboxUnavailable as err:
+                raise ConfigError(str(err)) from None
 
 
 def connect_ray(cfg: SPDConfig) -> None:

@@ -45,6 +45,8 @@ def test_paper_config_holds_the_papers_recipe(path):
     assert f.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert f.use_gpu and f.zero_stage == 3 and f.num_workers > 1 and f.placement == "SPREAD"
     assert cfg.calibration.gpus_per_worker == 1
+    # stated in the file, not inherited from a default that could change
+    assert cfg.evaluation.sandbox == "isolated" and "sandbox: isolated" in path.read_text()
 
 
 @pytest.fixture(scope="module")

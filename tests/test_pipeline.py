@@ -135,6 +135,16 @@ def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_code_scoring_without_isolation_is_refused_before_anything_runs(tmp_path):
+    # no bwrap on PATH: the embedded default scores code, so it stops at once, naming the fixes
+    env = {**os.environ, "PATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), f"run.output_dir={tmp_path}/runs"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "bubblewrap (bwrap) is not installed" in proc.stderr and "apt-get install bubblewrap" in proc.stderr
+    assert "evaluation.sandbox=process" in proc.stderr and not (tmp_path / "runs").exists()
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), f"model.path={tmp_path}/nomodel",
                            f"run.output_dir={tmp_path}"], capture_output=True, text=True)
