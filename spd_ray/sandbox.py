@@ -1,14 +1,20 @@
-"""Running model-written Python for scoring: one throwaway sandbox per program.
+"""Running model-written Python for scoring, in sandboxes that the kernel isolates.
 
-A pass means the tests ran to the end. Inside the sandbox a small harness runs the setup, the
-program and then each test, and only after the last test writes a result line that starts with a
-per-run secret the program is never given (it arrives on stdin with the job, which the harness
-reads and closes first). An early exit (exit(), sys.exit, SystemExit, os._exit, an atexit hook),
-a signal, a timeout or a missing or unsigned result line is a failure, with its reason.
+A pass means the tests ran to the end. In the sandbox a small trusted harness runs the setup,
+the program and then each test, and only after the last test writes a result line that starts
+with a per-program secret the program never sees. An early exit (exit(), sys.exit, SystemExit,
+os._exit, an atexit hook), a signal, a timeout, or a missing or unsigned result line is a
+failure, with its reason.
+
+The interpreter starts once per sandbox: a zygote in it forks one child per program, which
+drops its privileges, sets its limits and runs the program. As root, each program runs as a fresh
+uid, and after it the zygote kills every process of that uid and removes its files, so one
+sandbox serves program after program (nothing of one can reach the next: another uid, its
+processes gone, its files gone); elsewhere every program gets a sandbox of its own.
 
 Mode "isolated" (the default) is the kernel's isolation, through bubblewrap (`bwrap`):
-- its own PID namespace: it sees and can signal only its own processes, and everything it
-  started is killed when the harness exits or the time runs out;
+- its own PID namespace: it sees only the sandbox's processes and can signal only its own, and
+  everything it started is killed when it ends or its time runs out;
 - its own network namespace with nothing but a loopback of its own: no host loopback
   services, no cloud metadata endpoint, no network at all; its own IPC and UTS namespaces;
 - its own mount namespace: read-only /usr and the interpreter's standard library (its
@@ -21,17 +27,19 @@ Mode "isolated" (the default) is the kernel's isolation, through bubblewrap (`bw
   and the PWD and LC_CTYPE that bwrap and Python set;
 - rlimits set before the program runs (CPU time, address space, file size, open files,
   processes, no core dumps), a wall-clock timeout, and output capped by the file-size limit.
-Mode "process" runs the same harness as a plain child process with the same rlimits, timeout,
-empty environment and throwaway working directory, and nothing else: the program runs as the
-caller, sees the caller's files and network, and a child that leaves the process group can
-outlive it. It exists for machines that cannot isolate; choosing it is logged as a warning.
+Mode "process" runs the same zygote as a plain child process, one program each, with the same
+rlimits, timeout, empty environment and throwaway working directory, and nothing else: the
+program runs as the caller, sees the caller's files and network, and a child that leaves the
+process group can outlive it. It exists for machines that cannot isolate; choosing it is logged as a warning.
 
 Not guaranteed, in either mode: a program that deliberately inspects the harness's own memory
 (its frames or file descriptors) can forge its own pass, since it runs in the same interpreter
 as its tests; so can one that returns objects that compare equal to anything. Isolation keeps
 such a program from harming anything outside, but only execution that is not in-process could
 make its score trustworthy. There is no cgroup: total memory is bounded only by processes x
-address-space limit, and no seccomp filter narrows the system calls the kernel offers.
+address-space limit, and no seccomp filter narrows the system calls the kernel offers. In a reused
+sandbox, System V IPC objects a program creates (through ctypes; the standard library has no
+API for them) outlive it and could be read by a later program of the same sandbox.
 
 `run_many` runs programs in parallel: as Ray tasks when Ray is initialized, threads otherwise.
 `python -m spd_ray.sandbox` prints what isolation this machine gives.
@@ -46,13 +54,16 @@ import json
 import logging
 import marshal
 import os
+import queue
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,58 +80,159 @@ _TMP_BYTES = 16 << 20  # its writable /tmp (isolated mode)
 _RESULT_BYTES = 4096  # the harness's result line; the program cannot make us read more
 _FIRST_DYNAMIC_UID = 1 << 30  # root's sandboxes run as a fresh uid from here (owned by no one)
 
-# Runs in the sandbox (python -S -B -c). Only builtin modules before the program starts, so
-# start-up stays cheap; marshal reads the job without importing anything.
-_HARNESS = r"""
-import marshal, os, resource, sys
-secret, uid, limits, parts = marshal.loads(sys.stdin.buffer.read())
-result = os.dup(1)
+# Runs in the sandbox as `python -S -B -c _ZYGOTE SCRATCH`: reads jobs from stdin, forks one child
+# per job (the child drops to the job's uid, sets the rlimits and runs the program), waits for it
+# with the job's timeout, kills whatever it left, and writes (result line, exit code, timed out,
+# stderr tail, cleaned up) to stdout. The interpreter starts once per sandbox, not per program.
+# Only builtin and standard modules before a program starts; marshal needs no import at all.
+_ZYGOTE = r"""
+import marshal, os, resource, select, signal, sys, time
+scratch, jobs_in, results_out = sys.argv[1], 0, os.dup(1)
 null = os.open("/dev/null", os.O_RDWR)
-os.dup2(null, 0), os.dup2(null, 1), os.close(null)  # the program's stdin and stdout go nowhere
-def report(status, reason="", _write=os.write, _exit=os._exit, _fd=result, _key=secret,
-           _flush=sys.stderr.flush):
-    # bound now: a program that rebinds os.write or os._exit cannot change what this does
-    try:
-        _flush()  # what the program wrote to stderr, for the caller's tail
-    except BaseException:
-        pass
-    _write(_fd, f"{_key} {status} {reason}"[:2000].encode("utf-8", "replace") + b"\n")
-    _exit(0)  # nothing of the program runs after its result: no atexit hook, no thread
-del secret
+os.dup2(null, 1)
+
+def read_exactly(fd, n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))  # unbuffered: a later job is never read ahead
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
 def describe(err):
     try:
         text = str(err)
         return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
     except BaseException:
         return type(err).__name__
-if uid is not None:  # root outside: bwrap left CAP_SETUID/SETGID for this drop and nothing else
-    os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
-    try:  # setting a uid from a non-root one needs the capability the drop must have cleared
-        os.setuid(0)
-    except PermissionError:
-        pass
-    else:
-        report("error", "sandbox: could not drop privileges")
-for name, soft, hard in limits:
-    resource.setrlimit(getattr(resource, name), (soft, hard))
-try:
-    code = [(name, compile(src, f"<{name}>", "exec", dont_inherit=True, optimize=0))
-            for name, src in parts]
-except (SyntaxError, ValueError) as err:  # ValueError: null bytes (Python < 3.12)
-    report("error", describe(err))
-import builtins, types
-builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined
-# Like the HumanEval/MBPP harnesses, __name__ is not "__main__": a completion's demo block
-# (which often reads stdin) does not run. A registered module keeps pickle/dataclasses working.
-module = sys.modules["__sandbox__"] = types.ModuleType("__sandbox__")
-for name, obj in code:
+
+def program(secret, uid, limits, parts, result):
+    # the child: never returns
+    def report(status, reason="", _write=os.write, _exit=os._exit, _fd=result, _key=secret,
+               _flush=sys.stderr.flush):
+        # bound now: a program that rebinds os.write or os._exit cannot change what this does
+        try:
+            _flush()  # what the program wrote to stderr, for the caller's tail
+        except BaseException:
+            pass
+        _write(_fd, f"{_key} {status} {reason}"[:2000].encode("utf-8", "replace") + b"\n")
+        _exit(0)  # nothing of the program runs after its result: no atexit hook, no thread
+    os.setsid()
+    if uid is not None:  # root outside: a fresh uid; clears CAP_SETUID/SETGID, the zygote's only ones
+        os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
+        try:  # setting a uid from a non-root one needs the capability the drop must have cleared
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            report("error", "sandbox: could not drop privileges")
+    work = os.path.join(scratch, f"work-{os.getpid()}")
+    os.mkdir(work, 0o700)
+    os.chdir(work)
+    for name, soft, hard in limits:
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     try:
-        exec(obj, module.__dict__)
-    except SystemExit as err:
-        report("failed", f"{name} exited early ({describe(err)}) before the tests finished")
-    except BaseException as err:
-        report("failed", f"{name}: {describe(err)}")
-report("passed")
+        code = [(name, compile(src, f"<{name}>", "exec", dont_inherit=True, optimize=0))
+                for name, src in parts]
+    except (SyntaxError, ValueError) as err:  # ValueError: null bytes (Python < 3.12)
+        report("error", describe(err))
+    import builtins, types
+    builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined
+    # Like the HumanEval/MBPP harnesses, __name__ is not "__main__": a completion's demo block
+    # (which often reads stdin) does not run. A registered module keeps pickle/dataclasses working.
+    module = sys.modules["__sandbox__"] = types.ModuleType("__sandbox__")
+    for name, obj in code:
+        try:
+            exec(obj, module.__dict__)
+        except SystemExit as err:
+            report("failed", f"{name} exited early ({describe(err)}) before the tests finished")
+        except BaseException as err:
+            report("failed", f"{name}: {describe(err)}")
+    report("passed")
+
+def remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            ok = all([remove(os.path.join(path, name)) for name in os.listdir(path)])
+            os.rmdir(path)
+            return ok
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+def reap(uid, pid, passes=2000):
+    # kill everything the program started; as root, remove its files too. True: nothing is left.
+    # passes=1 kills once and leaves files: for a child still running, whose zombie we must reap
+    # before kill(-1) can ever find no process of its uid.
+    if uid is None:  # single-use sandbox: its end kills the rest
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        return False
+    reaper = os.fork()
+    if reaper == 0:
+        try:
+            os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
+            # As the program's uid, kill(-1) reaches its processes alone. It reports no error
+            # while any process is in the namespace, so "none left" is told by the process limit:
+            # at 2, this reaper may fork only while it is the last process of its uid.
+            resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+            for _ in range(passes):
+                os.kill(-1, signal.SIGKILL)
+                try:
+                    probe = os.fork()
+                except BlockingIOError:
+                    time.sleep(0.001)
+                    continue
+                if probe == 0:
+                    os._exit(0)
+                os.waitpid(probe, 0)
+                break
+            else:
+                os._exit(1)
+            mine = [os.path.join(scratch, n) for n in os.listdir(scratch)]
+            ok = all([remove(p) for p in mine if os.lstat(p).st_uid == uid])
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(reaper, 0)[1]) == 0
+
+for n in range(10**9):
+    header = read_exactly(jobs_in, 4)
+    if header is None:
+        break
+    secret, uid, limits, parts, timeout_s, max_err = marshal.loads(read_exactly(jobs_in, int.from_bytes(header, "big")))
+    r, w = os.pipe()
+    err_path = os.path.join(scratch, f".stderr-{n}")
+    err = os.open(err_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(null, 0), os.dup2(err, 2)
+            os.closerange(3, w), os.closerange(w + 1, 1 << 16)  # only its result pipe stays
+            program(secret, uid, limits, parts, w)
+        finally:
+            os._exit(1)
+    os.close(w)
+    pidfd = os.pidfd_open(pid)
+    timed_out = not select.select([pidfd], [], [], timeout_s)[0]
+    os.close(pidfd)
+    if timed_out:  # the zygote may not signal another uid itself: its reaper does
+        reap(uid, pid, passes=1)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    clean = reap(uid, pid)
+    result = os.read(r, 4096) if select.select([r], [], [], 0)[0] else b""
+    os.close(r)
+    tail = os.pread(err, max_err, max(0, os.fstat(err).st_size - max_err)) if max_err else b""
+    os.close(err), os.unlink(err_path)
+    out = marshal.dumps((result, code, timed_out, tail, clean))
+    out = len(out).to_bytes(4, "big") + out
+    while out:
+        out = out[os.write(results_out, out):]
 """
 
 
@@ -211,82 +323,135 @@ def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int) -> list[tup
     return [("RLIMIT_CPU", cpu, cpu + 1)] + [(name, value, value) for name, value in fixed]
 
 
+class _Sandbox:
+    """One sandbox (bwrap and the zygote in it; in process mode the zygote alone) that runs jobs
+    one at a time. As root each job runs as a fresh uid and the zygote kills and removes all that
+    uid left, so the sandbox serves job after job; otherwise it serves one (`reusable` False)."""
+
+    def __init__(self, mode: str):
+        self.reusable = mode == "isolated" and os.geteuid() == 0
+        self._stack = contextlib.ExitStack()
+        self._err = self._stack.enter_context(tempfile.TemporaryFile())  # bwrap's own complaints
+        self._kill = None
+        zygote = [_interpreter(), "-S", "-B", "-c", _ZYGOTE]
+        if mode == "isolated":
+            info_r, info_w = os.pipe()
+            self.proc = subprocess.Popen([*_bwrap_command(), "--info-fd", str(info_w), *zygote, "/tmp"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                         env={}, pass_fds=(info_w,), start_new_session=True)
+            os.close(info_w)
+            with os.fdopen(info_r) as info:  # written once the sandbox exists; closed if it fails
+                init = json.loads(info.read() or "{}").get("child-pid")
+            # The sandbox's init lives as long as the zygote, which waits for its first job: it is
+            # alive now, and a pidfd names it (never a reused pid) until we close it. Killing it
+            # kills everything in the PID namespace, and bwrap exits after them.
+            if init:
+                with contextlib.suppress(ProcessLookupError):
+                    pidfd = os.pidfd_open(init)
+                    self._stack.callback(os.close, pidfd)
+                    self._kill = functools.partial(signal.pidfd_send_signal, pidfd, signal.SIGKILL)
+        else:
+            work = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="spd-sandbox-"))
+            self.proc = subprocess.Popen([*zygote, work], cwd=work, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._err,
+                                         env={"PYTHONHASHSEED": "0"}, start_new_session=True)
+
+    def run(self, job: tuple, timeout_s: float) -> tuple | None:
+        """The zygote's answer to `job`, or None if the sandbox broke (it is then closed)."""
+        data = marshal.dumps(job)
+        try:
+            self.proc.stdin.write(len(data).to_bytes(4, "big") + data)
+            self.proc.stdin.flush()
+            deadline = time.monotonic() + timeout_s + _GRACE_S
+            header = self._read(4, deadline)
+            return marshal.loads(self._read(int.from_bytes(header, "big"), deadline))
+        except (OSError, EOFError, ValueError, TimeoutError):
+            self.close()
+            return None
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        data, fd = b"", self.proc.stdout.fileno()
+        while len(data) < n:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def complaints(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace").strip()
+
+    def close(self) -> None:
+        """Everything the sandbox ran is gone when this returns."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    (self._kill or self.proc.kill)()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> _Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        self._stack.close()
+
+
+_GRACE_S = 10.0  # past a job's own timeout, for killing and cleaning up, before the sandbox is dropped
+
+
+def _job(code: str, tests: Sequence[str], setup: str, mode: str, timeout_s: float, memory_mb: int,
+         max_output_bytes: int) -> tuple:
+    parts = [("setup", setup), ("program", code), *((f"test {i + 1}", t) for i, t in enumerate(tests))]
+    uid = _sandbox_uid() if mode == "isolated" else None
+    return (secrets.token_hex(16), uid, _limits(timeout_s, memory_mb, max_output_bytes), parts,
+            timeout_s, max_output_bytes)
+
+
+def _run_on(box: _Sandbox, job: tuple) -> tuple[ExecResult, bool]:
+    """The job's result, and whether `box` can take another job."""
+    answer = box.run(job, job[4])
+    if answer is None:
+        why = box.complaints()[-300:] or "no answer"
+        return ExecResult(False, "error", f"the sandbox ended without a result: {why}"), False
+    result, code, timed_out, tail, clean = answer
+    return _verdict(result, code, timed_out, tail, job[0], job[4]), box.reusable and clean
+
+
 def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *, mode: str = "isolated",
                 timeout_s: float = 5.0, memory_mb: int = 512,
                 max_output_bytes: int = 10_000) -> ExecResult:
-    """Run `setup`, then `code`, then each test in one namespace; it passes when the last test
-    has finished. status "error": it does not compile; "timeout": past `timeout_s` (wall clock
-    or CPU time); "failed": anything else, `reason` says what."""
+    """Run `setup`, then `code`, then each test in one namespace, in a sandbox of its own; it
+    passes when the last test has finished. status "error": it does not compile; "timeout": past
+    `timeout_s` (wall clock or CPU time); "failed": anything else, `reason` says what."""
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}; valid modes: {list(MODES)}")
     if mode == "isolated":
         require_isolation()
-    parts = [("setup", setup), ("program", code), *((f"test {i + 1}", t) for i, t in enumerate(tests))]
-    secret = secrets.token_hex(16)
-    uid = _sandbox_uid() if mode == "isolated" else None
-    job = marshal.dumps((secret, uid, _limits(timeout_s, memory_mb, max_output_bytes), parts))
-    out, err = _execute(job, mode, timeout_s)
-    tail = err[-max_output_bytes:].decode(errors="replace") if max_output_bytes else ""
-    return _verdict(out, secret, tail, timeout_s)
+    with _Sandbox(mode) as box:
+        return _run_on(box, _job(code, tests, setup, mode, timeout_s, memory_mb, max_output_bytes))[0]
 
 
-def _execute(job: bytes, mode: str, timeout_s: float) -> tuple[tuple[int, bool, bytes], bytes]:
-    """Start the harness on `job`; returns ((exit status, timed out, result bytes), stderr).
-    Everything the program started is gone when this returns."""
-    harness = [_interpreter(), "-S", "-B", "-c", _HARNESS]
-    with contextlib.ExitStack() as stack:
-        # stdout/stderr go to files so RLIMIT_FSIZE caps them (a pipe would buffer without bound)
-        out, err = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
-        if mode == "isolated":
-            info_r, info_w = os.pipe()
-            cmd = [*_bwrap_command(), "--info-fd", str(info_w), *harness]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, env={},
-                                    pass_fds=(info_w,), start_new_session=True)
-            os.close(info_w)
-            with os.fdopen(info_r) as info:  # written once the sandbox exists; closed if it fails
-                init = json.loads(info.read() or "{}").get("child-pid")  # None: bwrap failed
-            # The sandbox's init waits for its harness, which waits for the job on stdin: it is
-            # alive now, and a pidfd names it (never a reused pid) until we close it.
-            kill = proc.kill  # no sandbox was made: bwrap alone
-            with contextlib.suppress(ProcessLookupError):
-                if init:
-                    pidfd = os.pidfd_open(init)
-                    stack.callback(os.close, pidfd)
-                    kill = functools.partial(signal.pidfd_send_signal, pidfd, signal.SIGKILL)
-        else:
-            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="spd-sandbox-"))
-            proc = subprocess.Popen(harness, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work,
-                                    env={"PYTHONHASHSEED": "0"}, start_new_session=True)
-            kill = functools.partial(os.killpg, proc.pid, signal.SIGKILL)
-        timed_out = False
-        try:
-            proc.communicate(job, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # isolated: killing the PID namespace's init kills all in it, and bwrap exits after
-            # them; if the harness ended, the kernel has done so already. process mode: the
-            # process group (a child that left it is not ours to find).
-            if timed_out or mode == "process":
-                with contextlib.suppress(ProcessLookupError):
-                    kill()
-            proc.wait()
-        out.seek(0), err.seek(0)
-        return (proc.returncode, timed_out, out.read(_RESULT_BYTES)), err.read()
-
-
-def _verdict(out: tuple[int, bool, bytes], secret: str, tail: str, timeout_s: float) -> ExecResult:
-    rc, timed_out, result = out
+def _verdict(result: bytes, code: int, timed_out: bool, tail: bytes, secret: str,
+             timeout_s: float) -> ExecResult:
+    tail = tail.decode(errors="replace")
     line = result.split(b"\n", 1)[0].decode(errors="replace")
     if line.startswith(secret + " "):  # only the harness knows the secret: the first line counts
         status, _, reason = line[len(secret) + 1 :].partition(" ")
         return ExecResult(status == "passed", status, reason, tail)
     if timed_out:
         return ExecResult(False, "timeout", f"ran past the {timeout_s:g} s wall-clock limit", tail)
-    sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0  # bwrap reports a signal as 128 + n
-    if sig == signal.SIGXCPU:
+    if code == -signal.SIGXCPU:
         return ExecResult(False, "timeout", "ran past the CPU-time limit", tail)
-    how = f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() and sig else f"exit status {rc}"
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
     return ExecResult(False, "failed", f"no result from the harness ({how}): it ended before "
                       "its tests finished", tail)
 
@@ -294,10 +459,10 @@ def _verdict(out: tuple[int, bool, bytes], secret: str, tail: str, timeout_s: fl
 _ISOLATION_CHECK = """
 import os, socket
 assert [name for _, name in socket.if_nameindex()] == ["lo"], "network namespace"
-assert (os.getpid(), os.getppid()) == (2, 1), "PID namespace"
+assert (os.getpid(), os.getppid()) == (3, 2), "PID namespace"  # init 1, zygote 2
 assert os.getuid() != 0, "uid"
 assert set(os.environ) <= {{"PYTHONHASHSEED", "PWD", "LC_CTYPE"}}, "environment"
-assert os.listdir("/tmp") == [] and not os.path.exists({here!r}), "file system"
+assert os.listdir(".") == [] and not os.path.exists({here!r}), "file system"
 assert not os.path.exists("/proc/self"), "no /proc"
 """
 
@@ -313,9 +478,11 @@ def isolation() -> dict:
     version = subprocess.run([facts["bwrap"], "--version"], capture_output=True, text=True)
     facts["bwrap_version"] = version.stdout.strip()
     facts["bwrap_lacks"] = [opt for opt in ("--size", "--disable-userns") if not _if_supported(opt)]
-    out, err = _execute(marshal.dumps(("probe", _sandbox_uid(), [], [("check", _ISOLATION_CHECK.format(here=os.path.dirname(os.path.abspath(__file__))))])),
-                        "isolated", 30.0)
-    result = out[2].decode(errors="replace").strip()
+    check = _ISOLATION_CHECK.format(here=os.path.dirname(os.path.abspath(__file__)))
+    with _Sandbox("isolated") as box:
+        answer = box.run(("probe", _sandbox_uid(), [], [("check", check)], 30.0, 1000), 30.0)
+        complaints = box.complaints()
+    result = (answer[0] if answer else b"").decode(errors="replace").strip()
     if result == "probe passed":
         runs_as = ("a fresh unprivileged uid (caller is root)" if os.geteuid() == 0
                    else "the caller's uid in a user namespace without capabilities")
@@ -324,7 +491,7 @@ def isolation() -> dict:
     if result.startswith("probe "):  # the sandbox started but leaks: a setup we do not know
         return {**facts, "available": False, "missing": f"the sandbox is not isolated ({result})",
                 "fix": "report it with the output of python -m spd_ray.sandbox"}
-    why = (err.decode(errors="replace").strip() or result)[-500:]
+    why = (complaints or result or "no answer")[-500:]
     return {**facts, "available": False, "missing": f"bwrap could not build the sandbox: {why}",
             "fix": "allow unprivileged user namespaces (sysctl user.max_user_namespaces=15000; "
                    "Debian < 11: kernel.unprivileged_userns_clone=1; Ubuntu 23.10+: "
@@ -353,14 +520,28 @@ def _run_local(jobs: Sequence[tuple[str, Sequence[str], str]], mode: str, timeou
                workers: int) -> list[ExecResult]:
     if mode == "isolated":
         require_isolation()  # on this node, once, before any program
-    run = lambda job: run_program(job[0], job[1], job[2], mode=mode, timeout_s=timeout_s)  # noqa: E731
-    with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its sandbox
-        return list(pool.map(run, jobs))
+    idle: queue.SimpleQueue = queue.SimpleQueue()  # sandboxes that can take another job
+
+    def run(job):
+        try:
+            box = idle.get_nowait()
+        except queue.Empty:
+            box = _Sandbox(mode)
+        result, again = _run_on(box, _job(*job, mode, timeout_s, 512, 10_000))
+        idle.put(box) if again else box.close()
+        return result
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its sandbox
+            return list(pool.map(run, jobs))
+    finally:
+        while not idle.empty():
+            idle.get_nowait().close()
 
 
 _CHUNK = 16  # programs per Ray task: a few hundred tiny programs make a few dozen tasks
-# A task reserves one CPU and keeps two programs going: most of a short program's time is
-# interpreter start-up, and a sleeping or timed-out one should not idle the CPU.
+# A task reserves one CPU and keeps two programs going: a sleeping or timed-out one should not
+# idle the CPU.
 _TASK_THREADS = 2
 # A task that dies with its node is retried elsewhere; a SandboxUnavailable is not retried.
 _run_chunk = ray.remote(num_cpus=1, max_retries=3)(_run_local)

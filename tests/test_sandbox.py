@@ -407,3 +407,30 @@ def test_run_many_on_ray_tasks_matches_local(local_ray, monkeypatch):
     assert on_ray == sandbox._run_local(jobs, "isolated", timeout_s=1, workers=2)
     assert [r.status for r in on_ray] == ["failed", "passed", "passed"] * 2 + ["failed", "passed"] \
         + ["failed", "timeout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes are reused only as root (a fresh uid per program)")
+def test_a_reused_sandbox_keeps_nothing_of_the_last_program():
+    marker = f"{time.time_ns() % 10**6}.{os.getpid() + 1}"
+    leaver = (f"import os\nopen('/tmp/left.txt', 'w').write('A')\nos.chmod('/tmp/left.txt', 0o666)\n"
+              f"os.mkdir('/tmp/d')\nopen('/tmp/d/x', 'w').close()\nos.chmod('/tmp/d', 0o500)\n"
+              f"if os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+              f"print(os.getuid(), file=__import__('sys').stderr)")
+    looker = "import os, sys\nprint(os.getuid(), sorted(os.listdir('/tmp')), file=sys.stderr)"
+    with sandbox._Sandbox("isolated") as box:
+        first, again = sandbox._run_on(box, sandbox._job(leaver, [], "", "isolated", 5, 512, 1000))
+        assert first.passed and again and _running(marker) == []  # its sleeper is gone already
+        second, _ = sandbox._run_on(box, sandbox._job(looker, [], "", "isolated", 5, 512, 1000))
+    uid, listing = second.stderr_tail.split(" ", 1)
+    assert second.passed and uid != first.stderr_tail.strip()  # a fresh uid
+    assert "left.txt" not in listing and "'d'" not in listing  # and none of the last one's files
+
+
+def test_a_sandbox_that_dies_is_an_error_and_is_replaced():
+    with sandbox._Sandbox("isolated") as box:
+        threading.Timer(0.5, box._kill).start()
+        result, again = sandbox._run_on(box, sandbox._job("import time\ntime.sleep(5)", [], "", "isolated",
+                                                          5, 512, 1000))
+    assert result.status == "error" and result.reason.startswith("the sandbox ended without a result")
+    assert not again
+    assert run_many([(SOLUTION, TESTS, "")] * 3, max_workers=1) == [sandbox.ExecResult(True, "passed")] * 3
