@@ -156,6 +156,8 @@ def launcher_problems(config: dict, cloud: str) -> list[str]:
     if len({m for c in config["head_setup_commands"] + config["worker_setup_commands"]
             for m in RAY_PIN.findall(c)}) > 1:
         problems.append("head and workers pin different Ray versions")
+    if not any("install -y bubblewrap" in c for c in config["setup_commands"]):
+        problems.append("setup_commands must install bubblewrap (the sandbox for model-written code)")
     source = config["file_mounts"].get(INSTALL_DIR)
     if source is None or (ROOT / source).resolve() != ROOT:
         problems.append(f"file_mounts must copy the repository root to {INSTALL_DIR}")
@@ -252,6 +254,7 @@ SPD_BREAKAGES = {
         x + " --index-url https://download.pytorch.org/whl/cpu" if TORCH_INSTALL.search(x) else x
         for x in c["worker_setup_commands"]]),
     "repository not mounted": lambda c: c.update(file_mounts={}),
+    "no bubblewrap": lambda c: c.update(setup_commands=[x for x in c["setup_commands"] if "bwrap" not in x]),
     ".git copied to the nodes": lambda c: c["rsync_exclude"].remove(".git"),
 }
 
@@ -382,6 +385,11 @@ def rayjob_problems(docs: list[dict]) -> list[str]:
             if claim in claims and "ReadWriteMany" not in claims[claim]["spec"].get("accessModes", []):
                 problems.append(f"PVC {claim} must be ReadWriteMany (mounted by every pod)")
         for c in template["spec"]["containers"]:
+            sc = c.get("securityContext", {})  # bubblewrap's namespaces, forbidden by the defaults
+            if (sc.get("seccompProfile", {}).get("type") != "Unconfined"
+                    or sc.get("appArmorProfile", {}).get("type") != "Unconfined"):
+                problems.append(f"{name}: container {c.get('name')} forbids the sandbox's namespaces "
+                                "(securityContext seccompProfile and appArmorProfile: Unconfined)")
             for e in c.get("env", []):
                 if e.get("name") == "WANDB_API_KEY" and "secretKeyRef" not in e.get("valueFrom", {}):
                     problems.append(f"{name}: WANDB_API_KEY must come from a Secret")
@@ -421,7 +429,13 @@ RAYJOB_BREAKAGES = {
     "driver env var in runtime_env": lambda d: _rayjob(d).update(
         runtimeEnvYAML=_rayjob(d)["runtimeEnvYAML"] + "env_vars: {HF_HUB_OFFLINE: '0'}\n"),
     "no shared volume on workers": lambda d: _gpu_group(d)["template"]["spec"].update(volumes=[]),
+    "default seccomp on workers": lambda d: [c.pop("securityContext")
+                                             for c in _gpu_group(d)["template"]["spec"]["containers"]],
 }
+
+
+def test_image_installs_bubblewrap():
+    assert re.search(r"^RUN .*apt-get install .*bubblewrap", (CLUSTER / "Dockerfile").read_text(), re.M)
 
 
 def _rayjob_doc(docs):
