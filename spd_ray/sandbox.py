@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import marshal
@@ -306,14 +305,12 @@ def _bwrap_command() -> tuple[str, ...]:
     return (*args, *_view())
 
 
-_calls = itertools.count()
-
-
 def _sandbox_uid() -> int | None:
-    """As root, a uid no one else runs as, so the process rlimit counts this sandbox alone."""
+    """As root, a uid no one else runs as (one of 2**28 at random: sandboxes of other processes
+    draw too), so the process rlimit and the zygote's reaper count this program alone."""
     if os.geteuid() != 0:
         return None
-    return _FIRST_DYNAMIC_UID + ((os.getpid() << 16) + next(_calls)) % (1 << 28)
+    return _FIRST_DYNAMIC_UID + secrets.randbelow(1 << 28)
 
 
 def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int) -> list[tuple[str, int, int]]:
