@@ -107,12 +107,12 @@ def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) ->
                                "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
 
 
-def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, tracker: Tracker) -> None:
+def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, resume_dir: Path, tracker: Tracker) -> None:
     """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights
-    (for round k of iterated SPD: round k-1's model)."""
+    (for round k of iterated SPD: round k-1's model); checkpoints in `resume_dir`."""
     finetune_on_ray(cfg.finetune, cfg.model.path, ray.data.read_parquet(str(generations)),
                     output_dir=out, run_name=f"{cfg.run.name}-finetune",
-                    storage_path=str(out.with_name("train")), wandb_run_id=tracker.run_id,
+                    storage_path=str(resume_dir), wandb_run_id=tracker.run_id,
                     on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
 
 
@@ -171,7 +171,8 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, t
     log(f"  raw corpus accuracy {results['corpus'][r]['accuracy']:.3f} (a diagnostic; nothing is filtered)")
     log(f"stage 3: fine-tuning ({cfg.finetune.method}, ZeRO-{cfg.finetune.zero_stage}) "
         f"on {cfg.finetune.num_workers} workers")
-    model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(cfg, gen_dir, out, tracker), cfg)
+    model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
+        cfg, gen_dir, out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
     log(f"evaluation of round {r}'s model: greedy, projection off")
     results["eval"][name] = read(run.stage(prefix + "eval_spd.json", lambda out: evaluate(
         cfg, str(model_dir), task.eval_splits, out), cfg))

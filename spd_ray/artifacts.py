@@ -6,6 +6,7 @@ rerun skip every stage whose artifact was already made from the same config.
     runs/<name>/subspace/            safetensors bases + spectra, JSON metadata
     runs/<name>/generations/         parquet files: id, prompt, seed, completion
     runs/<name>/model/               the fine-tuned model (HF folder)
+    runs/<name>/model.resume-<key>/  stage 3's Ray Train checkpoints, keyed like the model
     runs/<name>/corpus.json          quality of the raw generated corpus (diagnostic)
     runs/<name>/eval_*.json          JSON metrics; metrics.json and results.md sum up
     runs/<name>/round<k>/            the same artifacts for round k of iterated SPD
@@ -89,6 +90,15 @@ class RunDir:
         produce(out)
         self._record(name, key)
         return out
+
+    def resume_dir(self, name: str, cfg: SPDConfig | None = None) -> Path:
+        """Where a long stage making `name` keeps the state it resumes from (Ray Train's
+        checkpoints), keyed like the artifact: a rerun with a config that changes the artifact
+        starts afresh instead of resuming, and finishing, someone else's run."""
+        key = self.key(name, cfg)
+        if self.store is None:
+            return self.path / f"{name}.resume-{key}"
+        return self.store / key / f"{name.rsplit('/', 1)[-1]}.resume-{key}"
 
     def _shared(self, name: str, key: str, produce: Callable[[Path], Any]) -> Path:
         out = self.store / key / name.rsplit("/", 1)[-1]

@@ -1,6 +1,6 @@
 """The run directory and the experiment store: what is reused, what is redone, what is kept."""
 
-from spd_ray.artifacts import RunDir
+from spd_ray.artifacts import DEPENDS_ON, RunDir
 from spd_ray.config import load_config
 
 
@@ -72,3 +72,20 @@ def test_crashed_stage_is_redone_and_a_changed_config_keeps_the_old_artifact(tmp
     changed.stage("eval_spd.json", _writer(calls, "v2"))
     kept = [p.name for p in changed.path.iterdir() if p.name.startswith("eval_spd.json.")]
     assert len(kept) == 1 and (changed.path / kept[0]).read_text() == "v1"
+
+
+def test_resumable_state_is_keyed_like_its_artifact(tmp_path):
+    # a changed section must not resume (and ship) the checkpoints of another config's run
+    run = RunDir(_cfg(tmp_path, "spd"))
+    same = RunDir(_cfg(tmp_path, "spd"))
+    assert run.resume_dir("model") == same.resume_dir("model")
+    changes = {"model": "model.trust_remote_code=true", "task": "task.seed=1",
+               "calibration": "calibration.batch_size=3", "subspace": "subspace.energy=0.9",
+               "generation": "generation.temperature=0.5", "finetune": "finetune.lr=0.5"}
+    assert set(changes) == set(DEPENDS_ON["model"])
+    for section, override in changes.items():
+        changed = RunDir(_cfg(tmp_path, "spd", override))
+        assert changed.resume_dir("model") != run.resume_dir("model"), section
+    assert RunDir(_cfg(tmp_path, "spd", "evaluation.max_new_tokens=3")).resume_dir("model") == run.resume_dir("model")
+    store = RunDir(_cfg(tmp_path, "spd"), tmp_path / "store").resume_dir("round2/model")
+    assert store.parent.parent == tmp_path / "store" and store.name.startswith("model.resume-")
