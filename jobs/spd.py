@@ -35,7 +35,7 @@ import ray  # noqa: E402
 from spd_ray import artifacts, data  # noqa: E402
 from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
 from spd_ray.evaluation import score  # noqa: E402
-from spd_ray.modeling import load_tokenizer, num_layers, resolve_layers  # noqa: E402
+from spd_ray.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
 from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
 from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
@@ -215,6 +215,20 @@ def check(cfg: SPDConfig) -> None:
                           "must be a full model: set finetune.export=merged")
     if cfg.subspace.rank_mode == "fixed" and cfg.subspace.rank is None:
         raise ConfigError("subspace.rank_mode=fixed needs subspace.rank (e.g. subspace.rank=16)")
+    width = config_kv_dim(cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.subspace.rank_mode == "fixed" and not 1 <= cfg.subspace.rank <= width:
+        raise ConfigError(f"subspace.rank={cfg.subspace.rank}: the model's k_proj/v_proj outputs have "
+                          f"{width} dimensions, so the rank must be 1..{width}")
+    try:
+        resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
+    except ValueError as err:
+        raise ConfigError(f"calibration.layers={cfg.calibration.layers}: {err}") from None
+    if cfg.task.n_calibration < 1 and (cfg.generation.project or cfg.evaluation.project):
+        raise ConfigError(f"task.n_calibration={cfg.task.n_calibration}: the capability subspace needs "
+                          "labeled calibration examples (the paper uses 50)")
+    if cfg.task.n_train_prompts < 1:
+        raise ConfigError(f"task.n_train_prompts={cfg.task.n_train_prompts}: self-generation needs "
+                          "training prompts (e.g. task.n_train_prompts=1000)")
     if cfg.subspace.kind == "random" and not cfg.generation.project:
         raise ConfigError("subspace.kind=random only matters with generation.project=true")
     if "code" in {cfg.task.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run

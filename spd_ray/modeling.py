@@ -80,13 +80,23 @@ def kv_dim(model, layer: int) -> int:
     return kv_linears(model, layer)["k"].out_features
 
 
-def num_layers(path: str, trust_remote_code: bool = False) -> int:
-    """Decoder layers of a model, read from its config alone (no weights loaded)."""
+def _text_config(path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     config = _from_hub(AutoConfig.from_pretrained, _resolve_source(path), trust_remote_code=trust_remote_code)
-    config = getattr(config, "text_config", None) or config
-    return int(config.num_hidden_layers)
+    return getattr(config, "text_config", None) or config
+
+
+def num_layers(path: str, trust_remote_code: bool = False) -> int:
+    """Decoder layers of a model, read from its config alone (no weights loaded)."""
+    return int(_text_config(path, trust_remote_code).num_hidden_layers)
+
+
+def config_kv_dim(path: str, trust_remote_code: bool = False) -> int:
+    """Width of k_proj/v_proj outputs (num_key_value_heads x head_dim), from the config alone."""
+    c = _text_config(path, trust_remote_code)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return int((getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim)
 
 
 def _resolve_source(path: str) -> str:

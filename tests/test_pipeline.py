@@ -135,6 +135,22 @@ def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("override, words", [
+    ("subspace.rank_mode=fixed subspace.rank=999", ["subspace.rank=999", "64 dimensions", "1..64"]),
+    ("task.n_calibration=0", ["task.n_calibration=0", "calibration examples"]),
+    ("task.n_train_prompts=0", ["task.n_train_prompts=0", "training prompts"]),
+    ("calibration.layers=[9]", ["calibration.layers=[9]", "4 decoder layers"]),
+])
+def test_impossible_settings_are_errors_before_any_work(tmp_path, override, words):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), *override.split(),
+                           f"run.output_dir={tmp_path}/runs"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    assert time.monotonic() - start < 60  # no Ray, no model weights, no evaluation
+
+
 def test_code_scoring_without_isolation_is_refused_before_anything_runs(tmp_path):
     # no bwrap on PATH: the embedded default scores code, so it stops at once, naming the fixes
     env = {**os.environ, "PATH": str(tmp_path)}
