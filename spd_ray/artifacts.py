@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,8 +39,9 @@ DEPENDS_ON = {
 # are shared by every method and ablation of an experiment
 IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
                               "evaluation": {"project"}},
+           "model": {"finetune": {"max_failures"}},  # how often to retry, not what is trained
            "corpus.json": {"evaluation": {"project"}},
-           "eval_spd.json": {"evaluation": {"project"}}}
+           "eval_spd.json": {"evaluation": {"project"}, "finetune": {"max_failures"}}}
 
 
 class RunDir:
@@ -54,7 +56,18 @@ class RunDir:
         self.store = None if store is None else Path(store).resolve()
         save_config(cfg, self.path / "config.yaml")
         self._manifest_path = self.path / "manifest.json"
-        self.manifest = json.loads(self._manifest_path.read_text()) if self._manifest_path.exists() else {}
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict:
+        if not self._manifest_path.exists():
+            return {}
+        try:
+            return json.loads(self._manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # written atomically: not by us
+            aside = _set_aside(self._manifest_path, "damaged")
+            print(f"  {self._manifest_path} is damaged ({err}); moved to {aside.name}: "
+                  "no artifact can be checked against it, so each is made again", flush=True)
+            return {}
 
     def key(self, name: str, cfg: SPDConfig | None = None) -> str:
         """Fingerprint of what `name` depends on; `name` may sit under a round folder (round2/model)."""
@@ -69,26 +82,32 @@ class RunDir:
 
     def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None) -> Path:
         """The artifact `name` (a file or folder), made from `cfg` (default: the run's): reused
-        when it was already made from the same config, else produced afresh. It counts as done
-        only after `produce` returns, so a crash leaves the stage to be redone, and nothing else."""
+        when it was made from the same config and its content still matches what was recorded,
+        else produced afresh. `produce` writes a `.partial` path that is renamed only once the
+        manifest holds its content check, so a kill at any moment leaves the old state or the new."""
         key = self.key(name, cfg)
         if self.store is not None:
             return self._shared(name, key, produce)
         out = self.path / name
         entry = self.manifest.get(name)
         if entry and entry["key"] == key and out.exists():
-            print(f"  {name}: reusing {out} (same config)", flush=True)
-            return out
-        if out.exists():
+            damage = _damage(out, entry.get("content"))
+            if not damage:
+                print(f"  {name}: reusing {out} (same config, content checked)", flush=True)
+                return out
+            print(f"  {name}: {damage}; making it again", flush=True)
+            _set_aside(out, "damaged")
+        elif out.exists():
             if entry:  # made from another config: kept aside, not lost
                 out.rename(out.with_name(f"{out.name}.{entry['key']}"))
-            elif out.is_dir():
-                shutil.rmtree(out)  # partial output of a crashed stage
-            else:
-                out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        produce(out)
-        self._record(name, key)
+            else:  # no record of it: not ours to trust
+                _remove(out)
+        partial = _fresh_partial(out)
+        produce(partial)
+        self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "content": content_check(partial)}
+        self._write_manifest()
+        partial.rename(out)
         return out
 
     def resume_dir(self, name: str, cfg: SPDConfig | None = None) -> Path:
@@ -102,27 +121,111 @@ class RunDir:
 
     def _shared(self, name: str, key: str, produce: Callable[[Path], Any]) -> Path:
         out = self.store / key / name.rsplit("/", 1)[-1]
-        if out.exists():
-            print(f"  {name}: reusing {out} (same config)", flush=True)
+        check = out.with_name(out.name + ".content.json")  # beside it, for every run that links it
+        damage = "missing" if not out.exists() else _damage(out, _read_json(check))
+        if not damage:
+            print(f"  {name}: reusing {out} (same config, content checked)", flush=True)
         else:
-            partial = out.with_name(out.name + ".partial")  # renamed only once complete
-            if partial.is_dir():
-                shutil.rmtree(partial)
-            partial.unlink(missing_ok=True)
-            partial.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                print(f"  {name}: {damage}; making it again", flush=True)
+                _set_aside(out, "damaged")
+            partial = _fresh_partial(out)
             produce(partial)
+            _write_atomically(check, json.dumps(content_check(partial)))
             partial.rename(out)
         link = self.path / name
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(out, target_is_directory=out.is_dir())
-        self._record(name, key)
+        self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._write_manifest()
         return out
 
-    def _record(self, name: str, key: str) -> None:
-        self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self._manifest_path.write_text(json.dumps(self.manifest, indent=1))
+    def _write_manifest(self) -> None:
+        _write_atomically(self._manifest_path, json.dumps(self.manifest, indent=1))
+
+
+# Content checks: size and SHA-256 of every file of an artifact. Files over this size are hashed
+# in 16 slices of 1 MiB spread over the file (with the size, that finds truncation and most
+# damage, without reading a 15 GB model on every reuse).
+_FULL_HASH_BYTES = 64 << 20
+
+
+def _file_check(path: Path) -> dict:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            for i in range(16):
+                f.seek((size - (1 << 20)) * i // 15)
+                digest.update(f.read(1 << 20))
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def content_check(path: Path) -> dict:
+    """{relative file path: {size, sha256}} of a file or of every file under a folder."""
+    if path.is_file():
+        return {"": _file_check(path)}
+    return {p.relative_to(path).as_posix(): _file_check(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _damage(path: Path, recorded: dict | None) -> str | None:
+    """None if `path` matches its recorded content check, else which file is damaged and how."""
+    if recorded is None:
+        return f"{path} has no content check recorded"
+    found = content_check(path)
+    for rel, want in recorded.items():
+        where = path / rel if rel else path
+        got = found.get(rel)
+        if got is None:
+            return f"{where} is missing"
+        if got["size"] != want["size"]:
+            return f"{where} is damaged ({got['size']} bytes, {want['size']} recorded)"
+        if got["sha256"] != want["sha256"]:
+            return f"{where} is damaged (its checksum differs from the recorded one)"
+    return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    """Rename `path` to a free `<name>.<why>-<time>[-n]` beside it, kept for a look."""
+    stem = f"{path.name}.{why}-{time.strftime('%Y%m%d%H%M%S')}"
+    aside, n = path.with_name(stem), 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = path.with_name(f"{stem}-{n}"), n + 1
+    path.rename(aside)
+    return aside
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _fresh_partial(out: Path) -> Path:
+    partial = out.with_name(out.name + ".partial")  # what a killed stage left is redone
+    if partial.exists() or partial.is_symlink():
+        _remove(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    return partial
 
 
 def comparison_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -147,6 +147,9 @@ class FinetuneConfig:
     offload_params: bool = False
     gradient_checkpointing: bool = False
     checkpoints_to_keep: int = 2
+    # a lost worker (or node) restarts the worker group from the latest checkpoint, up to this
+    # many times; preemptions (spot nodes taken back) are retried without limit
+    max_failures: int = 3
     export: Literal["merged", "adapter"] = "merged"  # LoRA: merge into the weights, or save the adapter
 
 

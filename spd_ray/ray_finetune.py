@@ -348,7 +348,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
 
     The driver counts the rows first (`dataset.count()`, for the schedule's length): cheap for
     a Parquet or materialized dataset, a full execution for a lazy pipeline."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spd_ray.modeling import load_tokenizer
@@ -374,7 +374,9 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement),
         run_config=RunConfig(name=run_name, storage_path=_storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          max_preemption_failures=-1)),
         datasets={"train": dataset},
     )
     result = trainer.fit()

@@ -1,5 +1,7 @@
 """The run directory and the experiment store: what is reused, what is redone, what is kept."""
 
+import json
+
 from spd_ray.artifacts import DEPENDS_ON, RunDir
 from spd_ray.config import load_config
 
@@ -48,7 +50,7 @@ def test_round_artifacts_are_keyed_by_the_round_model(tmp_path):
     assert second == run.path / "round2" / "model" and second.read_text() == "m2"
     assert run.key("model") != run.key("round2/model", round2)
     assert run.stage("round2/model", _writer(calls, "again"), round2).read_text() == "m2"
-    assert calls == ["model", "model"]
+    assert calls == ["model.partial", "model.partial"]  # written aside, renamed when complete
 
 
 def test_crashed_stage_is_redone_and_a_changed_config_keeps_the_old_artifact(tmp_path):
@@ -89,3 +91,57 @@ def test_resumable_state_is_keyed_like_its_artifact(tmp_path):
     assert RunDir(_cfg(tmp_path, "spd", "evaluation.max_new_tokens=3")).resume_dir("model") == run.resume_dir("model")
     store = RunDir(_cfg(tmp_path, "spd"), tmp_path / "store").resume_dir("round2/model")
     assert store.parent.parent == tmp_path / "store" and store.name.startswith("model.resume-")
+
+
+def _folder_writer(calls):
+    def produce(out):
+        calls.append(out.name)
+        out.mkdir()
+        (out / "part-0.parquet").write_bytes(b"PAR1" + b"x" * 1000 + b"PAR1")
+        (out / "meta.json").write_text("{}")
+    return produce
+
+
+def test_a_damaged_artifact_is_named_and_made_again(tmp_path, capsys):
+    for store in (None, tmp_path / "store"):  # in the run directory and in a shared store
+        calls = []
+        run = RunDir(_cfg(tmp_path, f"d{store is None}"), store)
+        out = run.stage("generations", _folder_writer(calls))
+        assert run.stage("generations", _folder_writer(calls)) == out and len(calls) == 1
+        part = out / "part-0.parquet"
+        part.write_bytes(part.read_bytes()[:500])  # truncated, as by a full disk or a lost node
+        again = RunDir(_cfg(tmp_path, f"d{store is None}"), store).stage("generations", _folder_writer(calls))
+        assert len(calls) == 2 and (again / "part-0.parquet").stat().st_size == 1008
+        assert f"{part} is damaged (500 bytes, 1008 recorded); making it again" in capsys.readouterr().out
+        (again / "meta.json").write_text("[]")  # same size, other bytes
+        RunDir(_cfg(tmp_path, f"d{store is None}"), store).stage("generations", _folder_writer(calls))
+        assert len(calls) == 3 and "checksum differs" in capsys.readouterr().out
+
+
+def test_a_damaged_manifest_does_not_block_a_rerun(tmp_path, capsys):
+    calls = []
+    run = RunDir(_cfg(tmp_path, "m"))
+    run.stage("corpus.json", _writer(calls, "c"))
+    manifest = run.path / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])  # truncated
+    again = RunDir(_cfg(tmp_path, "m"))
+    assert "manifest.json is damaged" in capsys.readouterr().out
+    assert again.stage("corpus.json", _writer(calls, "c2")).read_text() == "c2" and len(calls) == 2
+    assert json.loads(manifest.read_text())["corpus.json"]["content"]  # a whole manifest again
+    assert list(run.path.glob("manifest.json.damaged-*"))  # the damaged one kept for a look
+
+
+def test_a_kill_while_producing_leaves_the_old_state(tmp_path):
+    calls = []
+    run = RunDir(_cfg(tmp_path, "k"))
+
+    def killed(out):
+        out.write_text("half")
+        raise KeyboardInterrupt  # as a SIGINT or a lost driver mid-write
+
+    try:
+        run.stage("corpus.json", killed)
+    except KeyboardInterrupt:
+        pass
+    assert not (run.path / "corpus.json").exists() and "corpus.json" not in run.manifest
+    assert RunDir(_cfg(tmp_path, "k")).stage("corpus.json", _writer(calls, "whole")).read_text() == "whole"

@@ -179,3 +179,45 @@ def test_resume_continues_at_the_next_epoch(local_ray, dataset_rows, tmp_path):
         sched.step()
     assert [h["lr"] for h in history] == pytest.approx(lrs, rel=1e-6)
     assert (second / "config.json").exists()
+
+
+def _train_workers() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.faults
+def test_a_killed_training_worker_restarts_from_the_latest_checkpoint(local_ray, dataset_rows, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            run = tmp_path / "storage" / "faulty"
+            if run.is_dir() and any(p.name.startswith("epoch_") for p in run.iterdir()) and _train_workers():
+                victim = _train_workers()[0]
+                os.kill(victim, signal.SIGKILL)  # a lost worker, as when its node goes away
+                killed.append(victim)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    thread.start()
+    out = _run(_cfg(epochs=3.0, max_failures=2), dataset_rows, tmp_path, "faulty")
+    thread.join()
+    assert killed, "no worker was killed: the test did not inject its fault"
+    history = _history(out)
+    assert [h["step"] for h in history] == list(range(1, len(history) + 1))  # every step, once
+    summary = _summary(out)
+    assert summary["plan"]["total_steps"] == len(history) and summary["finished"]
+    assert summary["start_epoch"] >= 1  # the restarted group resumed from a checkpoint, not from scratch
