@@ -5,9 +5,14 @@
 trainable. The recipe pieces (tokenized examples, masked padding, LoRA/full, AdamW with cosine
 warm-up) are those of `spd_ray.finetune`; only the loop is distributed.
 
-Data: Ray Train splits the `train` dataset with `streaming_split(n, equal=True)` (the default
-`DataConfig`), so every rank sees exactly `n_rows // world_size` rows per epoch and therefore
-the same number of micro-batches (DeepSpeed's collectives hang when ranks disagree). An epoch is
+Data: every worker reads the whole corpus (`DataConfig(datasets_to_split=[])`), sorts it by id,
+and each epoch takes its rows of one permutation drawn from `finetune.seed` and the epoch: rank r
+gets positions r, r + n, ... of its first `n_rows // world_size * world_size` entries. So the
+data order, and on CPU the whole training history, is a function of the seed and the world size
+alone; every rank sees the same number of micro-batches (DeepSpeed's collectives hang when ranks
+disagree). On GPUs results still vary in the last bits from run to run: cuBLAS and cuDNN pick
+kernels and split reductions by timing, embedding backward and NCCL reductions sum in no fixed
+order, so losses agree to a few decimals, not bit for bit. An epoch is
 `steps_per_epoch = ceil(rows_per_rank / batch_size) // grad_accum` optimizer steps; the micro-batches
 of a trailing incomplete accumulation group are read but not trained on.
 
@@ -97,7 +102,7 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, overrides: dict | Non
 
 def epoch_plan(n_rows: int, world_size: int, cfg: FinetuneConfig) -> dict:
     """Rows and micro-batches per rank per epoch, optimizer steps per epoch and in total."""
-    rows_per_rank = n_rows // world_size  # streaming_split(equal=True) drops the remainder
+    rows_per_rank = n_rows // world_size  # an equal share per rank: the remainder sits the epoch out
     micro_per_epoch = math.ceil(rows_per_rank / cfg.batch_size)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch < 1:
@@ -161,6 +166,11 @@ def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: 
     else:
         finished_model(model).save_pretrained(str(output_dir))
     load_tokenizer(model_path).save_pretrained(str(output_dir))
+
+
+def _row_order(row: dict) -> tuple:
+    """The corpus's canonical order: by id (stage 2's rows), else by text."""
+    return (str(row.get("id", "")), str(row["prompt"]), str(row["completion"]))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -245,22 +255,30 @@ def train_loop_per_worker(config: dict) -> None:
         if debug_dir is not None:
             debug_save("resumed", _consolidated_state_dict(engine, cfg.zero_stage))
 
-    shard = ray.train.get_dataset_shard("train")
+    # Every worker reads the whole corpus and takes its rows of a permutation drawn from the seed
+    # and the epoch: the data order is a function of finetune.seed and the world size alone
+    # (Ray Data's streaming split hands blocks to workers as they come, in no fixed order).
+    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=_row_order)
+
+    def epoch_rows(epoch: int) -> list[dict]:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        return [rows[i] for i in order[: plan["rows_per_rank"] * world][rank::world].tolist()]
+
     engine.train()
     group = plan["micro_per_epoch"] - plan["micro_per_epoch"] % cfg.grad_accum  # trained micro-batches
     stopped = False
     for epoch in range(start_epoch, plan["n_epochs"]):
         n_micro, acc, t0 = 0, torch.zeros(3, dtype=torch.float64), time.perf_counter()
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=max(64, 4 * cfg.batch_size),
-                                        local_shuffle_seed=cfg.seed * 1000 + epoch):
+        mine = epoch_rows(epoch)
+        for start in range(0, len(mine), cfg.batch_size):
             n_micro += 1
             if n_micro > group or step >= total_steps:
-                continue  # drain the shard: every rank must finish the epoch's iteration
-            rows = build_examples(tokenizer, [str(p) for p in batch["prompt"]],
-                                  [str(c) for c in batch["completion"]],
-                                  max_length=cfg.max_length, loss_on=cfg.loss_on)
-            inputs = {k: v.to(engine.device) for k, v in collate(rows, pad_id).items()}
+                continue  # the epoch's tail that does not fill an optimizer step
+            batch = mine[start : start + cfg.batch_size]
+            examples = build_examples(tokenizer, [str(r["prompt"]) for r in batch],
+                                      [str(r["completion"]) for r in batch],
+                                      max_length=cfg.max_length, loss_on=cfg.loss_on)
+            inputs = {k: v.to(engine.device) for k, v in collate(examples, pad_id).items()}
             loss = engine(**inputs).loss
             engine.backward(loss)
             lr = engine.get_lr()[0]
@@ -282,7 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "tokens": int(acc[2]), "tokens_per_s": float(acc[2]) / max(elapsed, 1e-9)})
                 acc.zero_()
                 t0 = time.perf_counter()
-        if n_micro != plan["micro_per_epoch"]:  # should not happen with equal=True
+        if n_micro != plan["micro_per_epoch"]:  # the plan and the split disagree: a bug
             raise RuntimeError(f"rank {rank} read {n_micro} micro-batches in epoch {epoch}, "
                                f"expected {plan['micro_per_epoch']}")
 
@@ -348,7 +366,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
 
     The driver counts the rows first (`dataset.count()`, for the schedule's length): cheap for
     a Parquet or materialized dataset, a full execution for a lazy pipeline."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spd_ray.modeling import load_tokenizer
@@ -360,7 +378,8 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     if missing:
         raise ValueError(f"the fine-tuning dataset lacks columns {sorted(missing)}; "
                          f"it has {dataset.columns()}")
-    dataset = dataset.select_columns(["prompt", "completion"])
+    dataset = dataset.select_columns(["id", "prompt", "completion"] if "id" in dataset.columns()
+                                     else ["prompt", "completion"])
     n_rows = dataset.count()
     plan = epoch_plan(n_rows, cfg.num_workers, cfg)  # errors here, not in the workers
     output_dir = Path(output_dir).expanduser().resolve()
@@ -378,6 +397,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                           max_preemption_failures=-1)),
         datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads it all (the loop splits)
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
