@@ -39,9 +39,11 @@ DEPENDS_ON = {
 # are shared by every method and ablation of an experiment
 IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
                               "evaluation": {"project"}},
-           "model": {"finetune": {"max_failures"}},  # how often to retry, not what is trained
+           # how often to retry and to checkpoint, not what is trained
+           "model": {"finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}},
            "corpus.json": {"evaluation": {"project"}},
-           "eval_spd.json": {"evaluation": {"project"}, "finetune": {"max_failures"}}}
+           "eval_spd.json": {"evaluation": {"project"},
+                             "finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}}}
 
 
 class RunDir:

@@ -147,6 +147,10 @@ class FinetuneConfig:
     offload_params: bool = False
     gradient_checkpointing: bool = False
     checkpoints_to_keep: int = 2
+    # a checkpoint at the end of every epoch, and also every this many optimizer steps and/or
+    # seconds (0: off); a resume continues at the exact step with the same data order
+    checkpoint_every_steps: int = 0
+    checkpoint_every_s: float = 0.0
     # a lost worker (or node) restarts the worker group from the latest checkpoint, up to this
     # many times; preemptions (spot nodes taken back) are retried without limit
     max_failures: int = 3

@@ -16,11 +16,14 @@ order, so losses agree to a few decimals, not bit for bit. An epoch is
 `steps_per_epoch = ceil(rows_per_rank / batch_size) // grad_accum` optimizer steps; the micro-batches
 of a trailing incomplete accumulation group are read but not trained on.
 
-Checkpoints: at the end of each epoch every rank writes its DeepSpeed shards
-(`engine.save_checkpoint`, tag `ds`) and rank 0 adds `state.json` (epochs done, step,
-`wandb_run_id`, metrics history); `ray.train.report` merges them into one directory under
-`storage_path/run_name`. A second call with the same `run_name`/`storage_path` resumes: the loop
-loads the latest checkpoint (weights, optimizer, schedule) and continues at the next epoch.
+Checkpoints: at the end of each epoch, and every `checkpoint_every_steps` optimizer steps or
+`checkpoint_every_s` seconds (rank 0's clock, shared through the step's all-reduce), every rank
+writes its DeepSpeed shards (`engine.save_checkpoint`, tag `ds`) and rank 0 adds `state.json`
+(step, `wandb_run_id`, metrics history); `ray.train.report` merges them into one directory under
+`storage_path/run_name`. A restarted worker group (`FailureConfig`, `max_failures`) or a second
+call with the same `run_name`/`storage_path` resumes: the loop loads the latest checkpoint
+(weights, optimizer, schedule) and continues at its exact step, skipping the micro-batches of
+that epoch already trained (the data order being the seed's, they are the same ones).
 
 Metrics: rank 0 keeps one entry per optimizer step (step, epoch, loss averaged over ranks, lr
 used for the step, grad_norm, tokens = non-pad tokens summed over ranks, tokens_per_s) and
@@ -240,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
     nodes: list = [None] * world  # where the workers run, for the run's record
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, start_step, step, history = 0, 0, 0, []
     wandb_run_id = config.get("wandb_run_id")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -249,9 +252,11 @@ def train_loop_per_worker(config: dict) -> None:
             if load_path is None:
                 raise RuntimeError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {d}")
             state = json.loads((Path(d) / STATE_FILE).read_text())
-        start_epoch, step, history = state["epochs_done"], state["step"], state["history"]
+        step, history = state["step"], state["history"]
+        start_step = step
+        start_epoch = step // spe  # a mid-epoch checkpoint resumes inside its epoch
         wandb_run_id = wandb_run_id or state.get("wandb_run_id")
-        say(f"resumed after epoch {start_epoch} (step {step})")
+        say(f"resumed at step {step} (epoch {start_epoch}, {step - start_epoch * spe} of its steps done)")
         if debug_dir is not None:
             debug_save("resumed", _consolidated_state_dict(engine, cfg.zero_stage))
 
@@ -264,16 +269,39 @@ def train_loop_per_worker(config: dict) -> None:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         return [rows[i] for i in order[: plan["rows_per_rank"] * world][rank::world].tolist()]
 
+    def save(epoch: int, name: str) -> None:
+        """A checkpoint of every rank's shards and rank 0's state, registered with Ray Train."""
+        nonlocal last_save
+        finished = step >= total_steps
+        losses = [h["loss"] for h in history if h["epoch"] == epoch]
+        metrics = {"epoch": epoch + 1, "epochs_total": plan["n_epochs"], "step": step,
+                   "total_steps": total_steps, "finished": finished, "start_epoch": start_epoch,
+                   "start_step": start_step,
+                   "steps_per_epoch": spe, "world_size": world, "wandb_run_id": wandb_run_id,
+                   "epoch_loss": sum(losses) / len(losses) if losses else float("nan"),
+                   "nodes": sorted(set(nodes)),
+                   **zero3_partition_counts(engine.module), "history": history}
+        with tempfile.TemporaryDirectory(prefix="spd_ckpt_") as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"step": step})
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(
+                    {"step": step, "wandb_run_id": wandb_run_id, "history": history}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        last_save = time.monotonic()
+        say(f"{name}: step {step}/{total_steps} loss {metrics['epoch_loss']:.4f}")
+
     engine.train()
     group = plan["micro_per_epoch"] - plan["micro_per_epoch"] % cfg.grad_accum  # trained micro-batches
-    stopped = False
+    stopped, last_save = False, time.monotonic()
     for epoch in range(start_epoch, plan["n_epochs"]):
-        n_micro, acc, t0 = 0, torch.zeros(3, dtype=torch.float64), time.perf_counter()
+        n_micro, acc, t0 = 0, torch.zeros(4, dtype=torch.float64), time.perf_counter()
         mine = epoch_rows(epoch)
+        done_here = (step - epoch * spe) * cfg.grad_accum  # micro-batches already trained (resume)
         for start in range(0, len(mine), cfg.batch_size):
             n_micro += 1
-            if n_micro > group or step >= total_steps:
-                continue  # the epoch's tail that does not fill an optimizer step
+            if n_micro <= done_here or n_micro > group or step >= total_steps:
+                continue  # trained before the resume, or the tail that fills no optimizer step
             batch = mine[start : start + cfg.batch_size]
             examples = build_examples(tokenizer, [str(r["prompt"]) for r in batch],
                                       [str(r["completion"]) for r in batch],
@@ -283,10 +311,12 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             lr = engine.get_lr()[0]
             engine.step()
-            acc += torch.tensor([loss.item(), 1.0, float(inputs["attention_mask"].sum())],
+            acc += torch.tensor([loss.item(), 1.0, float(inputs["attention_mask"].sum()), 0.0],
                                 dtype=torch.float64)
             if n_micro % cfg.grad_accum == 0:  # an optimizer step just happened
                 step += 1
+                # rank 0's clock decides a timed checkpoint; the all-reduce tells every rank
+                acc[3] = float(rank == 0 and 0 < cfg.checkpoint_every_s < time.monotonic() - last_save)
                 summed = acc.to(engine.device)  # NCCL reduces CUDA tensors only
                 dist.all_reduce(summed)
                 acc.copy_(summed.cpu())
@@ -298,32 +328,17 @@ def train_loop_per_worker(config: dict) -> None:
                         "loss": float(acc[0] / acc[1]), "lr": float(lr),
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "tokens": int(acc[2]), "tokens_per_s": float(acc[2]) / max(elapsed, 1e-9)})
+                due = acc[3] > 0 or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
                 acc.zero_()
+                if due and step < min(total_steps, (epoch + 1) * spe):  # the epoch's end saves anyway
+                    save(epoch, f"step_{step:07d}")
                 t0 = time.perf_counter()
         if n_micro != plan["micro_per_epoch"]:  # the plan and the split disagree: a bug
             raise RuntimeError(f"rank {rank} read {n_micro} micro-batches in epoch {epoch}, "
                                f"expected {plan['micro_per_epoch']}")
 
-        epochs_done = epoch + 1
-        done = epochs_done >= plan["n_epochs"]
-        losses = [h["loss"] for h in history if h["epoch"] == epoch]
-        metrics = {"epoch": epochs_done, "epochs_total": plan["n_epochs"], "step": step,
-                   "total_steps": total_steps, "finished": done, "start_epoch": start_epoch,
-                   "steps_per_epoch": spe, "world_size": world, "wandb_run_id": wandb_run_id,
-                   "epoch_loss": sum(losses) / len(losses) if losses else float("nan"),
-                   "nodes": sorted(set(nodes)),
-                   **zero3_partition_counts(engine.module), "history": history}
-        with tempfile.TemporaryDirectory(prefix="spd_ckpt_") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
-                                   client_state={"epochs_done": epochs_done, "step": step})
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    {"epochs_done": epochs_done, "step": step, "wandb_run_id": wandb_run_id,
-                     "history": history}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epochs_done:04d}")
-        say(f"epoch {epochs_done}/{plan['n_epochs']} step {step}/{total_steps} "
-            f"loss {metrics['epoch_loss']:.4f}")
+        save(epoch, f"step_{step:07d}")
+        epochs_done, done = epoch + 1, step >= total_steps
         if stop_after is not None and epochs_done - start_epoch >= stop_after and not done:
             stopped = True  # test-only: leave as if the job had been interrupted here
             break

@@ -236,3 +236,44 @@ def test_two_runs_of_one_config_train_alike(local_ray, dataset_rows, tmp_path):
     assert [h["loss"] for h in first] == pytest.approx([h["loss"] for h in second], abs=1e-6)
     other = _history(_run(_cfg(epochs=1.0, seed=7), dataset_rows, tmp_path, "seven"))
     assert [h["tokens"] for h in other] != [h["tokens"] for h in first]  # the seed decides
+
+
+@pytest.mark.faults
+def test_a_kill_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_uninterrupted_run(local_ray, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    rows = [{"id": it.id, "prompt": it.prompt, "completion": it.answer}
+            for it in make_split("math", "train", 32)]
+    cfg = _cfg(epochs=1.0, checkpoint_every_steps=1, max_failures=2)  # 8 steps, all in one epoch
+    whole = _run(cfg, rows, tmp_path, "whole", extra_loop_config={"debug_dir": str(tmp_path / "w")})
+    killed: list[int] = []
+
+    def kill_after_a_step_checkpoint():
+        snapshot = tmp_path / "storage" / "cut" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            try:
+                committed = json.loads(snapshot.read_text())["checkpoint_results"]
+            except (OSError, ValueError, KeyError):
+                committed = []
+            if committed and _train_workers():
+                os.kill(_train_workers()[-1], signal.SIGKILL)
+                killed.append(committed[-1]["metrics"]["step"])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_after_a_step_checkpoint, daemon=True)
+    thread.start()
+    cut = _run(cfg, rows, tmp_path, "cut", extra_loop_config={"debug_dir": str(tmp_path / "c")})
+    thread.join()
+    summary = _summary(cut)
+    assert killed and 0 < summary["start_step"] < 8, (killed, summary["start_step"])  # resumed mid-epoch
+    assert summary["finished"] and summary["step"] == 8
+    h_whole, h_cut = _history(whole), _history(cut)
+    assert [h["step"] for h in h_cut] == list(range(1, 9))  # no step lost, none done twice
+    assert [h["tokens"] for h in h_cut] == [h["tokens"] for h in h_whole]  # the same batches
+    assert [h["loss"] for h in h_cut] == pytest.approx([h["loss"] for h in h_whole], abs=1e-6)
+    a, b = torch.load(tmp_path / "w" / "final.pt"), torch.load(tmp_path / "c" / "final.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same final weights
