@@ -75,32 +75,52 @@ def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: 
 def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | None, out: Path,
                     tracker: Tracker) -> None:
     """Raw completions from the actor pool, K/V projected onto the capability subspace
-    (unprojected for the PSR / SSD baselines: generation.project=false)."""
+    (unprojected for the PSR / SSD baselines: generation.project=false), written to `out` as
+    they arrive; rows already there (a killed run's) are not generated again."""
     g = cfg.generation
     start = time.time()
     rows = data.sampling_rows(prompts, g.n_samples, g.seed)
-    folded = None
-    if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
-        folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
-            cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
-    ds = generate_dataset(ray.data.from_items(rows), cfg.model, g, subspace_dir=subspace_dir,
-                          mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
-    ds = ds.filter(lambda row: bool(row["completion"].strip())).materialize()  # only empty text is dropped
-    ds.write_parquet(str(out))
-    kept = ds.count()
-    lengths = ds.map(lambda row: {"chars": len(row["completion"])})
-    stats = {"stage2/completions": kept, "stage2/dropped_empty": len(rows) - kept,
-             "stage2/samples_per_s": len(rows) / (time.time() - start),
-             "stage2/mean_completion_chars": lengths.mean("chars") if kept else 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    done = data.written_ids(out)
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
+    if todo:
+        folded = None
+        if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
+            folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
+                cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
+        ds = generate_dataset(ray.data.from_items(todo), cfg.model, g, subspace_dir=subspace_dir,
+                              mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
+        data.write_parts(ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow"), out,
+                         rows_per_part=g.batch_size * max(1, g.replicas_max))
+    written = data.written_ids(out)
+    if written != {r["id"] for r in rows}:  # every id exactly once (a part holds each row once)
+        raise RuntimeError(f"stage 2 wrote {len(written)} of {len(rows)} rows to {out}")
+    corpus = ray.data.read_parquet(str(out), file_extensions=["parquet"])
+    kept = corpus.filter(data.training_rows_filter)
+    n_kept = kept.count()
+    if not n_kept:  # the rows stay written: a rerun with another generation config starts afresh
+        raise RuntimeError(f"stage 2: all {len(rows)} completions are empty, nothing to train on; "
+                           f"check generation.max_new_tokens ({g.max_new_tokens}) and the model's prompts")
+    lengths = kept.map(lambda row: {"chars": len(row["completion"])})
+    stats = {"stage2/completions": n_kept, "stage2/dropped_empty": len(rows) - n_kept,
+             "stage2/samples_per_s": len(todo) / (time.time() - start),
+             "stage2/mean_completion_chars": lengths.mean("chars") if n_kept else 0.0}
     log("  " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in stats.items()))
     tracker.log(stats)
-    tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in ds.take(32)])
+    tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in kept.take(32)])
+
+
+def training_corpus(generations: Path) -> ray.data.Dataset:
+    """The rows that train (and are scored as the raw corpus): all but empty completions."""
+    return ray.data.read_parquet(str(generations), file_extensions=["parquet"]).filter(data.training_rows_filter)
 
 
 def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
     """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
     only use of the training prompts' answers; nothing is filtered by it."""
-    rows = ray.data.read_parquet(str(generations), columns=["id", "completion"]).take_all()
+    rows = training_corpus(generations).select_columns(["id", "completion"]).take_all()
     items = [train_items[int(r["id"].split("-")[0])] for r in rows]
     correct = score(items, [r["completion"] for r in rows], cfg.evaluation)
     out.write_text(json.dumps({"accuracy": sum(correct) / max(1, len(rows)), "n": len(rows),
@@ -110,7 +130,7 @@ def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) ->
 def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, resume_dir: Path, tracker: Tracker) -> None:
     """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights
     (for round k of iterated SPD: round k-1's model); checkpoints in `resume_dir`."""
-    finetune_on_ray(cfg.finetune, cfg.model.path, ray.data.read_parquet(str(generations)),
+    finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
                     output_dir=out, run_name=f"{cfg.run.name}-finetune",
                     storage_path=str(resume_dir), wandb_run_id=tracker.run_id,
                     on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
@@ -165,7 +185,8 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, t
     log(f"stage 2: {'projected' if cfg.generation.project else 'unprojected'} self-generation "
         f"for {len(task.train_items)} prompts")
     gen_dir = run.stage(prefix + "generations", lambda out: stage2_generate(
-        cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker), cfg)
+        cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker), cfg,
+        resumable=True)
     results["corpus"][r] = read(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
         cfg, task.train_items, gen_dir, out), cfg))
     log(f"  raw corpus accuracy {results['corpus'][r]['accuracy']:.3f} (a diagnostic; nothing is filtered)")

@@ -82,14 +82,17 @@ class RunDir:
             del sections["subspace"]["random_seed"]  # a gradient subspace is the same for every seed
         return hashlib.sha256(json.dumps([base, sections], sort_keys=True).encode()).hexdigest()[:16]
 
-    def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None) -> Path:
+    def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None,
+              resumable: bool = False) -> Path:
         """The artifact `name` (a file or folder), made from `cfg` (default: the run's): reused
         when it was made from the same config and its content still matches what was recorded,
-        else produced afresh. `produce` writes a `.partial` path that is renamed only once the
-        manifest holds its content check, so a kill at any moment leaves the old state or the new."""
+        else produced afresh. `produce` writes a `.partial-<key>` path that is renamed only once
+        the manifest holds its content check, so a kill at any moment leaves the old state or the
+        new. `resumable`: a partial left by a killed run of the same config is handed to
+        `produce` again, to go on from (stage 2 writes its rows as it goes)."""
         key = self.key(name, cfg)
         if self.store is not None:
-            return self._shared(name, key, produce)
+            return self._shared(name, key, produce, resumable)
         out = self.path / name
         entry = self.manifest.get(name)
         if entry and entry["key"] == key and out.exists():
@@ -104,7 +107,7 @@ class RunDir:
                 out.rename(out.with_name(f"{out.name}.{entry['key']}"))
             else:  # no record of it: not ours to trust
                 _remove(out)
-        partial = _fresh_partial(out)
+        partial = _partial(out, key, resumable)
         produce(partial)
         self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                "content": content_check(partial)}
@@ -121,7 +124,7 @@ class RunDir:
             return self.path / f"{name}.resume-{key}"
         return self.store / key / f"{name.rsplit('/', 1)[-1]}.resume-{key}"
 
-    def _shared(self, name: str, key: str, produce: Callable[[Path], Any]) -> Path:
+    def _shared(self, name: str, key: str, produce: Callable[[Path], Any], resumable: bool) -> Path:
         out = self.store / key / name.rsplit("/", 1)[-1]
         check = out.with_name(out.name + ".content.json")  # beside it, for every run that links it
         damage = "missing" if not out.exists() else _damage(out, _read_json(check))
@@ -131,7 +134,7 @@ class RunDir:
             if out.exists():
                 print(f"  {name}: {damage}; making it again", flush=True)
                 _set_aside(out, "damaged")
-            partial = _fresh_partial(out)
+            partial = _partial(out, key, resumable)
             produce(partial)
             _write_atomically(check, json.dumps(content_check(partial)))
             partial.rename(out)
@@ -222,10 +225,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _fresh_partial(out: Path) -> Path:
-    partial = out.with_name(out.name + ".partial")  # what a killed stage left is redone
-    if partial.exists() or partial.is_symlink():
-        _remove(partial)
+def _partial(out: Path, key: str, keep: bool) -> Path:
+    """Where `out` is made; what a killed stage left there is redone, or kept if `keep`. Partials
+    of other configs are removed: none of their content belongs to this one."""
+    partial = out.with_name(f"{out.name}.partial-{key}")
+    for old in out.parent.glob(f"{out.name}.partial*"):
+        if old != partial or not keep:
+            _remove(old)
     partial.parent.mkdir(parents=True, exist_ok=True)
     return partial
 

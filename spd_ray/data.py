@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from spd_ray.config import SPDConfig
 from spd_ray.testbed import Item, make_split
@@ -59,3 +63,50 @@ def sampling_rows(prompts: Sequence[str], n_samples: int, seed: int) -> list[dic
             row_seed = int.from_bytes(hashlib.sha256(f"{seed}/{i}/{k}".encode()).digest()[:4], "little")
             rows.append({"id": f"{i}-{k}", "prompt": prompt, "seed": row_seed})
     return rows
+
+
+# Stage 2's corpus is written as it is generated: complete part files appear one by one (written
+# aside, then renamed), so a kill loses at most the rows not yet in a part, and a rerun generates
+# only the ids no part holds, with the same per-row seeds.
+PART_GLOB = "part-*.parquet"
+
+
+def written_ids(folder: Path) -> set[str]:
+    """Ids of the rows in the complete part files of `folder` (leftover temp files removed)."""
+    import pyarrow.parquet as pq
+
+    for tmp in folder.glob(".part-*.tmp"):
+        tmp.unlink()
+    return {i for part in sorted(folder.glob(PART_GLOB)) for i in pq.read_table(part, columns=["id"])["id"].to_pylist()}
+
+
+def write_parts(batches: Iterable, folder: Path, rows_per_part: int) -> int:
+    """Write pyarrow batches (as they arrive) into part files of about `rows_per_part` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pending, n_pending, written = [], 0, 0
+
+    def flush() -> None:
+        nonlocal pending, n_pending, written
+        name = f"part-{time.time_ns():x}-{uuid.uuid4().hex[:6]}.parquet"
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(pa.concat_tables(pending), tmp)
+        os.replace(tmp, folder / name)  # a part is there whole, or not at all
+        written += n_pending
+        pending, n_pending = [], 0
+
+    for batch in batches:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        pending.append(table)
+        n_pending += table.num_rows
+        if n_pending >= rows_per_part:
+            flush()
+    if n_pending:
+        flush()
+    return written
+
+
+def training_rows_filter(row: dict) -> bool:
+    """Rows that train: all but empty completions (which are counted, nothing else is dropped)."""
+    return bool(str(row["completion"]).strip())

@@ -25,7 +25,7 @@ def test_store_shares_artifacts_whose_sections_agree(tmp_path):
     a = psr.stage("eval_base.json", _writer(calls, "base"))
     b = spd.stage("eval_base.json", _writer(calls, "other"))
     c = full.stage("eval_base.json", _writer(calls, "other"))
-    assert a == b == c and calls == ["eval_base.json.partial"]  # the base is evaluated once
+    assert a == b == c and [c.split("-")[0] for c in calls] == ["eval_base.json.partial"]  # the base is evaluated once
     assert (spd.path / "eval_base.json").read_text() == "base"  # linked from the run directory
     spd.stage("generations", _writer(calls, "projected"))
     psr.stage("generations", _writer(calls, "plain"))
@@ -50,7 +50,7 @@ def test_round_artifacts_are_keyed_by_the_round_model(tmp_path):
     assert second == run.path / "round2" / "model" and second.read_text() == "m2"
     assert run.key("model") != run.key("round2/model", round2)
     assert run.stage("round2/model", _writer(calls, "again"), round2).read_text() == "m2"
-    assert calls == ["model.partial", "model.partial"]  # written aside, renamed when complete
+    assert [c.split("-")[0] for c in calls] == ["model.partial"] * 2  # written aside, renamed when complete
 
 
 def test_crashed_stage_is_redone_and_a_changed_config_keeps_the_old_artifact(tmp_path):
@@ -67,7 +67,7 @@ def test_crashed_stage_is_redone_and_a_changed_config_keeps_the_old_artifact(tmp
         pass
     calls = []
     out = run.stage("corpus.json", _writer(calls, "whole"))
-    assert out.read_text() == "whole" and calls == ["corpus.json.partial"]
+    assert out.read_text() == "whole" and [c.split("-")[0] for c in calls] == ["corpus.json.partial"]
     local = RunDir(_cfg(tmp_path, "b"))  # no store: the run directory holds the artifact
     local.stage("eval_spd.json", _writer(calls, "v1"))
     changed = RunDir(_cfg(tmp_path, "b", "finetune.lr=0.5"))

@@ -5,6 +5,7 @@ multi-node cluster (on the embedded testbed)."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -166,3 +167,37 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
                            f"run.output_dir={tmp_path}"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "model folder not found" in proc.stderr and "nomodel" in proc.stderr
+
+
+def _parts(run: Path) -> set[str]:
+    return {p.name for p in run.glob("generations.partial-*/part-*.parquet")}
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_driver_killed_in_stage2_loses_only_unwritten_rows(tmp_path):
+
+    args = [sys.executable, str(ROOT / "jobs/spd.py"), *SMALL, "evaluation.domains=[math]", "task.n_eval=4",
+            "generation.batch_size=4", "generation.replicas_max=1", "run.name=cut", f"run.output_dir={tmp_path}"]
+    run = tmp_path / "cut"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while len(_parts(run)) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_parts(run)) >= 2, "stage 2 never wrote a part"
+        os.kill(first.pid, signal.SIGKILL)  # the driver, by pid, mid-stage 2
+        first.wait()
+        before = _parts(run)
+    finally:  # the local Ray it started, which outlives it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    written = int(re.search(r"(\d+) of 32 rows already written", again.stdout).group(1))
+    assert written >= 8 and "reusing" in again.stdout  # the subspace and the base evaluation too
+    parts = sorted((run / "generations").glob("part-*.parquet"))
+    assert before <= {p.name for p in parts}  # the parts written before the kill were kept
+    ids = [i for p in parts for i in pq.read_table(p, columns=["id"])["id"].to_pylist()]
+    assert sorted(ids) == sorted(f"{i}-0" for i in range(32))  # every row exactly once

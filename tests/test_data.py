@@ -1,0 +1,39 @@
+"""Stage 2's corpus written as it is generated: complete parts only, and a rerun that goes on."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spd_ray.data import sampling_rows, training_rows_filter, write_parts, written_ids
+
+
+def _batches(rows, size, calls, die_after=None):
+    for i in range(0, len(rows), size):
+        if die_after is not None and i >= die_after:
+            raise KeyboardInterrupt  # the driver killed mid-stage
+        chunk = rows[i : i + size]
+        calls.extend(r["id"] for r in chunk)
+        yield pa.RecordBatch.from_pylist([{**r, "completion": f"c{r['seed']}"} for r in chunk])
+
+
+def test_a_killed_stage_keeps_its_parts_and_a_rerun_generates_only_the_rest(tmp_path):
+    rows = sampling_rows([f"p{i}" for i in range(50)], 2, seed=7)
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        write_parts(_batches(rows, 8, calls, die_after=64), tmp_path, rows_per_part=16)
+    (tmp_path / ".part-x.parquet.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves
+    done = written_ids(tmp_path)
+    assert len(done) == 64 and not list(tmp_path.glob(".part-*"))  # whole parts only
+    todo = [r for r in rows if r["id"] not in done]
+    calls.clear()
+    write_parts(_batches(todo, 8, calls), tmp_path, rows_per_part=16)
+    assert len(calls) == 100 - 64  # nothing generated twice
+    ids = [i for part in tmp_path.glob("part-*.parquet") for i in pq.read_table(part)["id"].to_pylist()]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every id exactly once
+    seeds = {r["id"]: r["seed"] for r in rows}  # the same per-row seeds on the rerun
+    table = pa.concat_tables([pq.read_table(p) for p in tmp_path.glob("part-*.parquet")]).to_pylist()
+    assert all(r["completion"] == f"c{seeds[r['id']]}" for r in table)
+
+
+def test_only_empty_completions_are_left_out_of_training():
+    assert [training_rows_filter({"completion": c}) for c in ("x", " \n", "", " y")] == [True, False, False, True]
