@@ -39,11 +39,11 @@ DEPENDS_ON = {
 # are shared by every method and ablation of an experiment
 IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
                               "evaluation": {"project"}},
-           # how often to retry and to checkpoint, not what is trained
-           "model": {"finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}},
            "corpus.json": {"evaluation": {"project"}},
-           "eval_spd.json": {"evaluation": {"project"},
-                             "finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}}}
+           "eval_spd.json": {"evaluation": {"project"}}}
+# how often to retry and to checkpoint: never what an artifact holds
+RECOVERY = {"calibration": {"max_failures"},
+            "finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}}
 
 
 class RunDir:
@@ -76,7 +76,8 @@ class RunDir:
         base = name.rsplit("/", 1)[-1]
         cfg = cfg or self.cfg
         ignored = IGNORED.get(base, {})
-        sections = {s: {k: v for k, v in to_dict(getattr(cfg, s)).items() if k not in ignored.get(s, ())}
+        sections = {s: {k: v for k, v in to_dict(getattr(cfg, s)).items()
+                        if k not in ignored.get(s, ()) and k not in RECOVERY.get(s, ())}
                     for s in DEPENDS_ON[base]}
         if "subspace" in sections and cfg.subspace.kind != "random":
             del sections["subspace"]["random_seed"]  # a gradient subspace is the same for every seed

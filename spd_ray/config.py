@@ -87,6 +87,7 @@ class CalibrationConfig:
     # between them (for models too large for one device: activation gradients need no
     # parameter gradients, so no optimizer state is ever built)
     zero_stage: Literal[0, 3] = 0
+    max_failures: int = 3  # attempts made again on fresh workers when one is lost
 
 
 @dataclass

@@ -126,11 +126,27 @@ def zero3_config(cfg: SPDConfig, world: int, overrides: dict | None = None) -> t
 def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int], *,
                          ds_overrides: dict | None = None, worker_info: list | None = None):
     """Summed statistics over `calibration.num_workers` Ray workers, the mean loss, and the
-    nodes the workers ran on.
+    nodes the workers ran on. A worker (or its node) lost midway fails the whole attempt, which
+    is made again on fresh workers up to `calibration.max_failures` times: the statistics are a
+    function of the batches, and a ZeRO-3 group cannot go on without one of its ranks.
 
     ZeRO-3 only: `ds_overrides` is merged into the DeepSpeed config (e.g.
     `{"zero_optimization": {"stage3_param_persistence_threshold": 0}}` to partition a tiny
     model); `worker_info`, when given, receives one dict per rank (node, partition counts)."""
+    for attempt in range(cfg.calibration.max_failures + 1):
+        try:
+            return _kv_stats_once(cfg, batches, layers, ds_overrides, worker_info)
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
+            if attempt == cfg.calibration.max_failures:
+                raise
+            print(f"  stage 1: a calibration worker was lost ({type(err).__name__}); "
+                  f"attempt {attempt + 2} of {cfg.calibration.max_failures + 1}", flush=True)
+            if worker_info is not None:
+                worker_info.clear()
+
+
+def _kv_stats_once(cfg: SPDConfig, batches: list[dict], layers: list[int], ds_overrides: dict | None,
+                   worker_info: list | None):
     _check_zero_stage(cfg)
     if not batches:
         raise ValueError("no calibration batches: stage 1 needs at least one labeled example")

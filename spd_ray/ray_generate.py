@@ -121,6 +121,10 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
         compute=ray.data.ActorPoolStrategy(min_size=gen.replicas_min, max_size=gen.replicas_max),
         num_cpus=gen.cpus_per_replica,
         num_gpus=gen.gpus_per_replica,
+        # a lost replica (or node) is restarted and its batches retried elsewhere, without limit:
+        # a row's text depends on its own seed alone, so a retried batch samples the same text
+        max_restarts=-1,
+        max_task_retries=-1,
     )
 
 

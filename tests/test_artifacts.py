@@ -145,3 +145,10 @@ def test_a_kill_while_producing_leaves_the_old_state(tmp_path):
         pass
     assert not (run.path / "corpus.json").exists() and "corpus.json" not in run.manifest
     assert RunDir(_cfg(tmp_path, "k")).stage("corpus.json", _writer(calls, "whole")).read_text() == "whole"
+
+
+def test_retry_and_checkpoint_settings_change_no_artifact(tmp_path):
+    run = RunDir(_cfg(tmp_path, "r"))
+    other = RunDir(_cfg(tmp_path, "r", "calibration.max_failures=0", "finetune.max_failures=9",
+                        "finetune.checkpoint_every_steps=5", "finetune.checkpoint_every_s=60"))
+    assert all(run.key(name) == other.key(name) for name in DEPENDS_ON)

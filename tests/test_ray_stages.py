@@ -110,3 +110,45 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
         with pytest.raises(Exception, match="pip install vllm"):
             generate_dataset(ray.data.from_items([{"prompt": "x", "seed": 1}]), cfg.model, vllm,
                              subspace_dir=tmp_path, folded_checkpoint=out).take_all()
+
+
+@pytest.mark.faults
+def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(local_ray, cfg, testbed_tokenizer,
+                                                                             testbed_model, capfd):
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    items = make_split("code", "calibration", 200)  # long enough to kill a worker mid-way
+    batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
+                                     [it.span_rule for it in items], batch_size=1, max_length=256)
+    layers = resolve_layers(testbed_model, None)
+    local, _ = accumulate_kv_gradient_stats(testbed_model, batches, layers)
+    killed: list[int] = []
+
+    def kill_a_calibration_worker():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
+                            b"ray::CalibrationWorker.accumulate"):
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(int(entry.name))
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_a_calibration_worker, daemon=True)
+    thread.start()
+    c = dataclasses.replace(cfg, calibration=dataclasses.replace(cfg.calibration, num_workers=2, max_failures=2))
+    summed, _, _ = distributed_kv_stats(c, batches, layers)
+    thread.join()
+    assert killed and "a calibration worker was lost" in capfd.readouterr().out
+    for key in local:
+        assert summed[key].count == local[key].count  # nothing counted twice, nothing missed
+        torch.testing.assert_close(build_subspace(summed).projector(*key),
+                                   build_subspace(local).projector(*key), atol=1e-5, rtol=0)
