@@ -7,10 +7,11 @@ os._exit, an atexit hook), a signal, a timeout, or a missing or unsigned result 
 failure, with its reason.
 
 The interpreter starts once per sandbox: a zygote in it forks one child per program, which
-drops its privileges, sets its limits and runs the program. As root, each program runs as a fresh
-uid, and after it the zygote kills every process of that uid and removes its files, so one
-sandbox serves program after program (nothing of one can reach the next: another uid, its
-processes gone, its files gone); elsewhere every program gets a sandbox of its own.
+drops its privileges, sets its limits and runs the program, one program at a time. After each,
+the zygote kills every process the program left and removes its files, so one sandbox serves
+program after program: nothing of one is left when the next starts. As root each program runs
+as a fresh uid; otherwise the programs share the caller's uid in the sandbox's user namespace
+with the zygote, which makes itself undumpable so that none can ptrace it.
 
 Mode "isolated" (the default) is the kernel's isolation, through bubblewrap (`bwrap`):
 - its own PID namespace: it sees only the sandbox's processes and can signal only its own, and
@@ -86,7 +87,10 @@ _FIRST_DYNAMIC_UID = 1 << 30  # root's sandboxes run as a fresh uid from here (o
 # Only builtin and standard modules before a program starts; marshal needs no import at all.
 _ZYGOTE = r"""
 import marshal, os, resource, select, signal, sys, time
-scratch, jobs_in, results_out = sys.argv[1], 0, os.dup(1)
+scratch, mode, jobs_in, results_out = sys.argv[1], sys.argv[2], 0, os.dup(1)
+if mode == "isolated" and os.getuid() != 0:  # the programs share our uid: let none ptrace us
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
 null = os.open("/dev/null", os.O_RDWR)
 os.dup2(null, 1)
 
@@ -162,40 +166,55 @@ def remove(path):
     except OSError:
         return False
 
-def reap(uid, pid, passes=2000):
-    # kill everything the program started; as root, remove its files too. True: nothing is left.
+def kill_all(passes, limit):
+    # kill(-1): every process this one may signal but init and itself. It reports no error while
+    # any is left in the namespace, so "none left" is told by the process limit: at `limit`, a
+    # probe can be forked only once no other process of this uid (in this namespace) remains.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (limit, hard))
+    try:
+        for _ in range(passes):
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:  # not even one other process to signal
+                return True
+            try:
+                probe = os.fork()
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            if probe == 0:
+                os._exit(0)
+            os.waitpid(probe, 0)
+            return True
+        return False
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+
+def remove_all(keep=()):
+    names = [n for n in os.listdir(scratch) if os.path.join(scratch, n) not in keep]
+    return all([remove(os.path.join(scratch, n)) for n in names])
+
+def reap(uid, pid, keep, passes=2000):
+    # Kill everything the program started and remove its files. True: nothing of it is left.
     # passes=1 kills once and leaves files: for a child still running, whose zombie we must reap
-    # before kill(-1) can ever find no process of its uid.
-    if uid is None:  # single-use sandbox: its end kills the rest
+    # before the process limit can ever tell that none is left.
+    if mode == "process":  # its process group; the sandbox is used once
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
         return False
-    reaper = os.fork()
+    if uid is None:  # a user namespace: all but init and this zygote are the program's
+        return kill_all(passes, 3) and passes > 1 and remove_all(keep)
+    reaper = os.fork()  # as root: the program ran as a uid of its own, which the reaper takes
     if reaper == 0:
         try:
             os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
-            # As the program's uid, kill(-1) reaches its processes alone. It reports no error
-            # while any process is in the namespace, so "none left" is told by the process limit:
-            # at 2, this reaper may fork only while it is the last process of its uid.
-            resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
-            for _ in range(passes):
-                os.kill(-1, signal.SIGKILL)
-                try:
-                    probe = os.fork()
-                except BlockingIOError:
-                    time.sleep(0.001)
-                    continue
-                if probe == 0:
-                    os._exit(0)
-                os.waitpid(probe, 0)
-                break
-            else:
+            if not kill_all(passes, 2) or passes == 1:
                 os._exit(1)
             mine = [os.path.join(scratch, n) for n in os.listdir(scratch)]
-            ok = all([remove(p) for p in mine if os.lstat(p).st_uid == uid])
-            os._exit(0 if ok else 1)
+            os._exit(0 if all([remove(p) for p in mine if os.lstat(p).st_uid == uid]) else 1)
         except BaseException:
             os._exit(1)
     return os.waitstatus_to_exitcode(os.waitpid(reaper, 0)[1]) == 0
@@ -220,10 +239,10 @@ for n in range(10**9):
     pidfd = os.pidfd_open(pid)
     timed_out = not select.select([pidfd], [], [], timeout_s)[0]
     os.close(pidfd)
-    if timed_out:  # the zygote may not signal another uid itself: its reaper does
-        reap(uid, pid, passes=1)
+    if timed_out:  # as root the zygote may not signal another uid itself: its reaper does
+        reap(uid, pid, (), passes=1)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    clean = reap(uid, pid)
+    clean = reap(uid, pid, (err_path,))
     result = os.read(r, 4096) if select.select([r], [], [], 0)[0] else b""
     os.close(r)
     tail = os.pread(err, max_err, max(0, os.fstat(err).st_size - max_err)) if max_err else b""
@@ -321,19 +340,19 @@ def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int) -> list[tup
 
 
 class _Sandbox:
-    """One sandbox (bwrap and the zygote in it; in process mode the zygote alone) that runs jobs
-    one at a time. As root each job runs as a fresh uid and the zygote kills and removes all that
-    uid left, so the sandbox serves job after job; otherwise it serves one (`reusable` False)."""
+    """One sandbox (bwrap and the zygote in it; in process mode the zygote alone, for one job)
+    that runs jobs one at a time; isolated, it serves job after job while the zygote reports
+    each one's leftovers gone."""
 
     def __init__(self, mode: str):
-        self.reusable = mode == "isolated" and os.geteuid() == 0
+        self.reusable = mode == "isolated"
         self._stack = contextlib.ExitStack()
         self._err = self._stack.enter_context(tempfile.TemporaryFile())  # bwrap's own complaints
         self._kill = None
         zygote = [_interpreter(), "-S", "-B", "-c", _ZYGOTE]
         if mode == "isolated":
             info_r, info_w = os.pipe()
-            self.proc = subprocess.Popen([*_bwrap_command(), "--info-fd", str(info_w), *zygote, "/tmp"],
+            self.proc = subprocess.Popen([*_bwrap_command(), "--info-fd", str(info_w), *zygote, "/tmp", mode],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
                                          env={}, pass_fds=(info_w,), start_new_session=True)
             os.close(info_w)
@@ -349,7 +368,7 @@ class _Sandbox:
                     self._kill = functools.partial(signal.pidfd_send_signal, pidfd, signal.SIGKILL)
         else:
             work = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="spd-sandbox-"))
-            self.proc = subprocess.Popen([*zygote, work], cwd=work, stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([*zygote, work, mode], cwd=work, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=self._err,
                                          env={"PYTHONHASHSEED": "0"}, start_new_session=True)
 
