@@ -138,6 +138,12 @@ def contained(mode: str) -> bool:
     return mode == "isolated"
 
 
+def try_each(imports: str, *attempts: str) -> str:
+    """A program that makes every attempt in turn, whatever each one raises."""
+    calls = "".join(f"\n                lambda: {a}," for a in attempts)
+    return f"import {imports}\nfor attempt in ({calls}):\n    try:\n        attempt()\n    except Exception:\n        pass\n"
+
+
 @pytest.fixture
 def victim(tmp_path):
     """A file outside the sandbox with a secret in it, and its folder."""
@@ -188,13 +194,10 @@ def test_a_hard_link_cannot_reach_a_file_outside(victim, mode):
 @pytest.mark.parametrize("mode", sandbox.MODES)
 def test_nothing_is_created_or_deleted_outside(victim, mode):
     folder = victim.parent
-    code = (f"import os, sqlite3, shutil\n"
-            f"for attempt in (lambda: sqlite3.connect({str(folder / 'made.db')!r}).execute('create table t(x)'),\n"
-            f"                lambda: os.mkdir({str(folder / 'made')!r}),\n"
-            f"                lambda: open({str(folder / 'made.txt')!r}, 'w').write('x'),\n"
-            f"                lambda: os.remove({str(victim)!r}),\n"
-            f"                lambda: shutil.rmtree({str(folder)!r})):\n"
-            f"    try:\n        attempt()\n    except Exception:\n        pass\n")
+    code = try_each("os, sqlite3, shutil",
+                    f"sqlite3.connect({str(folder / 'made.db')!r}).execute('create table t(x)')",
+                    f"os.mkdir({str(folder / 'made')!r})", f"open({str(folder / 'made.txt')!r}, 'w').write('x')",
+                    f"os.remove({str(victim)!r})", f"shutil.rmtree({str(folder)!r})")
     assert run_program(code, mode=mode).passed
     untouched = folder.exists() and sorted(p.name for p in folder.iterdir()) == ["secret.txt"]
     assert untouched == contained(mode)
@@ -227,10 +230,8 @@ def listener():
 
 @pytest.mark.parametrize("mode", sandbox.MODES)
 def test_host_loopback_services_cannot_be_reached(listener, mode):
-    code = (f"import _socket, socket, ctypes\n"
-            f"for connect in (lambda: socket.create_connection(('127.0.0.1', {listener.port}), timeout=1),\n"
-            f"                lambda: _socket.socket().connect(('127.0.0.1', {listener.port}))):\n"
-            f"    try:\n        connect()\n    except OSError:\n        pass\n")
+    code = try_each("_socket, socket", f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=1)",
+                    f"_socket.socket().connect(('127.0.0.1', {listener.port}))")
     assert run_program(code, mode=mode).passed
     time.sleep(0.5)
     assert (listener.seen == []) == contained(mode)
@@ -257,10 +258,8 @@ def host_process():
 
 @pytest.mark.parametrize("mode", sandbox.MODES)
 def test_processes_outside_cannot_be_signalled(host_process, mode):
-    code = (f"import os, signal, ctypes\n"
-            f"for kill in (lambda: os.kill({host_process.pid}, signal.SIGKILL),\n"
-            f"             lambda: ctypes.CDLL(None).kill({host_process.pid}, signal.SIGKILL)):\n"
-            f"    try:\n        kill()\n    except OSError:\n        pass\n")
+    code = try_each("os, signal, ctypes", f"os.kill({host_process.pid}, signal.SIGKILL)",
+                    f"ctypes.CDLL(None).kill({host_process.pid}, signal.SIGKILL)")
     assert run_program(code, mode=mode).passed
     time.sleep(0.2)
     assert (host_process.poll() is None) == contained(mode)
