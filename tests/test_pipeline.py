@@ -180,8 +180,10 @@ def test_a_driver_killed_in_stage2_loses_only_unwritten_rows(tmp_path):
     args = [sys.executable, str(ROOT / "jobs/spd.py"), *SMALL, "evaluation.domains=[math]", "task.n_eval=4",
             "generation.batch_size=4", "generation.replicas_max=1", "run.name=cut", f"run.output_dir={tmp_path}"]
     run = tmp_path / "cut"
+    # each driver its own W&B service, as on a cluster (not the one this test process may hold)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 600
         while len(_parts(run)) < 2 and first.poll() is None and time.monotonic() < deadline:
@@ -193,7 +195,7 @@ def test_a_driver_killed_in_stage2_loses_only_unwritten_rows(tmp_path):
     finally:  # the local Ray it started, which outlives it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
-    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     written = int(re.search(r"(\d+) of 32 rows already written", again.stdout).group(1))
     assert written >= 8 and "reusing" in again.stdout  # the subspace and the base evaluation too

@@ -25,8 +25,8 @@ def test_calibration_items_have_correctness_spans_and_correct_answers(domain):
         if domain == "math":
             assert it.text.endswith(f"#### {it.gold}")
             assert it.text[spans[0][0]:spans[0][1]] == it.gold
-        elif domain == "mcq":
-            assert it.text[spans[0][0]:spans[0][1]] == it.gold
+        elif domain == "mcq":  # the authors' span: the letter with the space before it
+            assert it.text[spans[0][0]:spans[0][1]] == f" {it.gold}"
         else:
             assert len(spans) == len(it.tests) == 3
             scope: dict = {}
