@@ -333,7 +333,9 @@ def _sandbox_uid() -> int | None:
 
 
 def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int) -> list[tuple[str, int, int]]:
-    cpu = max(1, int(timeout_s + 0.999))  # SIGXCPU at the soft limit, SIGKILL a second later
+    # A second past the wall clock: one thread always meets the wall clock first (a deterministic
+    # reason); the CPU limit catches threads that burn CPU faster than time passes.
+    cpu = int(timeout_s) + 1  # SIGXCPU at the soft limit, SIGKILL a second later
     fixed = [("RLIMIT_AS", memory_mb << 20), ("RLIMIT_FSIZE", max(_FILE_LIMIT, max_output_bytes)),
              ("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", _MAX_OPEN_FILES), ("RLIMIT_NPROC", _MAX_PROCESSES)]
     return [("RLIMIT_CPU", cpu, cpu + 1)] + [(name, value, value) for name, value in fixed]

@@ -400,7 +400,7 @@ def test_run_many_on_ray_tasks_matches_local(local_ray, monkeypatch):
         remote=lambda chunk, *args: chunks.append(len(chunk)) or task.remote(chunk, *args)))
     jobs = [(SOLUTION, [f"assert add({i}) == {i + 1 if i % 3 else 0}"], "") for i in range(8)]
     jobs += [("import os\nos.kill(os.getppid(), 9)\nos.kill(-1, 9)", [], ""),  # the Ray worker
-             ("while True:\n    pass\n", [], "")]
+             ("while True:\n    pass\n", [], "")]  # the wall clock, always first
     on_ray = run_many(jobs, timeout_s=1)
     assert chunks == [3, 3, 3, 1]
     assert on_ray == sandbox._run_local(jobs, "isolated", timeout_s=1, workers=2)
