@@ -1,6 +1,11 @@
 """Stages 1 and 2 on a real local Ray cluster (2 workers / 2 replicas)."""
 
 import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -72,6 +77,43 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
     assert run(1, "fold", greedy=True) == run(2, "hooks", greedy=True)
 
 
+@pytest.mark.faults
+def test_stage2_a_killed_replica_is_restarted_and_the_samples_are_the_same(local_ray, cfg, tmp_path):
+    rows = sampling_rows([it.prompt for it in make_split("math", "train", 24)], 1, seed=7)
+    gen = dataclasses.replace(cfg.generation, max_new_tokens=24, batch_size=2, replicas_min=2, replicas_max=2)
+    whole = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    killed = _kill_soon(b"MapBatches(Generator)", after_s=0.5)
+    cut = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    assert killed, "no generation replica was seen"
+    assert sorted(r["id"] for r in cut) == sorted(r["id"] for r in rows)  # every row exactly once
+    assert {r["id"]: r["completion"] for r in cut} == {r["id"]: r["completion"] for r in whole}
+
+
+def _kill_soon(cmdline: bytes, after_s: float = 0.0) -> list[int]:
+    """SIGKILL (from a thread) the first process whose command line holds
+    `cmdline`, once it has been seen for `after_s`; the list gets its pid."""
+    killed: list[int] = []
+
+    def kill():
+        seen: dict[int, float] = {}
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and cmdline in (entry / "cmdline").read_bytes():
+                        pid = int(entry.name)
+                        if time.monotonic() - seen.setdefault(pid, time.monotonic()) >= after_s:
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                            break
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+    threading.Thread(target=kill, daemon=True).start()
+    return killed
+
+
 def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer):
     from spd_ray.evaluation import evaluate_model
 
@@ -115,38 +157,14 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
 @pytest.mark.faults
 def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(local_ray, cfg, testbed_tokenizer,
                                                                              testbed_model, capfd):
-    import os
-    import signal
-    import threading
-    import time
-    from pathlib import Path
-
     items = make_split("code", "calibration", 200)  # long enough to kill a worker mid-way
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
                                      [it.span_rule for it in items], batch_size=1, max_length=256)
     layers = resolve_layers(testbed_model, None)
     local, _ = accumulate_kv_gradient_stats(testbed_model, batches, layers)
-    killed: list[int] = []
-
-    def kill_a_calibration_worker():
-        deadline = time.monotonic() + 120
-        while not killed and time.monotonic() < deadline:
-            for entry in Path("/proc").iterdir():
-                try:
-                    if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                            b"ray::CalibrationWorker.accumulate"):
-                        os.kill(int(entry.name), signal.SIGKILL)
-                        killed.append(int(entry.name))
-                        break
-                except OSError:
-                    pass
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=kill_a_calibration_worker, daemon=True)
-    thread.start()
+    killed = _kill_soon(b"ray::CalibrationWorker.accumulate")
     c = dataclasses.replace(cfg, calibration=dataclasses.replace(cfg.calibration, num_workers=2, max_failures=2))
     summed, _, _ = distributed_kv_stats(c, batches, layers)
-    thread.join()
     assert killed and "a calibration worker was lost" in capfd.readouterr().out
     for key in local:
         assert summed[key].count == local[key].count  # nothing counted twice, nothing missed
