@@ -58,12 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
-from spd_ray.finetune import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
-from spd_ray.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
-from spd_ray.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
-from spd_ray.projection import fold_projection, projection_hooks  # noqa: E402
-from spd_ray.spans import calibration_batches  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace, build_subspace  # noqa: E402
+from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
+from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
+from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
+from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
+from spd_ray.core.spans import calibration_batches  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
 from spd_ray.testbed import DOMAINS, make_split  # noqa: E402
 
 PARTS = ("decode", "extract", "train", "sandbox")

@@ -31,8 +31,8 @@ from spd import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: 
 
 from spd_ray import artifacts, data, report  # noqa: E402
 from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
-from spd_ray.modeling import load_tokenizer  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace  # noqa: E402
+from spd_ray.core.modeling import load_tokenizer  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 

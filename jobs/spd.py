@@ -34,14 +34,14 @@ import ray  # noqa: E402
 
 from spd_ray import artifacts, data  # noqa: E402
 from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
+from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
+from spd_ray.core.spans import calibration_batches  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
 from spd_ray.evaluation import score  # noqa: E402
-from spd_ray.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
 from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
 from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
 from spd_ray.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
-from spd_ray.spans import calibration_batches  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 

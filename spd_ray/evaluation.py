@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from spd_ray.config import EvalConfig
-from spd_ray.generation import generate
+from spd_ray.core.generation import generate
 from spd_ray.sandbox import run_many
 from spd_ray.scoring import extract_code, score_choice, score_exact, score_math
 from spd_ray.testbed import Item

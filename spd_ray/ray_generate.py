@@ -15,8 +15,8 @@ import numpy as np
 import ray
 
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
+from spd_ray.core.generation import generate
 from spd_ray.evaluation import accuracy_splits, nll_splits, split_metrics
-from spd_ray.generation import generate
 from spd_ray.testbed import Item
 
 
@@ -25,9 +25,9 @@ class Generator:
 
     def __init__(self, model: ModelConfig, gen: GenerationConfig, subspace_dir: str | None,
                  mode: str, apply: str, greedy: bool, max_new_tokens: int):
-        from spd_ray.modeling import load_model, load_tokenizer
-        from spd_ray.projection import fold_projection, projection_hooks
-        from spd_ray.subspace import CapabilitySubspace
+        from spd_ray.core.modeling import load_model, load_tokenizer
+        from spd_ray.core.projection import fold_projection, projection_hooks
+        from spd_ray.core.subspace import CapabilitySubspace
 
         self.model = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
         self.tokenizer = load_tokenizer(model.path, model.trust_remote_code)
@@ -82,9 +82,9 @@ class VLLMGenerator:
 @ray.remote
 def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj."""
-    from spd_ray.modeling import load_model, load_tokenizer
-    from spd_ray.projection import fold_projection
-    from spd_ray.subspace import CapabilitySubspace
+    from spd_ray.core.modeling import load_model, load_tokenizer
+    from spd_ray.core.projection import fold_projection
+    from spd_ray.core.subspace import CapabilitySubspace
 
     base = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
     fold_projection(base, CapabilitySubspace.load(subspace_dir), mode).save_pretrained(out)
@@ -131,10 +131,10 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
 @ray.remote
 def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
                    mode: str) -> float:
+    from spd_ray.core.modeling import load_model, load_tokenizer
+    from spd_ray.core.projection import fold_projection
+    from spd_ray.core.subspace import CapabilitySubspace
     from spd_ray.evaluation import reference_nll
-    from spd_ray.modeling import load_model, load_tokenizer
-    from spd_ray.projection import fold_projection
-    from spd_ray.subspace import CapabilitySubspace
 
     net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
     if subspace_dir is not None:

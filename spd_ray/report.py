@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
 
-from spd_ray.subspace import CapabilitySubspace
+from spd_ray.core.subspace import CapabilitySubspace
 
 DASH = "–"
 

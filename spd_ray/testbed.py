@@ -39,7 +39,7 @@ class Item:
     answer: str  # reference completion (calibration only; never used for training)
     gold: str = ""  # final number / answer letter; empty for code
     tests: list[str] = field(default_factory=list)  # code: assert lines
-    span_rule: str = ""  # which correctness-span rule applies (spd_ray.spans)
+    span_rule: str = ""  # which correctness-span rule applies (spd_ray.core.spans)
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
     # scorer (spd_ray.evaluation.score): number | choice | exact | asserts | nll (reference NLL
     # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)

@@ -39,13 +39,13 @@ def testbed_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def testbed_tokenizer(testbed_model_path):
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
 
     return load_tokenizer(testbed_model_path)
 
 
 @pytest.fixture(scope="session")
 def testbed_model(testbed_model_path):
-    from spd_ray.modeling import load_model
+    from spd_ray.core.modeling import load_model
 
     return load_model(testbed_model_path, device="cpu")

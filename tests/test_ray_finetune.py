@@ -11,7 +11,7 @@ import ray
 import torch
 
 from spd_ray.config import TESTBED_MODEL, FinetuneConfig
-from spd_ray.finetune import optimizer_and_schedule
+from spd_ray.core.recipe import optimizer_and_schedule
 from spd_ray.ray_finetune import HISTORY_FILE, SUMMARY_FILE, deepspeed_config, finetune_on_ray
 from spd_ray.testbed import make_split
 

@@ -7,13 +7,13 @@ import ray
 import torch
 
 from spd_ray.config import SPDConfig
+from spd_ray.core.gradients import accumulate_kv_gradient_stats
+from spd_ray.core.modeling import load_model, load_tokenizer, resolve_layers
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import build_subspace
 from spd_ray.data import sampling_rows
-from spd_ray.gradients import accumulate_kv_gradient_stats
-from spd_ray.modeling import load_model, load_tokenizer, resolve_layers
 from spd_ray.ray_calibrate import distributed_kv_stats
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset
-from spd_ray.spans import calibration_batches
-from spd_ray.subspace import build_subspace
 from spd_ray.testbed import make_split
 
 pytestmark = pytest.mark.slow
@@ -84,9 +84,9 @@ def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbe
 def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, testbed_model, testbed_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from spd_ray.projection import projection_hooks
+    from spd_ray.core.projection import projection_hooks
+    from spd_ray.core.subspace import CapabilitySubspace
     from spd_ray.ray_generate import save_folded_checkpoint
-    from spd_ray.subspace import CapabilitySubspace
 
     items = make_split("math", "calibration", 8)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from spd_ray.core.subspace import CapabilitySubspace, random_subspace
 from spd_ray.report import (
     chance_overlap,
     compare_subspaces,
@@ -15,7 +16,6 @@ from spd_ray.report import (
     summarize,
     write_report,
 )
-from spd_ray.subspace import CapabilitySubspace, random_subspace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

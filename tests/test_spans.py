@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from spd_ray.spans import calibration_batches, correctness_spans, token_mask
+from spd_ray.core.spans import calibration_batches, correctness_spans, token_mask
 from spd_ray.testbed import make_split
 
 

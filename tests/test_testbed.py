@@ -1,6 +1,6 @@
 import pytest
 
-from spd_ray.spans import correctness_spans
+from spd_ray.core.spans import correctness_spans
 from spd_ray.testbed import DOMAINS, make_split
 
 
