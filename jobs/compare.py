@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from spd import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: E402
 
-from spd_ray import artifacts, data, report  # noqa: E402
+from spd_ray import artifacts, report  # noqa: E402
 from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
 from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
+from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def store_dir(cc: CompareConfig) -> Path:
 
 def domain_subspace(cfg: SPDConfig, store: Path) -> str:
     """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
-    task = data.load_task(cfg)
+    task = load_task(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     run = artifacts.RunDir(cfg, store)
     return str(run.stage("subspace", lambda out: stage1_subspace(

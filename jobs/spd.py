@@ -37,11 +37,12 @@ from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
 from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
-from spd_ray.evaluation import score  # noqa: E402
 from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
 from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
-from spd_ray.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
+from spd_ray.tasks.evaluation import score  # noqa: E402
+from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
+from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -146,7 +147,7 @@ def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train:
     """Evaluation of the base model, then stages 1-3 and evaluation for `run.rounds` rounds.
     `train=False` stops after stage 1 (for the inference-only baseline, evaluation.project).
     Returns every evaluation, each round's subspace folder and the quality of its raw corpus."""
-    task = data.load_task(cfg)
+    task = load_task(cfg)
     log("evaluation of the base model: greedy, projection off")
     base = run.stage("eval_base.json", lambda out: evaluate(cfg, cfg.model.path, task.eval_splits, out))
     results = {"eval": {"base": json.loads(base.read_text())}, "corpus": {}, "subspaces": {}}
@@ -160,7 +161,7 @@ def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train:
     return results
 
 
-def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: data.Task,
+def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: Task,
               results: dict, train: bool) -> str:
     """One round on `cfg.model` (round k > 1: round k-1's model); returns the trained model's path."""
     prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")

@@ -16,8 +16,8 @@ import ray
 
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
 from spd_ray.core.generation import generate
-from spd_ray.evaluation import accuracy_splits, nll_splits, split_metrics
-from spd_ray.testbed import Item
+from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, split_metrics
+from spd_ray.tasks.item import Item
 
 
 class Generator:
@@ -134,7 +134,7 @@ def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_di
     from spd_ray.core.modeling import load_model, load_tokenizer
     from spd_ray.core.projection import fold_projection
     from spd_ray.core.subspace import CapabilitySubspace
-    from spd_ray.evaluation import reference_nll
+    from spd_ray.tasks.evaluation import reference_nll
 
     net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
     if subspace_dir is not None:

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    from spd_ray.sandbox import isolation
+    from spd_ray.tasks.sandbox import isolation
 
     # CI must isolate: there a missing bubblewrap fails these tests instead of skipping them
     if not os.environ.get("CI") and not (facts := isolation())["available"]:

@@ -14,7 +14,7 @@ from spd_ray.core.subspace import build_subspace
 from spd_ray.data import sampling_rows
 from spd_ray.ray_calibrate import distributed_kv_stats
 from spd_ray.ray_generate import evaluate_on_ray, generate_dataset
-from spd_ray.testbed import make_split
+from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
 
 
 def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer):
-    from spd_ray.evaluation import evaluate_model
+    from spd_ray.tasks.evaluation import evaluate_model
 
     splits = {"math/test": make_split("math", "test", 8), "code/test": make_split("code", "test", 4)}
     ev = dataclasses.replace(cfg.evaluation, max_new_tokens=32, batch_size=4)

@@ -11,9 +11,9 @@ import torch
 
 from spd_ray.config import EvalConfig
 from spd_ray.core.generation import generate
-from spd_ray.sandbox import run_many
-from spd_ray.scoring import extract_code, score_choice, score_exact, score_math
-from spd_ray.testbed import Item
+from spd_ray.tasks.item import Item
+from spd_ray.tasks.sandbox import run_many
+from spd_ray.tasks.scoring import extract_code, score_choice, score_exact, score_math
 
 _TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_exact}
 

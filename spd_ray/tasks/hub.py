@@ -21,8 +21,8 @@ from pathlib import Path
 import datasets
 
 from spd_ray.config import TaskConfig
-from spd_ray.scoring import extract_number
-from spd_ray.testbed import LETTERS, Item
+from spd_ray.tasks.item import LETTERS, Item
+from spd_ray.tasks.scoring import extract_number
 
 BBH_TASKS = ("logical_deduction_three_objects", "date_understanding", "movie_recommendation",
              "boolean_expressions", "causal_judgement", "sports_understanding")

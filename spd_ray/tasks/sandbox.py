@@ -43,7 +43,7 @@ sandbox, System V IPC objects a program creates (through ctypes; the standard li
 API for them) outlive it and could be read by a later program of the same sandbox.
 
 `run_many` runs programs in parallel: as Ray tasks when Ray is initialized, threads otherwise.
-`python -m spd_ray.sandbox` prints what isolation this machine gives.
+`python -m spd_ray.tasks.sandbox` prints what isolation this machine gives.
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ def isolation() -> dict:
                 "namespaces": ["pid", "net", "mount", "ipc", "uts"] + ([] if os.geteuid() == 0 else ["user"])}
     if result.startswith("probe "):  # the sandbox started but leaks: a setup we do not know
         return {**facts, "available": False, "missing": f"the sandbox is not isolated ({result})",
-                "fix": "report it with the output of python -m spd_ray.sandbox"}
+                "fix": "report it with the output of python -m spd_ray.tasks.sandbox"}
     why = (complaints or result or "no answer")[-500:]
     return {**facts, "available": False, "missing": f"bwrap could not build the sandbox: {why}",
             "fix": "allow unprivileged user namespaces (sysctl user.max_user_namespaces=15000; "
