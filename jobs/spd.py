@@ -37,9 +37,10 @@ from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
 from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
-from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
-from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
-from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
+from spd_ray.stages.calibrate import distributed_kv_stats  # noqa: E402
+from spd_ray.stages.evaluate import evaluate_on_ray  # noqa: E402
+from spd_ray.stages.finetune import finetune_on_ray  # noqa: E402
+from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint  # noqa: E402
 from spd_ray.tasks.evaluation import score  # noqa: E402
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402

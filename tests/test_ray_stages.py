@@ -12,8 +12,9 @@ from spd_ray.core.modeling import load_model, load_tokenizer, resolve_layers
 from spd_ray.core.spans import calibration_batches
 from spd_ray.core.subspace import build_subspace
 from spd_ray.data import sampling_rows
-from spd_ray.ray_calibrate import distributed_kv_stats
-from spd_ray.ray_generate import evaluate_on_ray, generate_dataset
+from spd_ray.stages.calibrate import distributed_kv_stats
+from spd_ray.stages.evaluate import evaluate_on_ray
+from spd_ray.stages.generate import generate_dataset
 from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,7 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
 
     from spd_ray.core.projection import projection_hooks
     from spd_ray.core.subspace import CapabilitySubspace
-    from spd_ray.ray_generate import save_folded_checkpoint
+    from spd_ray.stages.generate import save_folded_checkpoint
 
     items = make_split("math", "calibration", 8)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],

@@ -28,7 +28,7 @@ from spd_ray.config import FinetuneConfig, SPDConfig
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
 from spd_ray.core.modeling import load_model, load_model_zero3, resolve_dtype
 from spd_ray.core.subspace import SufficientStats
-from spd_ray.ray_finetune import deepspeed_config, zero3_partition_counts
+from spd_ray.stages.finetune import deepspeed_config, zero3_partition_counts
 
 
 def _examples(batches: list[dict]) -> int:
