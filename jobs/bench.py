@@ -52,11 +52,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
@@ -66,6 +67,8 @@ from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
 from spd_ray.tasks.item import DOMAINS  # noqa: E402
 from spd_ray.tasks.testbed import make_split  # noqa: E402
+
+offline_by_default()  # before the first model load imports transformers
 
 PARTS = ("decode", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")

@@ -1,50 +1,37 @@
-"""Self-Policy Distillation, end to end, as one Ray job.
+"""The SPD run in the paper's order, on Ray (jobs/spd.py describes the stages and runs it):
+stage 1 (`stage1_subspace`), stage 2 (`stage2_generate`, then the raw corpus's quality), stage 3
+(`stage3_finetune`) and the evaluations, per round (`spd_round`), behind `run_pipeline`; `check`
+refuses impossible configs before any work, `connect_ray` joins or starts Ray.
 
-    python jobs/spd.py                          # embedded testbed on a local Ray (this machine)
-    ray job submit --working-dir . -- python jobs/spd.py --config configs/<x>.yaml [key=value ...]
-
-Stage 1  calibration: gradients of the correctness-span loss w.r.t. the pre-RoPE k_proj/v_proj
-         outputs of the target layers, summed over Ray workers -> one capability subspace per
-         layer, for K and for V.
-Stage 2  projected self-generation: a Ray Data actor pool samples one raw completion per
-         training prompt with K and V projected onto the subspace (folded into the weights).
-Stage 3  distillation: Ray Train + DeepSpeed fine-tunes the ORIGINAL model on prompt +
-         completion with plain next-token loss.
-Then     evaluation of base vs SPD: greedy, projection off, raw prompts.
-
-Every artifact lands in runs/<run.name>/; a rerun skips each stage already done with the same
-config (see spd_ray/artifacts.py).
+Importing this module sets the offline defaults (`spd_ray.offline_by_default`) before anything
+reads them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default never needs a network
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+import ray
 
-import ray  # noqa: E402
+from spd_ray import OFFLINE_DEFAULTS, artifacts, data, offline_by_default
+from spd_ray.config import ConfigError, SPDConfig
+from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace
+from spd_ray.stages.calibrate import distributed_kv_stats
+from spd_ray.stages.evaluate import evaluate_on_ray
+from spd_ray.stages.finetune import finetune_on_ray
+from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
+from spd_ray.tasks.evaluation import score
+from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
+from spd_ray.tasks.task import Task, load_task
+from spd_ray.tracking import Tracker
 
-from spd_ray import artifacts, data  # noqa: E402
-from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
-from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
-from spd_ray.core.spans import calibration_batches  # noqa: E402
-from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
-from spd_ray.stages.calibrate import distributed_kv_stats  # noqa: E402
-from spd_ray.stages.evaluate import evaluate_on_ray  # noqa: E402
-from spd_ray.stages.finetune import finetune_on_ray  # noqa: E402
-from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint  # noqa: E402
-from spd_ray.tasks.evaluation import score  # noqa: E402
-from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
-from spd_ray.tasks.task import Task, load_task  # noqa: E402
-from spd_ray.tracking import Tracker  # noqa: E402
+offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
 
 
 def log(msg: str) -> None:
@@ -202,32 +189,6 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, t
     return str(model_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"))
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. subspace.rank=32")
-    args = ap.parse_args(argv)
-    start = time.time()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check(cfg)
-    except (ConfigError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    connect_ray(cfg)
-    run = artifacts.RunDir(cfg)
-    tracker = Tracker(cfg, run.path)
-    log(f"run directory {run.path}")
-    results = run_pipeline(cfg, run, tracker)
-    table = artifacts.comparison_table(results["eval"])
-    (run.path / "results.md").write_text(table)
-    (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
-    tracker.finish()
-    print("\n" + table)
-    log(f"done in {time.time() - start:.0f} s; artifacts in {run.path}")
-    return 0
-
-
 def check(cfg: SPDConfig) -> None:
     """Problems that would surface only after hours of work, reported before any."""
     load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)  # a wrong model path fails here
@@ -268,14 +229,10 @@ def connect_ray(cfg: SPDConfig) -> None:
     """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
-                        "HF_DATASETS_OFFLINE": os.environ["HF_DATASETS_OFFLINE"]}}
+    env = {"env_vars": {name: os.environ[name] for name in OFFLINE_DEFAULTS}}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
     else:  # more logical CPUs than cores, so the stages' actors and tasks never starve each other
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
