@@ -8,7 +8,7 @@ by hooks on k_proj/v_proj (or folded into their weights) is in the cache for eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,6 @@ def generate(
     top_k: int = 0,
     seeds: Sequence[int] | None = None,
     batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """One completion per prompt (greedy when temperature == 0)."""
     if temperature > 0 and seeds is None:
@@ -62,8 +61,6 @@ def generate(
                              gens, eos, pad)
         for i, toks in zip(rows, new_tokens):
             out[i] = tokenizer.decode(toks, skip_special_tokens=True)
-        if on_batch is not None:
-            on_batch(len(rows))
     return out
 
 

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 RANK_MODES = ("half", "fixed", "energy")
-KINDS = ("k", "v")
 
 
 @dataclass
@@ -135,9 +134,6 @@ class CapabilitySubspace:
     @property
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.bases})
-
-    def dim(self, layer: int, kind: str) -> int:
-        return self.bases[(layer, kind)].shape[0]
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
