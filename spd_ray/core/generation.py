@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from spd_ray.config import GenerationConfig
+
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
@@ -33,12 +35,12 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     seeds: Sequence[int] | None = None,
-    batch_size: int = 32,
+    batch_size: int = GenerationConfig.batch_size,
 ) -> list[str]:
     """One completion per prompt (greedy when temperature == 0)."""
     if temperature > 0 and seeds is None:

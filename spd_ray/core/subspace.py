@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from spd_ray.config import SubspaceConfig
+
 RANK_MODES = ("half", "fixed", "energy")
 
 
@@ -89,10 +91,10 @@ def _rank(s2: torch.Tensor, d: int, rank_mode: str, rank: int | None, energy: fl
 
 def compute_basis(
     stats: SufficientStats,
-    rank_mode: str = "half",
+    rank_mode: str = SubspaceConfig.rank_mode,
     rank: int | None = None,
-    energy: float = 0.95,
-    center: bool = True,
+    energy: float = SubspaceConfig.energy,
+    center: bool = SubspaceConfig.center,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Top-r right singular vectors of the (centred) stacked gradients: (basis d x r, S, energy)."""
@@ -180,10 +182,10 @@ class CapabilitySubspace:
 def build_subspace(
     stats: dict[tuple[int, str], SufficientStats],
     *,
-    rank_mode: str = "half",
+    rank_mode: str = SubspaceConfig.rank_mode,
     rank: int | None = None,
-    energy: float = 0.95,
-    center: bool = True,
+    energy: float = SubspaceConfig.energy,
+    center: bool = SubspaceConfig.center,
     meta: dict | None = None,
 ) -> CapabilitySubspace:
     """One subspace per (layer, K|V) from accumulated statistics; records ranks in meta."""

@@ -21,7 +21,7 @@ _TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_ex
 def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
     """Per-item correctness by the item's metric: final number (GSM8K, SVAMP), answer letter
     (MMLU), normalized exact match (BBH), asserts run to the end (MBPP; its setup runs first)
-    in the `ev.sandbox` sandbox (default: isolated, 5 s)."""
+    in the `ev.sandbox` sandbox with `ev.code_timeout_s` per program."""
     ev = ev or EvalConfig()
     results: list[bool | None] = [None] * len(items)
     code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]
