@@ -12,22 +12,16 @@ from pathlib import Path
 import ray
 
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
-from spd_ray.stages.generate import generate_dataset
-from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, split_metrics
+from spd_ray.core.modeling import load_tokenizer
+from spd_ray.stages.generate import generate_dataset, load_projected
+from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, reference_nll, split_metrics
 from spd_ray.tasks.item import Item
 
 
 @ray.remote
 def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
                    mode: str) -> float:
-    from spd_ray.core.modeling import load_model, load_tokenizer
-    from spd_ray.core.projection import fold_projection
-    from spd_ray.core.subspace import CapabilitySubspace
-    from spd_ray.tasks.evaluation import reference_nll
-
-    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
-    if subspace_dir is not None:
-        net = fold_projection(net, CapabilitySubspace.load(subspace_dir), mode)
+    net = load_projected(model, subspace_dir, mode)
     return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
 
 

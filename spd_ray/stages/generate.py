@@ -8,6 +8,7 @@ not depend on how many replicas there are or which one a row lands on. Evaluatio
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,24 @@ import ray
 
 from spd_ray.config import GenerationConfig, ModelConfig
 from spd_ray.core.generation import generate
+from spd_ray.core.modeling import load_model, load_tokenizer
+from spd_ray.core.projection import fold_projection, projection_hooks
+from spd_ray.core.subspace import CapabilitySubspace
+
+
+def load_projected(model: ModelConfig, subspace_dir: str | None, mode: str,
+                   hooks: ExitStack | None = None):
+    """The model (eval mode) with K/V projected onto the subspace saved in `subspace_dir` (None:
+    the plain model): folded into a copy of the weights, or, given `hooks`, by forward hooks that
+    stay on until `hooks` is closed."""
+    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+    if subspace_dir is None:
+        return net
+    subspace = CapabilitySubspace.load(subspace_dir)
+    if hooks is None:
+        return fold_projection(net, subspace, mode)
+    hooks.enter_context(projection_hooks(net, subspace, mode))
+    return net
 
 
 class Generator:
@@ -22,19 +41,9 @@ class Generator:
 
     def __init__(self, model: ModelConfig, gen: GenerationConfig, subspace_dir: str | None,
                  mode: str, apply: str, greedy: bool, max_new_tokens: int):
-        from spd_ray.core.modeling import load_model, load_tokenizer
-        from spd_ray.core.projection import fold_projection, projection_hooks
-        from spd_ray.core.subspace import CapabilitySubspace
-
-        self.model = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+        self._hooks = ExitStack()  # apply=hooks: the projection hooks, on for the actor's lifetime
+        self.model = load_projected(model, subspace_dir, mode, None if apply == "fold" else self._hooks)
         self.tokenizer = load_tokenizer(model.path, model.trust_remote_code)
-        if subspace_dir is not None:
-            subspace = CapabilitySubspace.load(subspace_dir)
-            if apply == "fold":
-                self.model = fold_projection(self.model, subspace, mode)
-            else:  # hooks stay on for the actor's lifetime
-                self._hooks = projection_hooks(self.model, subspace, mode)
-                self._hooks.__enter__()
         self.node = ray.get_runtime_context().get_node_id()
         self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=gen.batch_size)
         if not greedy:
@@ -46,6 +55,9 @@ class Generator:
                                seeds=seeds, **self.kwargs)
         return {**batch, "completion": np.array(completions, dtype=object),
                 "node": np.array([self.node] * len(completions), dtype=object)}
+
+    def __del__(self):
+        self._hooks.close()
 
 
 class VLLMGenerator:
@@ -79,12 +91,7 @@ class VLLMGenerator:
 @ray.remote
 def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj."""
-    from spd_ray.core.modeling import load_model, load_tokenizer
-    from spd_ray.core.projection import fold_projection
-    from spd_ray.core.subspace import CapabilitySubspace
-
-    base = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
-    fold_projection(base, CapabilitySubspace.load(subspace_dir), mode).save_pretrained(out)
+    load_projected(model, subspace_dir, mode).save_pretrained(out)
     load_tokenizer(model.path, model.trust_remote_code).save_pretrained(out)
     return out
 
