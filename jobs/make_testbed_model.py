@@ -24,8 +24,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from spd_ray.config import TESTBED_MODEL, EvalConfig
-from spd_ray.evaluation import evaluate_model
-from spd_ray.testbed import DOMAINS, make_split
+from spd_ray.tasks.evaluation import evaluate_model
+from spd_ray.tasks.item import DOMAINS, EVAL_SPLITS
+from spd_ray.tasks.testbed import make_split
 
 # Qwen2's own pre-tokenization (transformers' Qwen2Tokenizer): `AutoTokenizer` loads a folder whose
 # config says qwen2 as Qwen2Tokenizer, which rebuilds this pipeline around the saved vocab and
@@ -135,7 +136,7 @@ def main() -> None:
             print(f"step {step}/{args.steps} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            splits = {f"{d}/{s}": make_split(d, s, 100) for d in DOMAINS for s in ("test", "transfer")}
+            splits = {f"{d}/{s}": make_split(d, s, 100) for d in DOMAINS for s in EVAL_SPLITS}
             acc = {k.removesuffix("/accuracy"): v for k, v in evaluate_model(
                 model, tokenizer, splits, EvalConfig(max_new_tokens=96)).items() if k.endswith("accuracy")}
             history.append({"step": step, **acc})

@@ -13,196 +13,31 @@ Stage 3  distillation: Ray Train + DeepSpeed fine-tunes the ORIGINAL model on pr
 Then     evaluation of base vs SPD: greedy, projection off, raw prompts.
 
 Every artifact lands in runs/<run.name>/; a rerun skips each stage already done with the same
-config (see spd_ray/artifacts.py).
+config (see spd_ray/artifacts.py). The stages are in spd_ray/pipeline.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default never needs a network
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+ROOT = Path(__file__).resolve().parents[1]
+# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs
+# (the offline defaults are the pipeline's, set when it is imported).
+sys.path.insert(0, str(ROOT))
 
-import ray  # noqa: E402
-
-from spd_ray import artifacts, data  # noqa: E402
-from spd_ray.config import ConfigError, SPDConfig, load_config  # noqa: E402
-from spd_ray.evaluation import score  # noqa: E402
-from spd_ray.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers  # noqa: E402
-from spd_ray.ray_calibrate import distributed_kv_stats  # noqa: E402
-from spd_ray.ray_finetune import finetune_on_ray  # noqa: E402
-from spd_ray.ray_generate import evaluate_on_ray, generate_dataset, save_folded_checkpoint  # noqa: E402
-from spd_ray.sandbox import SandboxUnavailable, require_isolation, warn_unisolated  # noqa: E402
-from spd_ray.spans import calibration_batches  # noqa: E402
-from spd_ray.subspace import CapabilitySubspace, build_subspace, random_subspace  # noqa: E402
+from spd_ray import artifacts  # noqa: E402
+from spd_ray.config import ConfigError, load_config  # noqa: E402
+from spd_ray.pipeline import check, connect_ray, log, run_pipeline  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: Tracker) -> None:
-    """Calibration gradients on Ray workers -> summed statistics -> capability subspace."""
-    loss_kind = cfg.task.calibration_loss
-    rules = [it.span_rule if loss_kind == "correctness" else "full" for it in calibration]
-    batches, skipped = calibration_batches(
-        tokenizer, [it.text for it in calibration], rules, batch_size=cfg.calibration.batch_size,
-        max_length=cfg.calibration.max_length, task=cfg.task.domain)
-    layers = resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
-    stats, loss, nodes = distributed_kv_stats(cfg, batches, layers)
-    s = cfg.subspace
-    subspace = build_subspace(stats, rank_mode=s.rank_mode, rank=s.rank, energy=s.energy,
-                              center=s.center, meta={
-                                  "model": cfg.model.path, "layers": layers, "calibration_loss": loss_kind,
-                                  "n_calibration": len(calibration) - skipped, "skipped": skipped,
-                                  "calibration_hash": data.fingerprint([it.text for it in calibration]),
-                                  "mean_calibration_loss": loss, "worker_nodes": nodes})
-    tracker.log({"stage1/calibration_loss": loss, "stage1/skipped": skipped})
-    tracker.spectra(subspace)
-    if s.kind == "random":  # the ablation: same ranks, random directions
-        subspace = random_subspace(subspace, s.random_seed)
-    subspace.save(out)
-
-
-def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | None, out: Path,
-                    tracker: Tracker) -> None:
-    """Raw completions from the actor pool, K/V projected onto the capability subspace
-    (unprojected for the PSR / SSD baselines: generation.project=false), written to `out` as
-    they arrive; rows already there (a killed run's) are not generated again."""
-    g = cfg.generation
-    start = time.time()
-    rows = data.sampling_rows(prompts, g.n_samples, g.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    done = data.written_ids(out)
-    todo = [r for r in rows if r["id"] not in done]
-    if done:
-        log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
-    if todo:
-        folded = None
-        if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
-            folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
-                cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
-        ds = generate_dataset(ray.data.from_items(todo), cfg.model, g, subspace_dir=subspace_dir,
-                              mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
-        data.write_parts(ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow"), out,
-                         rows_per_part=g.batch_size * max(1, g.replicas_max))
-    written = data.written_ids(out)
-    if written != {r["id"] for r in rows}:  # every id exactly once (a part holds each row once)
-        raise RuntimeError(f"stage 2 wrote {len(written)} of {len(rows)} rows to {out}")
-    corpus = ray.data.read_parquet(str(out), file_extensions=["parquet"])
-    kept = corpus.filter(data.training_rows_filter)
-    n_kept = kept.count()
-    if not n_kept:  # the rows stay written: a rerun with another generation config starts afresh
-        raise RuntimeError(f"stage 2: all {len(rows)} completions are empty, nothing to train on; "
-                           f"check generation.max_new_tokens ({g.max_new_tokens}) and the model's prompts")
-    lengths = kept.map(lambda row: {"chars": len(row["completion"])})
-    stats = {"stage2/completions": n_kept, "stage2/dropped_empty": len(rows) - n_kept,
-             "stage2/samples_per_s": len(todo) / (time.time() - start),
-             "stage2/mean_completion_chars": lengths.mean("chars") if n_kept else 0.0}
-    log("  " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in stats.items()))
-    tracker.log(stats)
-    tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in kept.take(32)])
-
-
-def training_corpus(generations: Path) -> ray.data.Dataset:
-    """The rows that train (and are scored as the raw corpus): all but empty completions."""
-    return ray.data.read_parquet(str(generations), file_extensions=["parquet"]).filter(data.training_rows_filter)
-
-
-def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
-    """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
-    only use of the training prompts' answers; nothing is filtered by it."""
-    rows = training_corpus(generations).select_columns(["id", "completion"]).take_all()
-    items = [train_items[int(r["id"].split("-")[0])] for r in rows]
-    correct = score(items, [r["completion"] for r in rows], cfg.evaluation)
-    out.write_text(json.dumps({"accuracy": sum(correct) / max(1, len(rows)), "n": len(rows),
-                               "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
-
-
-def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, resume_dir: Path, tracker: Tracker) -> None:
-    """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights
-    (for round k of iterated SPD: round k-1's model); checkpoints in `resume_dir`."""
-    finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
-                    output_dir=out, run_name=f"{cfg.run.name}-finetune",
-                    storage_path=str(resume_dir), wandb_run_id=tracker.run_id,
-                    on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
-
-
-def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: Path | None = None) -> None:
-    model = dataclasses.replace(cfg.model, path=model_path)
-    out.write_text(json.dumps(evaluate_on_ray(model, cfg.generation, cfg.evaluation, splits,
-                                              subspace_dir, cfg.subspace.mode), indent=1))
-
-
-def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
-    """Evaluation of the base model, then stages 1-3 and evaluation for `run.rounds` rounds.
-    `train=False` stops after stage 1 (for the inference-only baseline, evaluation.project).
-    Returns every evaluation, each round's subspace folder and the quality of its raw corpus."""
-    task = data.load_task(cfg)
-    log("evaluation of the base model: greedy, projection off")
-    base = run.stage("eval_base.json", lambda out: evaluate(cfg, cfg.model.path, task.eval_splits, out))
-    results = {"eval": {"base": json.loads(base.read_text())}, "corpus": {}, "subspaces": {}}
-    model_path = cfg.model.path
-    for r in range(1, cfg.run.rounds + 1):
-        rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-        model_path = spd_round(rcfg, r, run, tracker, task, results, train)
-        if not train:
-            break
-    tracker.log({f"eval/{m}/{k}": v for m, vals in results["eval"].items() for k, v in vals.items()})
-    return results
-
-
-def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: data.Task,
-              results: dict, train: bool) -> str:
-    """One round on `cfg.model` (round k > 1: round k-1's model); returns the trained model's path."""
-    prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
-    read = lambda path: json.loads(path.read_text())  # noqa: E731
-    subspace_dir = None
-    if (train and cfg.generation.project) or cfg.evaluation.project:
-        log(f"stage 1: capability subspace of {cfg.model.path} from {len(task.calibration)} "
-            f"calibration examples on {cfg.calibration.num_workers} workers")
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
-            cfg, tokenizer, task.calibration, out, tracker), cfg)
-        results["subspaces"][r] = str(subspace_dir)
-        subspace = CapabilitySubspace.load(subspace_dir)
-        log("  " + ", ".join(f"L{layer}.{kind} r={b.shape[1]} energy={subspace.energy[(layer, kind)]:.3f}"
-                             for (layer, kind), b in sorted(subspace.bases.items())))
-    if cfg.evaluation.project and r == 1:
-        log("evaluation of the base model with the projection on (inference-only baseline)")
-        results["eval"]["base+projection"] = read(run.stage("eval_projected.json", lambda out: evaluate(
-            cfg, cfg.model.path, task.eval_splits, out, subspace_dir)))
-    if not train:
-        return cfg.model.path
-    log(f"stage 2: {'projected' if cfg.generation.project else 'unprojected'} self-generation "
-        f"for {len(task.train_items)} prompts")
-    gen_dir = run.stage(prefix + "generations", lambda out: stage2_generate(
-        cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker), cfg,
-        resumable=True)
-    results["corpus"][r] = read(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
-        cfg, task.train_items, gen_dir, out), cfg))
-    log(f"  raw corpus accuracy {results['corpus'][r]['accuracy']:.3f} (a diagnostic; nothing is filtered)")
-    log(f"stage 3: fine-tuning ({cfg.finetune.method}, ZeRO-{cfg.finetune.zero_stage}) "
-        f"on {cfg.finetune.num_workers} workers")
-    model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
-        cfg, gen_dir, out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
-    log(f"evaluation of round {r}'s model: greedy, projection off")
-    results["eval"][name] = read(run.stage(prefix + "eval_spd.json", lambda out: evaluate(
-        cfg, str(model_dir), task.eval_splits, out), cfg))
-    return str(model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "testbed.yaml"))
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. subspace.rank=32")
     args = ap.parse_args(argv)
     start = time.time()
@@ -224,55 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     log(f"done in {time.time() - start:.0f} s; artifacts in {run.path}")
     return 0
-
-
-def check(cfg: SPDConfig) -> None:
-    """Problems that would surface only after hours of work, reported before any."""
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)  # a wrong model path fails here
-    if cfg.run.rounds < 1:
-        raise ConfigError(f"run.rounds={cfg.run.rounds}: need at least 1 round")
-    if cfg.run.rounds > 1 and cfg.finetune.method == "lora" and cfg.finetune.export != "merged":
-        raise ConfigError("run.rounds > 1 trains each round from the previous round's model, which "
-                          "must be a full model: set finetune.export=merged")
-    if cfg.subspace.rank_mode == "fixed" and cfg.subspace.rank is None:
-        raise ConfigError("subspace.rank_mode=fixed needs subspace.rank (e.g. subspace.rank=16)")
-    width = config_kv_dim(cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.subspace.rank_mode == "fixed" and not 1 <= cfg.subspace.rank <= width:
-        raise ConfigError(f"subspace.rank={cfg.subspace.rank}: the model's k_proj/v_proj outputs have "
-                          f"{width} dimensions, so the rank must be 1..{width}")
-    try:
-        resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
-    except ValueError as err:
-        raise ConfigError(f"calibration.layers={cfg.calibration.layers}: {err}") from None
-    if cfg.task.n_calibration < 1 and (cfg.generation.project or cfg.evaluation.project):
-        raise ConfigError(f"task.n_calibration={cfg.task.n_calibration}: the capability subspace needs "
-                          "labeled calibration examples (the paper uses 50)")
-    if cfg.task.n_train_prompts < 1:
-        raise ConfigError(f"task.n_train_prompts={cfg.task.n_train_prompts}: self-generation needs "
-                          "training prompts (e.g. task.n_train_prompts=1000)")
-    if cfg.subspace.kind == "random" and not cfg.generation.project:
-        raise ConfigError("subspace.kind=random only matters with generation.project=true")
-    if "code" in {cfg.task.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run
-        if cfg.evaluation.sandbox == "process":
-            warn_unisolated()
-        else:
-            try:
-                require_isolation()
-            except SandboxUnavailable as err:
-                raise ConfigError(str(err)) from None
-
-
-def connect_ray(cfg: SPDConfig) -> None:
-    """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray."""
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
-                        "HF_DATASETS_OFFLINE": os.environ["HF_DATASETS_OFFLINE"]}}
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:  # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
 
 
 if __name__ == "__main__":

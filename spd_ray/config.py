@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from spd_ray.tasks.item import DOMAINS, EVAL_SPLITS
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 TESTBED_MODEL = PACKAGE_DIR / "testbed_model"
 
@@ -43,16 +45,15 @@ HUB_DATASETS = {
     "mbpp_sanitized": "google-research-datasets/mbpp:sanitized",
     "codealpaca": "sahil2801/CodeAlpaca-20k",
 }
-EVAL_SPLITS = ("test", "transfer")
 
 
 @dataclass
 class TaskConfig:
-    domain: Literal["math", "mcq", "code"] = "math"
-    # testbed: the embedded synthetic tasks; hub: the paper's benchmarks (spd_ray.hub)
+    domain: Literal[DOMAINS] = "math"
+    # testbed: the embedded synthetic tasks; hub: the paper's benchmarks (spd_ray.tasks.hub)
     source: Literal["testbed", "hub"] = "testbed"
     # hub source: None loads by name from the hub; a folder holds local copies in the hub schema,
-    # <data_dir>/<name>/<config or default>/<split>.jsonl or .parquet (see spd_ray.hub)
+    # <data_dir>/<name>/<config or default>/<split>.jsonl or .parquet (see spd_ray.tasks.hub)
     data_dir: str | None = None
     hub_datasets: dict[str, str] = field(default_factory=dict)  # overrides of HUB_DATASETS
     seed: int = 0  # data seed: which synthetic items are drawn; the hub source's shuffle
@@ -70,9 +71,9 @@ class TaskConfig:
         self.hub_datasets = {**HUB_DATASETS, **self.hub_datasets}
         for key in self.n_eval_splits:
             domain, _, split = key.partition("/")
-            if domain not in ("math", "mcq", "code") or split not in EVAL_SPLITS:
+            if domain not in DOMAINS or split not in EVAL_SPLITS:
                 raise ConfigError(f"task.n_eval_splits key {key!r} must be <domain>/<split> with a "
-                                  f"domain of math, mcq, code and a split of {list(EVAL_SPLITS)}")
+                                  f"domain of {', '.join(DOMAINS)} and a split of {list(EVAL_SPLITS)}")
 
 
 @dataclass
@@ -160,7 +161,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    splits: list[str] = field(default_factory=lambda: ["test", "transfer"])
+    splits: list[str] = field(default_factory=lambda: list(EVAL_SPLITS))
     domains: list[str] | None = None  # None: the task's own domain; list for out-of-domain
     batch_size: int = 64
     max_new_tokens: int = 256

@@ -1,5 +1,6 @@
 """The comparison report: Markdown tables and PNG plots of a method comparison, plus subspace
-diagnostics (spectra and principal angles between capability subspaces).
+diagnostics (spectra and principal angles between capability subspaces, computed by
+spd_ray.core.subspace).
 
 Records are one per (train domain, method, seed, round) run; metric keys are
 `<domain>/<split>/<metric>` (e.g. `math/test/accuracy`, `code/transfer/nll`).
@@ -16,31 +17,18 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
 
-from spd_ray.subspace import CapabilitySubspace
+from spd_ray.core.subspace import (
+    CapabilitySubspace,
+    chance_overlap,
+    cumulative_energy,
+    principal_angles,
+    subspace_overlap,
+)
 
 DASH = "–"
 
 
 # ---------------------------------------------------------------- subspace diagnostics
-
-
-def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending) between the column spans of orthonormal a and b."""
-    # re-orthonormalise in float64: arccos turns a float32 basis's 1e-7 error into ~0.03 degrees
-    a, b = torch.linalg.qr(a.to(torch.float64)).Q, torch.linalg.qr(b.to(torch.float64)).Q
-    s = torch.linalg.svdvals(a.T @ b).clamp(0, 1)
-    return torch.rad2deg(torch.arccos(s))  # svdvals is descending, so the angles ascend
-
-
-def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cos^2 of the principal angles: 1 for identical spans, 0 for orthogonal ones."""
-    m = a.to(torch.float64).T @ b.to(torch.float64)
-    return float((m**2).sum() / min(a.shape[1], b.shape[1]))
-
-
-def chance_overlap(d: int, r1: int, r2: int) -> float:
-    """Expected overlap of a random r-dim subspace with a fixed one: E||a^T b||^2 = r1 r2 / d."""
-    return max(r1, r2) / d
 
 
 def compare_subspaces(subspaces: dict[str, CapabilitySubspace]) -> list[dict]:
@@ -139,8 +127,7 @@ def _plot_spectrum(path: Path, name: str, sub: CapabilitySubspace,
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for key, s in sorted(spectra.items()):
-        s2 = s.to(torch.float64) ** 2
-        cum = (torch.cumsum(s2, 0) / s2.sum()).tolist()
+        cum = cumulative_energy(s.to(torch.float64) ** 2).tolist()
         (line,) = ax.plot(range(1, len(cum) + 1), cum, label=f"layer {key[0]} {key[1]}")
         if key in sub.bases:  # mark the kept rank
             r = sub.bases[key].shape[1]

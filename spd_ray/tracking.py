@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from spd_ray.config import SPDConfig, to_dict
+from spd_ray.core.subspace import cumulative_energy
 
 
 class Tracker:
@@ -56,10 +57,7 @@ class Tracker:
         import wandb
 
         keys = sorted(subspace.singular_values)
-        curves = []
-        for key in keys:
-            s2 = subspace.singular_values[key].double() ** 2
-            curves.append((s2.cumsum(0) / s2.sum().clamp_min(1e-30)).tolist())
+        curves = [cumulative_energy(subspace.singular_values[key].double() ** 2).tolist() for key in keys]
         names = [f"layer{layer}.{kind}" for layer, kind in keys]
         self.run.log({
             "stage1/spectra": wandb.plot.line_series(

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    from spd_ray.sandbox import isolation
+    from spd_ray.tasks.sandbox import isolation
 
     # CI must isolate: there a missing bubblewrap fails these tests instead of skipping them
     if not os.environ.get("CI") and not (facts := isolation())["available"]:
@@ -39,13 +39,13 @@ def testbed_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def testbed_tokenizer(testbed_model_path):
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
 
     return load_tokenizer(testbed_model_path)
 
 
 @pytest.fixture(scope="session")
 def testbed_model(testbed_model_path):
-    from spd_ray.modeling import load_model
+    from spd_ray.core.modeling import load_model
 
     return load_model(testbed_model_path, device="cpu")

@@ -1,5 +1,5 @@
 """Small local copies of the paper's benchmarks in their exact hub schemas (field names, split
-names, answer formats), laid out as spd_ray.hub reads a `task.data_dir`. Rows are taken from, or
+names, answer formats), laid out as spd_ray.tasks.hub reads a `task.data_dir`. Rows are taken from, or
 written like, the real data sets."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spd_ray.hub import local_folder
+from spd_ray.tasks.hub import local_folder
 
 GSM8K_TRAIN = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",

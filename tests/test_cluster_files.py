@@ -53,7 +53,8 @@ GCP_GPUS = {"g2-standard-4": ("nvidia-l4", 1), "g2-standard-8": ("nvidia-l4", 1)
 PACKAGE_INSTALL = re.compile(r"pip install\b.*\s-e\s+" + re.escape(INSTALL_DIR) + r"/?(\s|$)")
 TORCH_INSTALL = re.compile(r"pip install\b.*\storch(==|\s|$)")
 RAY_PIN = re.compile(r"ray\[[^\]]*\]==([0-9][0-9.]*)")
-# jobs/spd.py passes these to its own ray.init; Ray refuses a job runtime_env with the same keys.
+# The job passes these to its own ray.init (spd_ray/pipeline.py, connect_ray); Ray refuses a job
+# runtime_env with the same keys.
 DRIVER_ENV_VARS = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}
 RUNTIME_ENV_FIELDS = {"working_dir", "excludes", "env_vars", "pip", "uv", "py_modules", "conda",
                       "py_executable", "config", "image_uri", "nsight", "java_jars"}
@@ -345,7 +346,7 @@ def rayjob_problems(docs: list[dict]) -> list[str]:
         env_vars = set(env.get("env_vars") or {})
         if env_vars & DRIVER_ENV_VARS:
             problems.append(f"runtimeEnvYAML: {sorted(env_vars & DRIVER_ENV_VARS)} conflict "
-                            "with jobs/spd.py's ray.init")
+                            "with the job's own ray.init (spd_ray/pipeline.py)")
         if "WANDB_API_KEY" in env_vars:
             problems.append("runtimeEnvYAML: secrets belong in the pods' env, from a Secret")
         if "working_dir" in env and ".git" not in (env.get("excludes") or []):

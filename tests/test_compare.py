@@ -1,17 +1,16 @@
 """jobs/compare.py at a toy size: baselines, iterated SPD, shared artifacts and the report."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import compare  # noqa: E402
+from jobs import compare
 
-from .test_pipeline import SMALL  # noqa: E402
+from .test_pipeline import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 
 from spd_ray.config import EvalConfig
-from spd_ray.evaluation import evaluate_model, reference_nll, score
-from spd_ray.testbed import make_split
+from spd_ray.tasks.evaluation import evaluate_model, reference_nll, score
+from spd_ray.tasks.testbed import make_split
 
 
 def test_reference_answers_score_perfectly_and_wrong_ones_do_not():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spd_ray.config import FinetuneConfig
-from spd_ray.finetune import (
+from spd_ray.core.recipe import (
     build_examples,
     collate,
     finished_model,

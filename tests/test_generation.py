@@ -1,6 +1,6 @@
 import torch
 
-from spd_ray.generation import _filter_logits, generate
+from spd_ray.core.generation import _filter_logits, generate
 
 
 def test_greedy_matches_hf_generate_and_is_batch_independent(testbed_model, testbed_tokenizer):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_ray.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients
-from spd_ray.modeling import decoder_layers, kv_dim, kv_linears, load_model, resolve_layers
-from spd_ray.subspace import SufficientStats
+from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients
+from spd_ray.core.modeling import decoder_layers, kv_dim, kv_linears, load_model, resolve_layers
+from spd_ray.core.subspace import SufficientStats
 from tests.tiny_models import CONFIGS, tiny
 
 
@@ -258,7 +258,7 @@ def test_load_tokenizer_is_fast_and_pads_with_eos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
 
     vocab = {c: i for i, c in enumerate(["<eos>", "<unk>", *"abc "])}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

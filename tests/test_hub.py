@@ -5,13 +5,13 @@ import re
 
 import pytest
 
-from spd_ray import hub
 from spd_ray.config import ConfigError, EvalConfig, load_config
-from spd_ray.data import load_task
-from spd_ray.evaluation import score, split_metrics
-from spd_ray.scoring import score_exact
-from spd_ray.spans import correctness_spans
-from spd_ray.testbed import make_split
+from spd_ray.core.spans import correctness_spans
+from spd_ray.tasks import hub
+from spd_ray.tasks.evaluation import score, split_metrics
+from spd_ray.tasks.scoring import score_exact
+from spd_ray.tasks.task import load_task
+from spd_ray.tasks.testbed import make_split
 from tests import hub_files
 
 # the testbed's prompt layouts, which spans and scorers rely on

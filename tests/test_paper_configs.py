@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from spd_ray.config import load_config
-from spd_ray.data import load_task
+from spd_ray.tasks.task import load_task
 from tests.hub_files import write_hub_files
 
 ROOT = Path(__file__).resolve().parents[1]

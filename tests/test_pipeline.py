@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import spd  # noqa: E402
+from jobs import spd
 
-from .hub_files import GSM8K_TRAIN, write_hub_files  # noqa: E402
+from .hub_files import GSM8K_TRAIN, write_hub_files
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ["task.n_calibration=16", "task.n_train_prompts=32", "task.n_eval=8",
          "evaluation.domains=[math,code]", "generation.max_new_tokens=32",

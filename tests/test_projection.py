@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from spd_ray.modeling import kv_dim, kv_linears, resolve_layers
-from spd_ray.projection import fold_projection, kinds_for_mode, projection_hooks
-from spd_ray.subspace import CapabilitySubspace, random_subspace
+from spd_ray.core.modeling import kv_dim, kv_linears, resolve_layers
+from spd_ray.core.projection import fold_projection, kinds_for_mode, projection_hooks
+from spd_ray.core.subspace import CapabilitySubspace, random_subspace
 from tests.tiny_models import tiny
 
 ARCHS = ["qwen2", "llama"]  # Qwen2 has k/v biases, Llama none

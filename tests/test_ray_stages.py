@@ -12,14 +12,15 @@ import ray
 import torch
 
 from spd_ray.config import SPDConfig
+from spd_ray.core.gradients import accumulate_kv_gradient_stats
+from spd_ray.core.modeling import load_model, load_tokenizer, resolve_layers
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import build_subspace
 from spd_ray.data import sampling_rows
-from spd_ray.gradients import accumulate_kv_gradient_stats
-from spd_ray.modeling import load_model, load_tokenizer, resolve_layers
-from spd_ray.ray_calibrate import distributed_kv_stats
-from spd_ray.ray_generate import evaluate_on_ray, generate_dataset
-from spd_ray.spans import calibration_batches
-from spd_ray.subspace import build_subspace
-from spd_ray.testbed import make_split
+from spd_ray.stages.calibrate import distributed_kv_stats
+from spd_ray.stages.evaluate import evaluate_on_ray
+from spd_ray.stages.generate import generate_dataset
+from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,7 @@ def _kill_soon(cmdline: bytes, after_s: float = 0.0) -> list[int]:
 
 
 def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer):
-    from spd_ray.evaluation import evaluate_model
+    from spd_ray.tasks.evaluation import evaluate_model
 
     splits = {"math/test": make_split("math", "test", 8), "code/test": make_split("code", "test", 4)}
     ev = dataclasses.replace(cfg.evaluation, max_new_tokens=32, batch_size=4)
@@ -126,9 +127,9 @@ def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbe
 def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, testbed_model, testbed_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from spd_ray.projection import projection_hooks
-    from spd_ray.ray_generate import save_folded_checkpoint
-    from spd_ray.subspace import CapabilitySubspace
+    from spd_ray.core.projection import projection_hooks
+    from spd_ray.core.subspace import CapabilitySubspace
+    from spd_ray.stages.generate import save_folded_checkpoint
 
     items = make_split("math", "calibration", 8)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],

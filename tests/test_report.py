@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
-from spd_ray.report import (
+from spd_ray.core.subspace import (
+    CapabilitySubspace,
     chance_overlap,
-    compare_subspaces,
     principal_angles,
+    random_subspace,
     subspace_overlap,
-    summarize,
-    write_report,
 )
-from spd_ray.subspace import CapabilitySubspace, random_subspace
+from spd_ray.report import compare_subspaces, summarize, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from spd_ray import sandbox
-from spd_ray.sandbox import SandboxUnavailable, run_many, run_program
+from spd_ray.tasks import sandbox
+from spd_ray.tasks.sandbox import SandboxUnavailable, run_many, run_program
 
 pytestmark = pytest.mark.isolated  # skipped, visibly, where the machine cannot isolate (not in CI)
 
@@ -306,7 +306,7 @@ def test_secrets_in_the_callers_environment_are_not_visible(mode):
             "for path in paths + glob.glob('/proc/*/environ'):\n"
             "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
             "    except OSError:\n        pass\nprint(*seen, 'PATHS', len(paths), file=sys.stderr)")
-    caller = (f"import json\nfrom spd_ray.sandbox import run_program\n"
+    caller = (f"import json\nfrom spd_ray.tasks.sandbox import run_program\n"
               f"print(json.dumps(run_program({code!r}, mode={mode!r}, max_output_bytes=10**6).stderr_tail))")
     env = {**os.environ, "WANDB_API_KEY": "KEY-9f8e7d"}
     out = subprocess.run([sys.executable, "-c", caller], env=env, capture_output=True, text=True,
@@ -364,13 +364,13 @@ def test_isolated_mode_refuses_without_user_namespaces(monkeypatch, tmp_path):
 def test_isolation_report_on_this_machine():
     facts = sandbox.isolation()
     assert facts["available"] and {"pid", "net", "mount", "ipc", "uts"} <= set(facts["namespaces"])
-    printed = subprocess.run([sys.executable, "-m", "spd_ray.sandbox"], capture_output=True, text=True,
+    printed = subprocess.run([sys.executable, "-m", "spd_ray.tasks.sandbox"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent.parent)
     assert printed.returncode == 0 and json.loads(printed.stdout)["available"] is True
 
 
 def test_process_mode_is_logged_loudly(caplog):
-    with caplog.at_level(logging.WARNING, logger="spd_ray.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="spd_ray.tasks.sandbox"):
         assert [r.passed for r in run_many([(SOLUTION, TESTS, ""), ("exit()", TESTS, "")],
                                            mode="process")] == [True, False]
     assert "WITHOUT isolation" in caplog.text

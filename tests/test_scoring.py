@@ -1,6 +1,6 @@
 import pytest
 
-from spd_ray.scoring import (
+from spd_ray.tasks.scoring import (
     extract_choice,
     extract_code,
     extract_number,

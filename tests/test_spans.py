@@ -1,8 +1,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from spd_ray.spans import calibration_batches, correctness_spans, token_mask
-from spd_ray.testbed import make_split
+from spd_ray.core.spans import calibration_batches, correctness_spans, token_mask
+from spd_ray.tasks.testbed import make_split
 
 
 def test_rules_on_the_papers_hub_formats():
@@ -41,7 +41,7 @@ def _labeled(tokenizer, text, rule):
 
 
 @pytest.mark.parametrize("text, rule, tokens", [
-    # the testbed's three domains (spd_ray/testbed.py layouts)
+    # the testbed's three domains (spd_ray/tasks/testbed.py layouts)
     ("Question: Omar has 3 books. Omar buys 31 more. How many books does Omar have now?\nAnswer: "
      "3 + 31 = 34.\n#### 34", "final_number", ["3", "4"]),
     ("Question: What is the opposite of early?\nA. down\nB. old\nC. late\nD. closed\nAnswer: C",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spd_ray.subspace import (
+from spd_ray.core.subspace import (
     CapabilitySubspace,
     SufficientStats,
     build_subspace,

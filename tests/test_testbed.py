@@ -1,7 +1,8 @@
 import pytest
 
-from spd_ray.spans import correctness_spans
-from spd_ray.testbed import DOMAINS, make_split
+from spd_ray.core.spans import correctness_spans
+from spd_ray.tasks.item import DOMAINS
+from spd_ray.tasks.testbed import make_split
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

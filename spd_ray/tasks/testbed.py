@@ -18,40 +18,13 @@ a prompt that appears in an evaluation split never appears in another split.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
-DOMAINS = ("math", "mcq", "code")
-SPLITS = ("calibration", "train", "test", "transfer", "pretrain")
+from spd_ray.tasks.item import DOMAINS, EVAL_SPLITS, LETTERS, SPLITS, Item
+
 # Each split draws from its own stream so that asking for more items of one split never
 # changes another split.
 _SPLIT_SALT = {"calibration": 11, "train": 23, "test": 37, "transfer": 41, "pretrain": 53}
 _DOMAIN_SALT = {"math": 1, "mcq": 2, "code": 3}
-LETTERS = "ABCD"
-DOMAIN_METRIC = {"math": "number", "mcq": "choice", "code": "asserts"}
-
-
-@dataclass
-class Item:
-    id: str
-    domain: str
-    split: str
-    prompt: str  # raw prompt: what generation and evaluation see
-    answer: str  # reference completion (calibration only; never used for training)
-    gold: str = ""  # final number / answer letter; empty for code
-    tests: list[str] = field(default_factory=list)  # code: assert lines
-    span_rule: str = ""  # which correctness-span rule applies (spd_ray.spans)
-    setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
-    # scorer (spd_ray.evaluation.score): number | choice | exact | asserts | nll (reference NLL
-    # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
-    metric: str = ""
-
-    def __post_init__(self):
-        self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")
-
-    @property
-    def text(self) -> str:
-        """Calibration text: prompt followed by the reference answer."""
-        return self.prompt + self.answer
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,7 +270,7 @@ _MAKERS = {"math": _make_math, "mcq": _make_mcq, "code": _make_code}
 
 def _held_out_prompts(domain: str, seed: int, n: int) -> set[str]:
     out: set[str] = set()
-    for split in ("test", "transfer", "calibration"):
+    for split in (*EVAL_SPLITS, "calibration"):
         rng = random.Random(_stream_seed(domain, split, seed))
         out.update(_MAKERS[domain](rng, split, i).prompt for i in range(n))
     return out

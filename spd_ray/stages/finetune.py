@@ -3,7 +3,7 @@
 `finetune_on_ray` runs a `TorchTrainer` whose workers each hold a DeepSpeed engine (ZeRO stage
 `cfg.zero_stage`, ZeRO-3 by default) over the ORIGINAL weights, LoRA through peft or all weights
 trainable. The recipe pieces (tokenized examples, masked padding, LoRA/full, AdamW with cosine
-warm-up) are those of `spd_ray.finetune`; only the loop is distributed.
+warm-up) are those of `spd_ray.core.recipe`; only the loop is distributed.
 
 Data: every worker reads the whole corpus (`DataConfig(datasets_to_split=[])`), sorts it by id,
 and each epoch takes its rows of one permutation drawn from `finetune.seed` and the epoch: rank r
@@ -152,8 +152,8 @@ def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: 
     """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter."""
     from transformers import AutoModelForCausalLM
 
-    from spd_ray.finetune import finished_model, prepare_model
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
+    from spd_ray.core.recipe import finished_model, prepare_model
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = prepare_model(model, cfg)
@@ -191,8 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from spd_ray.finetune import build_examples, collate, optimizer_and_schedule, prepare_model
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
+    from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, prepare_model
 
     cfg = FinetuneConfig(**config["finetune"])
     model_path, output_dir = config["model_path"], Path(config["output_dir"])
@@ -384,7 +384,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from spd_ray.modeling import load_tokenizer
+    from spd_ray.core.modeling import load_tokenizer
 
     load_tokenizer(model_path)  # fails fast (and clearly) on a wrong path
     if Path(model_path).expanduser().is_dir():

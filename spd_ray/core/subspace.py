@@ -3,6 +3,9 @@
 The right singular vectors of the stacked gradients G (M x d) are the eigenvectors of G^T G, and
 the mean-centred version is G^T G - M mu mu^T. So sum(g g^T), sum(g) and M, summed over examples
 and workers, give exactly the SVD subspace in O(d^2) memory.
+
+Also the geometry the report reads: cumulative energy of a spectrum, principal angles and
+overlaps between subspaces.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from spd_ray.config import SubspaceConfig
+
 RANK_MODES = ("half", "fixed", "energy")
-KINDS = ("k", "v")
 
 
 @dataclass
@@ -63,6 +67,12 @@ class SufficientStats:
         return cls(d["gram"].to(torch.float64), d["total"].to(torch.float64), int(d["count"]))
 
 
+def cumulative_energy(s2: torch.Tensor) -> torch.Tensor:
+    """Fraction of the total energy in the first 1, 2, ... directions, from the squared singular
+    values (descending)."""
+    return torch.cumsum(s2, 0) / s2.sum()
+
+
 def _rank(s2: torch.Tensor, d: int, rank_mode: str, rank: int | None, energy: float) -> int:
     if rank_mode == "half":
         return max(1, d // 2)
@@ -73,7 +83,7 @@ def _rank(s2: torch.Tensor, d: int, rank_mode: str, rank: int | None, energy: fl
     if rank_mode == "energy":
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
-        frac = torch.cumsum(s2, 0) / s2.sum()
+        frac = cumulative_energy(s2)
         # small slack so energy=1.0 is reachable despite rounding
         return min(d, int((frac < energy - 1e-12).sum()) + 1)
     raise ValueError(f"unknown rank_mode {rank_mode!r}: use one of {', '.join(RANK_MODES)}")
@@ -81,10 +91,10 @@ def _rank(s2: torch.Tensor, d: int, rank_mode: str, rank: int | None, energy: fl
 
 def compute_basis(
     stats: SufficientStats,
-    rank_mode: str = "half",
+    rank_mode: str = SubspaceConfig.rank_mode,
     rank: int | None = None,
-    energy: float = 0.95,
-    center: bool = True,
+    energy: float = SubspaceConfig.energy,
+    center: bool = SubspaceConfig.center,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Top-r right singular vectors of the (centred) stacked gradients: (basis d x r, S, energy)."""
@@ -126,9 +136,6 @@ class CapabilitySubspace:
     @property
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.bases})
-
-    def dim(self, layer: int, kind: str) -> int:
-        return self.bases[(layer, kind)].shape[0]
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -175,10 +182,10 @@ class CapabilitySubspace:
 def build_subspace(
     stats: dict[tuple[int, str], SufficientStats],
     *,
-    rank_mode: str = "half",
+    rank_mode: str = SubspaceConfig.rank_mode,
     rank: int | None = None,
-    energy: float = 0.95,
-    center: bool = True,
+    energy: float = SubspaceConfig.energy,
+    center: bool = SubspaceConfig.center,
     meta: dict | None = None,
 ) -> CapabilitySubspace:
     """One subspace per (layer, K|V) from accumulated statistics; records ranks in meta."""
@@ -211,3 +218,25 @@ def random_subspace(like: CapabilitySubspace, seed: int) -> CapabilitySubspace:
         {k: math.nan for k in bases},
         {**like.meta, "random_subspace_seed": seed},
     )
+
+
+# ---------------------------------------------------------------- geometry between subspaces
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between the column spans of orthonormal a and b."""
+    # re-orthonormalise in float64: arccos turns a float32 basis's 1e-7 error into ~0.03 degrees
+    a, b = torch.linalg.qr(a.to(torch.float64)).Q, torch.linalg.qr(b.to(torch.float64)).Q
+    s = torch.linalg.svdvals(a.T @ b).clamp(0, 1)
+    return torch.rad2deg(torch.arccos(s))  # svdvals is descending, so the angles ascend
+
+
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cos^2 of the principal angles: 1 for identical spans, 0 for orthogonal ones."""
+    m = a.to(torch.float64).T @ b.to(torch.float64)
+    return float((m**2).sum() / min(a.shape[1], b.shape[1]))
+
+
+def chance_overlap(d: int, r1: int, r2: int) -> float:
+    """Expected overlap of a random r-dim subspace with a fixed one: E||a^T b||^2 = r1 r2 / d."""
+    return max(r1, r2) / d

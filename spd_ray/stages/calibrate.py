@@ -25,10 +25,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from spd_ray.config import FinetuneConfig, SPDConfig
-from spd_ray.gradients import accumulate_kv_gradient_stats
-from spd_ray.modeling import load_model, load_model_zero3, resolve_dtype
-from spd_ray.ray_finetune import deepspeed_config, zero3_partition_counts
-from spd_ray.subspace import SufficientStats
+from spd_ray.core.gradients import accumulate_kv_gradient_stats
+from spd_ray.core.modeling import load_model, load_model_zero3, resolve_dtype
+from spd_ray.core.subspace import SufficientStats
+from spd_ray.stages.finetune import deepspeed_config, zero3_partition_counts
 
 
 def _examples(batches: list[dict]) -> int:

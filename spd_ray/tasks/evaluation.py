@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import torch
 
 from spd_ray.config import EvalConfig
-from spd_ray.generation import generate
-from spd_ray.sandbox import run_many
-from spd_ray.scoring import extract_code, score_choice, score_exact, score_math
-from spd_ray.testbed import Item
+from spd_ray.core.generation import generate
+from spd_ray.tasks.item import Item
+from spd_ray.tasks.sandbox import run_many
+from spd_ray.tasks.scoring import extract_code, score_choice, score_exact, score_math
 
 _TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_exact}
 
@@ -21,7 +21,7 @@ _TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_ex
 def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
     """Per-item correctness by the item's metric: final number (GSM8K, SVAMP), answer letter
     (MMLU), normalized exact match (BBH), asserts run to the end (MBPP; its setup runs first)
-    in the `ev.sandbox` sandbox (default: isolated, 5 s)."""
+    in the `ev.sandbox` sandbox with `ev.code_timeout_s` per program."""
     ev = ev or EvalConfig()
     results: list[bool | None] = [None] * len(items)
     code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]

@@ -11,9 +11,9 @@ import ray
 import torch
 
 from spd_ray.config import TESTBED_MODEL, FinetuneConfig
-from spd_ray.finetune import optimizer_and_schedule
-from spd_ray.ray_finetune import HISTORY_FILE, SUMMARY_FILE, deepspeed_config, finetune_on_ray
-from spd_ray.testbed import make_split
+from spd_ray.core.recipe import optimizer_and_schedule
+from spd_ray.stages.finetune import HISTORY_FILE, SUMMARY_FILE, deepspeed_config, finetune_on_ray
+from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
 

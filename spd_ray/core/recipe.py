@@ -1,7 +1,7 @@
 """Distillation fine-tuning (paper Eq. 14): next-token loss on prompt + completion.
 
 The pieces (tokenized examples, padding-free batches, LoRA/full preparation, AdamW with
-cosine warm-up) are plain torch + peft; `spd_ray.ray_finetune` runs them under Ray Train +
+cosine warm-up) are plain torch + peft; `spd_ray.stages.finetune` runs them under Ray Train +
 DeepSpeed.
 """
 

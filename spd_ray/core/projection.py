@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-from spd_ray.modeling import kv_linears
-from spd_ray.subspace import CapabilitySubspace
+from spd_ray.core.modeling import kv_linears
+from spd_ray.core.subspace import CapabilitySubspace
 
 MODES = {"both": ("k", "v"), "k_only": ("k",), "v_only": ("v",)}
 

@@ -43,7 +43,7 @@ sandbox, System V IPC objects a program creates (through ctypes; the standard li
 API for them) outlive it and could be read by a later program of the same sandbox.
 
 `run_many` runs programs in parallel: as Ray tasks when Ray is initialized, threads otherwise.
-`python -m spd_ray.sandbox` prints what isolation this machine gives.
+`python -m spd_ray.tasks.sandbox` prints what isolation this machine gives.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
+
+from spd_ray.config import EvalConfig
 
 MODES = ("isolated", "process")
 log = logging.getLogger(__name__)
@@ -445,7 +447,7 @@ def _run_on(box: _Sandbox, job: tuple) -> tuple[ExecResult, bool]:
 
 
 def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *, mode: str = "isolated",
-                timeout_s: float = 5.0, memory_mb: int = 512,
+                timeout_s: float = EvalConfig.code_timeout_s, memory_mb: int = 512,
                 max_output_bytes: int = 10_000) -> ExecResult:
     """Run `setup`, then `code`, then each test in one namespace, in a sandbox of its own; it
     passes when the last test has finished. status "error": it does not compile; "timeout": past
@@ -508,7 +510,7 @@ def isolation() -> dict:
                 "namespaces": ["pid", "net", "mount", "ipc", "uts"] + ([] if os.geteuid() == 0 else ["user"])}
     if result.startswith("probe "):  # the sandbox started but leaks: a setup we do not know
         return {**facts, "available": False, "missing": f"the sandbox is not isolated ({result})",
-                "fix": "report it with the output of python -m spd_ray.sandbox"}
+                "fix": "report it with the output of python -m spd_ray.tasks.sandbox"}
     why = (complaints or result or "no answer")[-500:]
     return {**facts, "available": False, "missing": f"bwrap could not build the sandbox: {why}",
             "fix": "allow unprivileged user namespaces (sysctl user.max_user_namespaces=15000; "
@@ -566,7 +568,7 @@ _run_chunk = ray.remote(num_cpus=1, max_retries=3)(_run_local)
 
 
 def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = "isolated",
-             timeout_s: float = 5.0, max_workers: int | None = None) -> list[ExecResult]:
+             timeout_s: float = EvalConfig.code_timeout_s, max_workers: int | None = None) -> list[ExecResult]:
     """(program, tests, setup) triples run in parallel; results keep the input order.
 
     With Ray initialized, chunks of `_CHUNK` programs run as Ray tasks (`max_workers` programs at

@@ -8,9 +8,11 @@ by hooks on k_proj/v_proj (or folded into their weights) is in the cache for eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from spd_ray.config import GenerationConfig
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -33,13 +35,12 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     seeds: Sequence[int] | None = None,
-    batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
+    batch_size: int = GenerationConfig.batch_size,
 ) -> list[str]:
     """One completion per prompt (greedy when temperature == 0)."""
     if temperature > 0 and seeds is None:
@@ -62,8 +63,6 @@ def generate(
                              gens, eos, pad)
         for i, toks in zip(rows, new_tokens):
             out[i] = tokenizer.decode(toks, skip_special_tokens=True)
-        if on_batch is not None:
-            on_batch(len(rows))
     return out
 
 

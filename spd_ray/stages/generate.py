@@ -2,22 +2,38 @@
 
 Each actor loads one replica in `__init__`, with the projection folded into a copy of the
 weights (default) or applied by hooks; rows carry their own sampling seed, so the samples do
-not depend on how many replicas there are or which one a row lands on. Evaluation uses the same
-actors with greedy decoding and no projection.
+not depend on how many replicas there are or which one a row lands on. Evaluation
+(`spd_ray.stages.evaluate`) uses the same actors with greedy decoding and no projection.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
-from spd_ray.evaluation import accuracy_splits, nll_splits, split_metrics
-from spd_ray.generation import generate
-from spd_ray.testbed import Item
+from spd_ray.config import GenerationConfig, ModelConfig
+from spd_ray.core.generation import generate
+from spd_ray.core.modeling import load_model, load_tokenizer
+from spd_ray.core.projection import fold_projection, projection_hooks
+from spd_ray.core.subspace import CapabilitySubspace
+
+
+def load_projected(model: ModelConfig, subspace_dir: str | None, mode: str,
+                   hooks: ExitStack | None = None):
+    """The model (eval mode) with K/V projected onto the subspace saved in `subspace_dir` (None:
+    the plain model): folded into a copy of the weights, or, given `hooks`, by forward hooks that
+    stay on until `hooks` is closed."""
+    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+    if subspace_dir is None:
+        return net
+    subspace = CapabilitySubspace.load(subspace_dir)
+    if hooks is None:
+        return fold_projection(net, subspace, mode)
+    hooks.enter_context(projection_hooks(net, subspace, mode))
+    return net
 
 
 class Generator:
@@ -25,19 +41,9 @@ class Generator:
 
     def __init__(self, model: ModelConfig, gen: GenerationConfig, subspace_dir: str | None,
                  mode: str, apply: str, greedy: bool, max_new_tokens: int):
-        from spd_ray.modeling import load_model, load_tokenizer
-        from spd_ray.projection import fold_projection, projection_hooks
-        from spd_ray.subspace import CapabilitySubspace
-
-        self.model = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+        self._hooks = ExitStack()  # apply=hooks: the projection hooks, on for the actor's lifetime
+        self.model = load_projected(model, subspace_dir, mode, None if apply == "fold" else self._hooks)
         self.tokenizer = load_tokenizer(model.path, model.trust_remote_code)
-        if subspace_dir is not None:
-            subspace = CapabilitySubspace.load(subspace_dir)
-            if apply == "fold":
-                self.model = fold_projection(self.model, subspace, mode)
-            else:  # hooks stay on for the actor's lifetime
-                self._hooks = projection_hooks(self.model, subspace, mode)
-                self._hooks.__enter__()
         self.node = ray.get_runtime_context().get_node_id()
         self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=gen.batch_size)
         if not greedy:
@@ -49,6 +55,9 @@ class Generator:
                                seeds=seeds, **self.kwargs)
         return {**batch, "completion": np.array(completions, dtype=object),
                 "node": np.array([self.node] * len(completions), dtype=object)}
+
+    def __del__(self):
+        self._hooks.close()
 
 
 class VLLMGenerator:
@@ -82,12 +91,7 @@ class VLLMGenerator:
 @ray.remote
 def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj."""
-    from spd_ray.modeling import load_model, load_tokenizer
-    from spd_ray.projection import fold_projection
-    from spd_ray.subspace import CapabilitySubspace
-
-    base = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
-    fold_projection(base, CapabilitySubspace.load(subspace_dir), mode).save_pretrained(out)
+    load_projected(model, subspace_dir, mode).save_pretrained(out)
     load_tokenizer(model.path, model.trust_remote_code).save_pretrained(out)
     return out
 
@@ -126,36 +130,3 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
         max_restarts=-1,
         max_task_retries=-1,
     )
-
-
-@ray.remote
-def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
-                   mode: str) -> float:
-    from spd_ray.evaluation import reference_nll
-    from spd_ray.modeling import load_model, load_tokenizer
-    from spd_ray.projection import fold_projection
-    from spd_ray.subspace import CapabilitySubspace
-
-    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
-    if subspace_dir is not None:
-        net = fold_projection(net, CapabilitySubspace.load(subspace_dir), mode)
-    return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
-
-
-def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
-                    splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
-                    mode: str = "both") -> dict[str, float]:
-    """Greedy completions from the generation actors, scored on the driver. Projection off,
-    unless `subspace_dir` is given (the inference-only baseline)."""
-    subspace_dir = None if subspace_dir is None else str(subspace_dir)
-    scored = accuracy_splits(splits)  # NLL-only splits need no completions
-    rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
-            for name in scored for i, it in enumerate(splits[name])]
-    greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
-    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
-                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all() if rows else []
-    by_id = {r["id"]: r["completion"] for r in done}
-    completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
-    nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
-           .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
-    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev)

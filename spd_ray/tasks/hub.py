@@ -21,8 +21,8 @@ from pathlib import Path
 import datasets
 
 from spd_ray.config import TaskConfig
-from spd_ray.scoring import extract_number
-from spd_ray.testbed import LETTERS, Item
+from spd_ray.tasks.item import LETTERS, Item
+from spd_ray.tasks.scoring import extract_number
 
 BBH_TASKS = ("logical_deduction_three_objects", "date_understanding", "movie_recommendation",
              "boolean_expressions", "causal_judgement", "sports_understanding")
@@ -83,7 +83,7 @@ def load_rows(task: TaskConfig, benchmark: str, split: str, config: str | None =
             raise RuntimeError(
                 f"cannot load {where} from the Hugging Face hub ({type(err).__name__}: {err}). "
                 f"Check task.hub_datasets.{benchmark} and the network, run with HF_HUB_OFFLINE=0 "
-                "HF_DATASETS_OFFLINE=0 (jobs/spd.py defaults both to 1), or set task.data_dir to a "
+                "HF_DATASETS_OFFLINE=0 (the pipeline defaults both to 1), or set task.data_dir to a "
                 f"folder with a local copy at {folder}/{split}.jsonl") from err
     missing = [f for f in FIELDS[benchmark] if f not in rows.column_names]
     if missing:

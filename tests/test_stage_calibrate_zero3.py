@@ -5,12 +5,12 @@ import ray
 import torch
 
 from spd_ray.config import SPDConfig
-from spd_ray.gradients import accumulate_kv_gradient_stats
-from spd_ray.modeling import resolve_layers
-from spd_ray.ray_calibrate import distributed_kv_stats
-from spd_ray.spans import calibration_batches
-from spd_ray.subspace import build_subspace
-from spd_ray.testbed import make_split
+from spd_ray.core.gradients import accumulate_kv_gradient_stats
+from spd_ray.core.modeling import resolve_layers
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import build_subspace
+from spd_ray.stages.calibrate import distributed_kv_stats
+from spd_ray.tasks.testbed import make_split
 
 
 def _cfg(path: str, **calibration) -> SPDConfig:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spd_ray.modeling import decoder_layers, kv_linears
-from spd_ray.subspace import SufficientStats
+from spd_ray.core.modeling import decoder_layers, kv_linears
+from spd_ray.core.subspace import SufficientStats
 
 
 def _device(model) -> torch.device:

@@ -1,0 +1,44 @@
+"""Evaluation on Ray: greedy completions from stage 2's generation actors, scored on the driver,
+and the NLL of reference answers as Ray tasks.
+
+The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ray
+
+from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
+from spd_ray.core.modeling import load_tokenizer
+from spd_ray.stages.generate import generate_dataset, load_projected
+from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, reference_nll, split_metrics
+from spd_ray.tasks.item import Item
+
+
+@ray.remote
+def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
+                   mode: str) -> float:
+    net = load_projected(model, subspace_dir, mode)
+    return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
+
+
+def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
+                    splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
+                    mode: str = "both") -> dict[str, float]:
+    """Greedy completions from the generation actors, scored on the driver. Projection off,
+    unless `subspace_dir` is given (the inference-only baseline)."""
+    subspace_dir = None if subspace_dir is None else str(subspace_dir)
+    scored = accuracy_splits(splits)  # NLL-only splits need no completions
+    rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
+            for name in scored for i, it in enumerate(splits[name])]
+    greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
+    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
+                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all() if rows else []
+    by_id = {r["id"]: r["completion"] for r in done}
+    completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
+    nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
+           .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
+    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev)

@@ -1,0 +1,43 @@
+"""One task example (`Item`) and the names every task source shares: the three capability
+domains, the split names and the multiple-choice letters.
+
+Everything that handles examples (the hub loaders, scoring, the Ray stages) imports them from
+here, not from the synthetic generator (`spd_ray.tasks.testbed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DOMAINS = ("math", "mcq", "code")
+# the evaluation splits of every domain: in-domain test, and transfer (other wordings/benchmarks)
+EVAL_SPLITS = ("test", "transfer")
+# the testbed's splits: labeled calibration, training prompts, evaluation, and the noisy corpus
+# the tiny base model learns from
+SPLITS = ("calibration", "train", *EVAL_SPLITS, "pretrain")
+LETTERS = "ABCD"
+DOMAIN_METRIC = {"math": "number", "mcq": "choice", "code": "asserts"}
+
+
+@dataclass
+class Item:
+    id: str
+    domain: str
+    split: str
+    prompt: str  # raw prompt: what generation and evaluation see
+    answer: str  # reference completion (calibration only; never used for training)
+    gold: str = ""  # final number / answer letter; empty for code
+    tests: list[str] = field(default_factory=list)  # code: assert lines
+    span_rule: str = ""  # which correctness-span rule applies (spd_ray.core.spans)
+    setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
+    # scorer (spd_ray.tasks.evaluation.score): number | choice | exact | asserts | nll (reference NLL
+    # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
+    metric: str = ""
+
+    def __post_init__(self):
+        self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")
+
+    @property
+    def text(self) -> str:
+        """Calibration text: prompt followed by the reference answer."""
+        return self.prompt + self.answer

@@ -1,0 +1,54 @@
+"""The layers: spd_ray.core runs without Ray, and the pipeline sets the offline defaults before
+anything reads them."""
+
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import spd_ray.core
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = sorted(f"spd_ray.core.{m.name}" for m in pkgutil.iter_modules(spd_ray.core.__path__))
+HUB_LIBRARIES = ("huggingface_hub", "transformers", "datasets")
+
+
+def _fresh(code: str, env: dict | None = None):
+    """What `code` prints (JSON) in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_core_runs_without_importing_ray(testbed_model_path):
+    assert {"spd_ray.core.recipe", "spd_ray.core.subspace", "spd_ray.core.modeling"} <= set(CORE)
+    # every core module, and the lazy imports of its loaders (transformers, peft) too
+    code = f"""
+import importlib, json, sys
+for name in {CORE!r}:
+    importlib.import_module(name)
+from spd_ray.config import FinetuneConfig
+from spd_ray.core.generation import generate
+from spd_ray.core.modeling import load_model, load_tokenizer
+from spd_ray.core.recipe import prepare_model
+model, tok = load_model({testbed_model_path!r}, device="cpu"), load_tokenizer({testbed_model_path!r})
+generate(model, tok, ["Question: 1 + 1?\\nAnswer:"], max_new_tokens=2)
+prepare_model(model, FinetuneConfig())
+print(json.dumps(sorted(n for n in sys.modules if n == "ray" or n.startswith("ray."))))
+"""
+    assert _fresh(code) == []
+
+
+def test_the_pipeline_sets_the_offline_defaults_before_the_hub_libraries_read_them():
+    code = f"""
+import json, os, sys
+import spd_ray.pipeline
+print(json.dumps([os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"),
+                  [m for m in {HUB_LIBRARIES!r} if m in sys.modules]]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    assert _fresh(code, env) == ["1", "1", []]
+    assert _fresh(code, {**env, "HF_HUB_OFFLINE": "0"}) == ["0", "1", []]  # the caller's value stays
