@@ -379,8 +379,9 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     `ds_overrides` is merged into the DeepSpeed config; `extra_loop_config` adds test-only
     knobs to the loop (`stop_after_epochs`, `debug_dir`).
 
-    The driver counts the rows first (`dataset.count()`, for the schedule's length): cheap for
-    a Parquet or materialized dataset, a full execution for a lazy pipeline."""
+    The driver materializes the corpus once in the object store (text: megabytes even for the
+    paper's largest runs): it counts the rows for the schedule, and each worker, which reads the
+    whole corpus, takes blocks from there instead of running the read and filter again."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -394,7 +395,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
         raise ValueError(f"the fine-tuning dataset lacks columns {sorted(missing)}; "
                          f"it has {dataset.columns()}")
     dataset = dataset.select_columns(["id", "prompt", "completion"] if "id" in dataset.columns()
-                                     else ["prompt", "completion"])
+                                     else ["prompt", "completion"]).materialize()
     n_rows = dataset.count()
     plan = epoch_plan(n_rows, cfg.num_workers, cfg)  # errors here, not in the workers
     output_dir = Path(output_dir).expanduser().resolve()
