@@ -22,6 +22,7 @@ from spd_ray.config import ConfigError, SPDConfig
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
 from spd_ray.core.spans import calibration_batches
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace
+from spd_ray.local_ray import start_local_ray
 from spd_ray.stages.calibrate import distributed_kv_stats
 from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.stages.finetune import finetune_on_ray
@@ -234,5 +235,5 @@ def connect_ray(cfg: SPDConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env)
     else:  # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+        start_local_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
 

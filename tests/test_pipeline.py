@@ -173,33 +173,59 @@ def _parts(run: Path) -> set[str]:
     return {p.name for p in run.glob("generations.partial-*/part-*.parquet")}
 
 
+def _kill_driver_when(args, env, ready, what: str) -> float:
+    """Start the job, SIGKILL its driver (by pid) as soon as `ready()` holds; the seconds it ran."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    start = time.monotonic()
+    try:
+        while not ready() and proc.poll() is None and time.monotonic() < start + 600:
+            time.sleep(0.2)
+        assert ready(), f"{what} never happened (exit status {proc.poll()})"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return time.monotonic() - start
+    finally:  # the local Ray it started, which outlives it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _mid_epoch_checkpoint(run: Path) -> int:
+    """The step of stage 3's latest registered checkpoint (0: none yet)."""
+    for snapshot in run.glob("model.resume-*/*-finetune/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+            return json.loads(snapshot.read_text())["checkpoint_results"][-1]["metrics"]["step"]
+    return 0
+
+
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_driver_killed_in_stage2_loses_only_unwritten_rows(tmp_path):
-
+def test_a_driver_killed_in_stage2_and_in_stage3_loses_only_unfinished_work(tmp_path):
     args = [sys.executable, str(ROOT / "jobs/spd.py"), *SMALL, "evaluation.domains=[math]", "task.n_eval=4",
-            "generation.batch_size=4", "generation.replicas_max=1", "run.name=cut", f"run.output_dir={tmp_path}"]
+            "generation.batch_size=4", "generation.replicas_max=1", "finetune.batch_size=2",
+            "finetune.checkpoint_every_steps=1",
+            "run.name=cut", f"run.output_dir={tmp_path}"]
     run = tmp_path / "cut"
     # each driver its own W&B service, as on a cluster (not the one this test process may hold)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while len(_parts(run)) < 2 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(_parts(run)) >= 2, "stage 2 never wrote a part"
-        os.kill(first.pid, signal.SIGKILL)  # the driver, by pid, mid-stage 2
-        first.wait()
-        before = _parts(run)
-    finally:  # the local Ray it started, which outlives it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
-    again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    written = int(re.search(r"(\d+) of 32 rows already written", again.stdout).group(1))
-    assert written >= 8 and "reusing" in again.stdout  # the subspace and the base evaluation too
+    t_cut2 = _kill_driver_when(args, env, lambda: len(_parts(run)) >= 2, "stage 2 writing a part")
+    before = _parts(run)
+    # the rerun keeps those parts, generates the rest, and is killed once stage 3 has checkpointed
+    t_cut3 = _kill_driver_when(args, env, lambda: 0 < _mid_epoch_checkpoint(run) < 8, "a stage 3 checkpoint")  # of 8
+    step_at_kill = _mid_epoch_checkpoint(run)
     parts = sorted((run / "generations").glob("part-*.parquet"))
-    assert before <= {p.name for p in parts}  # the parts written before the kill were kept
+    assert before <= {p.name for p in parts}  # the parts written before the first kill were kept
     ids = [i for p in parts for i in pq.read_table(p, columns=["id"])["id"].to_pylist()]
     assert sorted(ids) == sorted(f"{i}-0" for i in range(32))  # every row exactly once
+    start = time.monotonic()
+    last = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert re.search(r"generations: reusing", last.stdout)  # stage 2 is not done again
+    summary = json.loads((run / "model" / "train_summary.json").read_text())
+    history = [json.loads(line) for line in (run / "model" / "train_history.jsonl").read_text().splitlines()]
+    assert 0 < summary["start_step"] < summary["total_steps"] and summary["finished"]  # resumed mid-epoch
+    assert [h["step"] for h in history] == list(range(1, summary["total_steps"] + 1))  # none lost or twice
+    assert (run / "eval_spd.json").exists()
+    print(f"faults: stage 2 cut after {t_cut2:.0f} s ({len(before)} parts kept), stage 3 cut after "
+          f"{t_cut3:.0f} s (checkpoint at step {step_at_kill}, resumed at {summary['start_step']} of "
+          f"{summary['total_steps']}), last run {time.monotonic() - start:.0f} s")
