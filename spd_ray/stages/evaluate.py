@@ -18,7 +18,8 @@ from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, reference_nll,
 from spd_ray.tasks.item import Item
 
 
-@ray.remote
+# a pure function of its arguments: a lost worker or node reruns it elsewhere
+@ray.remote(max_retries=3)
 def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
                    mode: str) -> float:
     net = load_projected(model, subspace_dir, mode)

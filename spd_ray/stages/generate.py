@@ -88,7 +88,8 @@ class VLLMGenerator:
                 "node": np.array([self.node] * len(completions), dtype=object)}
 
 
-@ray.remote
+# a pure function of its arguments: a lost worker or node reruns it elsewhere
+@ray.remote(max_retries=3)
 def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj."""
     load_projected(model, subspace_dir, mode).save_pretrained(out)
