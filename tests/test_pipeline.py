@@ -116,7 +116,7 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
     try:
         args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=multi", f"run.ray_address={cluster.address}",
                 "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD",
-                "calibration.batch_size=4", "generation.batch_size=4"]
+                "calibration.batch_size=4", "generation.batch_size=4", "evaluation.domains=[math]", "task.n_eval=4"]
         assert spd.main(args) == 0
         run = tmp_path / "multi"
         meta = json.loads((run / "subspace/subspace.json").read_text())["meta"]
