@@ -142,7 +142,7 @@ class FinetuneConfig:
     # Ray Train + DeepSpeed
     num_workers: int = 2
     cpus_per_worker: float = 1.0
-    use_gpu: bool = False
+    use_gpu: bool = False  # precision: model.dtype on these devices (auto: bf16 on GPU)
     placement: Literal["PACK", "SPREAD"] = "PACK"  # Ray Train placement of the workers over nodes
     zero_stage: int = 3
     offload_optimizer: bool = False
