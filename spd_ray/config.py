@@ -142,7 +142,7 @@ class FinetuneConfig:
     # Ray Train + DeepSpeed
     num_workers: int = 2
     cpus_per_worker: float = 1.0
-    use_gpu: bool = False
+    use_gpu: bool = False  # precision: model.dtype on these devices (auto: bf16 on GPU)
     placement: Literal["PACK", "SPREAD"] = "PACK"  # Ray Train placement of the workers over nodes
     zero_stage: int = 3
     offload_optimizer: bool = False
@@ -280,10 +280,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update` merged in, recursively: mappings merge, anything else replaces.
+    Neither argument is modified."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -320,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         data = loaded
     for item in overrides:
-        data = _merge(data, _parse_override(item))
+        data = deep_merge(data, _parse_override(item))
     return _build(SPDConfig, data)
 
 
@@ -375,7 +377,7 @@ def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"comparison config {path} does not exist; the shipped ones are in configs/compare/")
     data = _read_yaml(path)
     for item in overrides:
-        data = _merge(data, _parse_override(item))
+        data = deep_merge(data, _parse_override(item))
     cfg = _build(CompareConfig, data)
     if not cfg.methods:
         raise ConfigError(f"{path}: `methods` is empty; list at least one (name, overrides, train)")

@@ -122,7 +122,8 @@ def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, resume_dir: Pa
     (for round k of iterated SPD: round k-1's model); checkpoints in `resume_dir`."""
     finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
                     output_dir=out, run_name=f"{cfg.run.name}-finetune",
-                    storage_path=str(resume_dir), wandb_run_id=tracker.run_id,
+                    storage_path=str(resume_dir), dtype=cfg.model.dtype,
+                    wandb_run_id=tracker.run_id,
                     on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
 
 

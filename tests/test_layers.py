@@ -1,5 +1,5 @@
-"""The layers: spd_ray.core runs without Ray, and the pipeline sets the offline defaults before
-anything reads them."""
+"""The layers: spd_ray.core runs without Ray or DeepSpeed (every DeepSpeed call is in
+spd_ray.stages.deepspeed), and the pipeline sets the offline defaults before anything reads them."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def _fresh(code: str, env: dict | None = None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_core_runs_without_importing_ray(testbed_model_path):
+def test_core_runs_without_importing_ray_or_deepspeed(testbed_model_path):
     assert {"spd_ray.core.recipe", "spd_ray.core.subspace", "spd_ray.core.modeling"} <= set(CORE)
     # every core module, and the lazy imports of its loaders (transformers, peft) too
     code = f"""
@@ -37,7 +37,7 @@ from spd_ray.core.recipe import prepare_model
 model, tok = load_model({testbed_model_path!r}, device="cpu"), load_tokenizer({testbed_model_path!r})
 generate(model, tok, ["Question: 1 + 1?\\nAnswer:"], max_new_tokens=2)
 prepare_model(model, FinetuneConfig())
-print(json.dumps(sorted(n for n in sys.modules if n == "ray" or n.startswith("ray."))))
+print(json.dumps(sorted(n for n in sys.modules if n.split(".")[0] in ("ray", "deepspeed"))))
 """
     assert _fresh(code) == []
 

@@ -12,7 +12,9 @@ import torch
 
 from spd_ray.config import TESTBED_MODEL, FinetuneConfig
 from spd_ray.core.recipe import optimizer_and_schedule
-from spd_ray.stages.finetune import HISTORY_FILE, SUMMARY_FILE, deepspeed_config, finetune_on_ray
+from spd_ray.stages import finetune
+from spd_ray.stages.deepspeed import CHECKPOINT_TAG, resolve_precision
+from spd_ray.stages.finetune import HISTORY_FILE, SUMMARY_FILE, finetune_on_ray
 from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
@@ -66,31 +68,45 @@ def _plain(path) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _checkpoint_weights(out: Path, **kw) -> dict:
+    """The weights of the run's last checkpoint (the end of its last step), gathered from the
+    ZeRO-3 shards by DeepSpeed's own offline tool: the engine's weights, independently of the
+    export's consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(_summary(out)["checkpoint"], tag=CHECKPOINT_TAG, **kw)
+
+
 @pytest.fixture(scope="module")
 def full_run(local_ray, dataset_rows, tmp_path_factory):
     """One full fine-tuning ZeRO-3 job, shared by the partitioning and the export tests."""
     tmp = tmp_path_factory.mktemp("full")
     seen: list[dict] = []
-    out = _run(_cfg(), dataset_rows, tmp, "full", on_metrics=seen.append,
-               extra_loop_config={"debug_dir": str(tmp / "debug")})
-    return out, tmp / "debug", seen
+    out = _run(_cfg(), dataset_rows, tmp, "full", on_metrics=seen.append)
+    return out, seen
 
 
 def test_deepspeed_config_is_concrete():
-    ds = deepspeed_config(_cfg(grad_accum=2, offload_optimizer=True), 2, PARTITION_ALL)
+    fp32 = resolve_precision("auto", gpu=False)
+    ds = finetune.training_deepspeed_config(_cfg(grad_accum=2, offload_optimizer=True), fp32, PARTITION_ALL)
     assert ds["train_batch_size"] == 2 * 2 * 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
     assert "auto" not in json.dumps(ds)
-    assert deepspeed_config(_cfg(use_gpu=True), 4)["bf16"]["enabled"] is True
+    # the dtype rule of both stages: model.dtype, auto = bf16 on GPU and fp32 on CPU
+    assert fp32 == torch.float32 and resolve_precision("auto", gpu=True) == torch.bfloat16
+    assert resolve_precision("bfloat16", gpu=False) == torch.bfloat16
+    gpu = finetune.training_deepspeed_config(_cfg(use_gpu=True), resolve_precision("auto", gpu=True))
+    assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
+    assert finetune.training_deepspeed_config(_cfg(), torch.float16)["fp16"]["enabled"] is True
     with pytest.raises(ValueError, match="offload_params"):
-        deepspeed_config(_cfg(zero_stage=2, offload_params=True), 2)
+        finetune.training_deepspeed_config(_cfg(zero_stage=2, offload_params=True), fp32)
 
 
 def test_zero3_really_partitions(full_run):
-    out, _, _ = full_run
+    out, _ = full_run
     s = _summary(out)
     assert s["world_size"] == 2
     assert s["zero3_params"] == s["params"] > 0
@@ -102,13 +118,13 @@ def test_zero3_really_partitions(full_run):
 
 
 def test_full_zero3_export_equals_engine_weights(full_run):
-    out, debug, seen = full_run
-    consolidated = torch.load(debug / "final.pt")
+    out, seen = full_run
+    trained = _checkpoint_weights(out)
     exported, original = _plain(out), _plain(str(TESTBED_MODEL))
-    assert set(exported) <= set(consolidated) and "model.embed_tokens.weight" in exported
+    assert set(exported) <= set(trained) and "model.embed_tokens.weight" in exported
     for k, v in exported.items():
         assert v.numel() > 0 and v.shape == original[k].shape, k
-        torch.testing.assert_close(v, consolidated[k].float(), rtol=0, atol=0)
+        torch.testing.assert_close(v, trained[k].float(), rtol=0, atol=0)
     assert any(not torch.equal(exported[k], original[k]) for k in exported)  # it trained
     history = _history(out)
     s = _summary(out)
@@ -141,44 +157,14 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
     assert changed and all(".self_attn." in k for k in changed)  # only the LoRA targets moved
 
     adapter = _run(dataclasses.replace(cfg, export="adapter", gradient_checkpointing=False), rows,
-                   tmp_path, "adapter",
-                   extra_loop_config={"debug_dir": str(tmp_path / "debug")})
+                   tmp_path, "adapter")
     assert (adapter / "adapter_config.json").exists()
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(TESTBED_MODEL), dtype=torch.float32), str(adapter))
-    consolidated = torch.load(tmp_path / "debug" / "final.pt")
+    trained = _checkpoint_weights(adapter, exclude_frozen_parameters=True)  # the LoRA weights
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    assert lora and all(torch.equal(v, consolidated[k]) for k, v in lora.items())
+    assert lora and all(torch.equal(v, trained[k]) for k, v in lora.items())
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0
-
-
-def test_resume_continues_at_the_next_epoch(local_ray, dataset_rows, tmp_path):
-    cfg = _cfg(epochs=2.0)
-    debug = tmp_path / "debug"
-    first = _run(cfg, dataset_rows, tmp_path, "resume",
-                 extra_loop_config={"stop_after_epochs": 1, "debug_dir": str(debug)})
-    s1 = _summary(first)
-    assert s1["epoch"] == 1 and not s1["finished"] and s1["step"] == 4
-    assert not (first / "config.json").exists()  # interrupted: nothing exported
-    stopped = torch.load(debug / "stopped.pt")
-
-    second = _run(cfg, dataset_rows, tmp_path, "resume", extra_loop_config={"debug_dir": str(debug)})
-    s2 = _summary(second)
-    assert s2["start_epoch"] == 1 and s2["finished"] and s2["epoch"] == 2 and s2["step"] == 8
-    history = _history(second)
-    assert [h["step"] for h in history] == list(range(1, 9))  # epoch 1 not redone
-    assert [h["epoch"] for h in history] == [0] * 4 + [1] * 4
-    resumed = torch.load(debug / "resumed.pt")  # weights right after load_checkpoint
-    assert all(torch.equal(resumed[k], stopped[k]) for k in stopped)
-    # the schedule resumed too: step 5 used the lr of step 5, not a new warm-up
-    opt, sched = optimizer_and_schedule(torch.nn.Linear(1, 1), cfg, 8, 4)
-    lrs = []
-    for _ in range(8):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert [h["lr"] for h in history] == pytest.approx(lrs, rel=1e-6)
-    assert (second / "config.json").exists()
 
 
 def _train_workers() -> list[int]:
@@ -205,7 +191,7 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     rows = [{"id": it.id, "prompt": it.prompt, "completion": it.answer}
             for it in make_split("math", "train", 32)]
     cfg = _cfg(epochs=1.0, checkpoint_every_steps=1, max_failures=2)  # 8 steps, all in one epoch
-    whole = _run(cfg, rows, tmp_path, "whole", extra_loop_config={"debug_dir": str(tmp_path / "w")})
+    whole = _run(cfg, rows, tmp_path, "whole")
     killed: list[int] = []
 
     def kill_after_a_step_checkpoint():
@@ -224,7 +210,7 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     thread = threading.Thread(target=kill_after_a_step_checkpoint, daemon=True)
     thread.start()
     # the rows arrive in another order: the data order is the seed's and the world size's alone
-    cut = _run(cfg, rows[::-1], tmp_path, "cut", extra_loop_config={"debug_dir": str(tmp_path / "c")})
+    cut = _run(cfg, rows[::-1], tmp_path, "cut")
     thread.join()
     summary = _summary(cut)
     assert killed and 0 < summary["start_step"] < 8, (killed, summary["start_step"])  # resumed mid-epoch
@@ -233,5 +219,13 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     assert [h["step"] for h in h_cut] == list(range(1, 9))  # no step lost, none done twice
     assert [h["tokens"] for h in h_cut] == [h["tokens"] for h in h_whole]  # the same batches
     assert [h["loss"] for h in h_cut] == pytest.approx([h["loss"] for h in h_whole], abs=1e-6)
-    a, b = torch.load(tmp_path / "w" / "final.pt"), torch.load(tmp_path / "c" / "final.pt")
+    # the schedule resumed too: each step used its own lr, not a new warm-up
+    opt, sched = optimizer_and_schedule(torch.nn.Linear(1, 1), cfg, 8, 8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert [h["lr"] for h in h_cut] == pytest.approx(lrs, rel=1e-6)
+    a, b = _plain(whole), _plain(cut)  # the exported models (method full: HF folders)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same final weights

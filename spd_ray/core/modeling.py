@@ -143,39 +143,25 @@ def resolve_dtype(dtype: str, device: str = "auto") -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
 
 
-def load_model(
-    path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
-):
-    """A causal LM in eval mode; dtype auto = bfloat16 on CUDA, float32 on CPU."""
+def from_pretrained(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A causal LM from a local folder or the hub, in `dtype`, as transformers builds it: on CPU,
+    or partitioned over the ranks while a ZeRO-3 `HfDeepSpeedConfig` is alive."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype, device)
-    source = _resolve_source(path)
-    model = _from_hub(
-        AutoModelForCausalLM.from_pretrained,
-        source,
-        dtype=torch_dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    return model.to(_device(device)).eval()
-
-
-def load_model_zero3(path: str, ds_config: dict, dtype: torch.dtype, trust_remote_code: bool = False):
-    """A causal LM created ZeRO-3-partitioned over the current DeepSpeed process group (every
-    rank must call this at once), in eval mode, and the `HfDeepSpeedConfig` that made it so:
-    keep a reference to it while the model is in use (transformers holds it weakly).
-    `dtype` must match the precision of `ds_config` (zero.Init casts to the config's)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hf_ds = HfDeepSpeedConfig(ds_config)  # before from_pretrained: weights load partitioned
-    model = _from_hub(
+    return _from_hub(
         AutoModelForCausalLM.from_pretrained,
         _resolve_source(path),
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
-    return model.eval(), hf_ds
+
+
+def load_model(
+    path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+):
+    """A causal LM in eval mode; dtype auto = bfloat16 on CUDA, float32 on CPU."""
+    model = from_pretrained(path, resolve_dtype(dtype, device), trust_remote_code)
+    return model.to(_device(device)).eval()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

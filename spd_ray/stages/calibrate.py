@@ -7,10 +7,11 @@ device) makes the workers one torch.distributed group (gloo on CPU, NCCL with on
 holds one ZeRO-3-partitioned model. Rank 0 offers its node IP and a free port as rendezvous, as
 Ray Train's torch backend does; plain actors rather than a TorchTrainer, because statistics come
 back as return values (Train returns only reported metrics and checkpoints) and the placement
-group is shared with the replica path. `deepspeed.initialize` without an optimizer (ZeRO-3
-inference) gathers each module's parameters for its forward and backward; those gathers are
-collectives, so every rank runs one pass per batch and the shorter shards add padding passes
-whose statistics are dropped.
+group is shared with the replica path. Each rank's DeepSpeed is a `DeepSpeedStrategy`
+(`spd_ray.stages.deepspeed`, shared with stage 3), in the precision of `model.dtype` (auto: bf16
+on GPU, fp32 on CPU); its engine, without an optimizer (ZeRO-3 inference), gathers each module's
+parameters for its forward and backward. Those gathers are collectives, so every rank runs one
+pass per batch and the shorter shards add padding passes whose statistics are dropped.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import socket
 from collections.abc import Sequence
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from spd_ray.config import FinetuneConfig, SPDConfig
+from spd_ray.config import SPDConfig
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
-from spd_ray.core.modeling import load_model, load_model_zero3, resolve_dtype
+from spd_ray.core.modeling import load_model
 from spd_ray.core.subspace import SufficientStats
-from spd_ray.stages.finetune import deepspeed_config, zero3_partition_counts
+from spd_ray.stages.deepspeed import DeepSpeedStrategy, deepspeed_config, resolve_precision
 
 
 def _examples(batches: list[dict]) -> int:
@@ -42,7 +42,7 @@ class CalibrationWorker:
 
     def __init__(self, cfg: SPDConfig):
         m = cfg.model
-        self.cfg, self.engine = cfg, None
+        self.cfg, self.ds = cfg, None
         if cfg.calibration.zero_stage == 0:
             self.model = load_model(m.path, m.dtype, m.device, m.trust_remote_code)
 
@@ -52,32 +52,26 @@ class CalibrationWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join_zero3(self, host: str, port: int, rank: int, world: int, ds_config: dict,
-                   dtype: torch.dtype) -> dict:
+    def join_zero3(self, host: str, port: int, rank: int, world: int, ds_config: dict) -> dict:
         """Join the process group and load this rank's partition of the model (every rank at
         once); returns the rank, its node and its partition counts."""
-        gpu = self.cfg.calibration.gpus_per_worker > 0
         # the launcher's environment contract; LOCAL_RANK 0: Ray shows each actor only its GPU
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0")
-        if not gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        self.ds = DeepSpeedStrategy(ds_config, gpu=self.cfg.calibration.gpus_per_worker > 0)
+        self.ds.setup_distributed()
         m = self.cfg.model
-        model, self._hf_ds = load_model_zero3(m.path, ds_config, dtype, m.trust_remote_code)
+        model = self.ds.load_model(m.path, m.trust_remote_code).eval()
         model.requires_grad_(False)  # activation gradients only: no parameter gradients
-        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-        self.model = self.engine.module
+        self.model = self.ds.prepare(model).module
         return {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
-                **zero3_partition_counts(self.model)}
+                **self.ds.partition_counts()}
 
     def accumulate(self, batches: list[dict], layers: list[int],
                    padding: Sequence[dict] = ()) -> tuple[dict, float, int, str]:
         """(statistics as plain tensors, summed example losses, examples, node id) of one shard.
         `padding` (ZeRO-3 only): batches run after the shard, their statistics discarded."""
-        if self.engine is None:
+        if self.ds is None:
             stats, mean_loss = accumulate_kv_gradient_stats(self.model, batches, layers)
             loss_sum = mean_loss * _examples(batches)
         else:
@@ -112,15 +106,14 @@ def _check_zero_stage(cfg: SPDConfig) -> None:
                          "GPU when they have one, on CPU otherwise; set model.device=auto")
 
 
-def zero3_config(cfg: SPDConfig, world: int, overrides: dict | None = None) -> tuple[dict, torch.dtype]:
-    """The DeepSpeed config of ZeRO-3 calibration (stage 3's builder: its optimizer and batch
-    fields are inert without an optimizer) and the model dtype, which its precision matches."""
-    gpu = cfg.calibration.gpus_per_worker > 0
-    dtype = resolve_dtype(cfg.model.dtype, "cuda" if gpu else "cpu")
-    precision = {"bf16": {"enabled": dtype == torch.bfloat16},
-                 "fp16": {"enabled": dtype == torch.float16}}
-    ft = FinetuneConfig(zero_stage=3, use_gpu=gpu, batch_size=cfg.calibration.batch_size)
-    return deepspeed_config(ft, world, {**precision, **(overrides or {})}), dtype
+def zero3_config(cfg: SPDConfig, world: int, overrides: dict | None = None) -> dict:
+    """The DeepSpeed config of ZeRO-3 calibration: micro-batches of `calibration.batch_size`
+    (inert, as are the other batch fields, without an optimizer) in the precision of
+    `model.dtype` on the workers' devices (`resolve_precision`)."""
+    dtype = resolve_precision(cfg.model.dtype, gpu=cfg.calibration.gpus_per_worker > 0)
+    return deepspeed_config(zero_stage=3, world_size=world,
+                            micro_batch_size=cfg.calibration.batch_size, dtype=dtype,
+                            overrides=overrides)
 
 
 def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int], *,
@@ -171,8 +164,8 @@ def _kv_stats_once(cfg: SPDConfig, batches: list[dict], layers: list[int], ds_ov
         padding = [[] for _ in shards]
         if zero3:
             host, port = ray.get(workers[0].free_address.remote())
-            ds_config, dtype = zero3_config(cfg, n_workers, ds_overrides)
-            info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config, dtype)
+            ds_config = zero3_config(cfg, n_workers, ds_overrides)
+            info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config)
                             for rank, w in enumerate(workers)])
             if worker_info is not None:
                 worker_info.extend(info)
