@@ -2,13 +2,16 @@
 that receives everything else, and --verbose that brings it back."""
 
 import io
+import json
 import logging
 import os
 import re
 
 import pytest
 
-from spd_ray import console
+from jobs import spd
+from spd_ray import artifacts, console, pipeline
+from spd_ray.config import load_config
 
 
 def test_a_stage_prints_a_line_as_it_starts_and_one_as_it_ends(capsys):
@@ -139,3 +142,47 @@ def test_verbose_leaves_the_detail_on_the_console(capfd, tmp_path):
     out = capfd.readouterr().out
     assert "a library's chatter" in out and "a stage line" in out
     assert "a stage line" in (tmp_path / "driver.log").read_text()
+
+
+def _fake_pipeline(cfg, run, tracker):
+    print("Ray Data progress frame")
+    console.log("a stage line")
+    return {"eval": {"base": {"math/test/accuracy": 0.5}, "spd": {"math/test/accuracy": 0.75}},
+            "corpus": {}, "subspaces": {}}
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_job_sends_the_detail_to_its_driver_log_unless_verbose(capfd, tmp_path, monkeypatch, verbose):
+    monkeypatch.setattr(spd, "connect_ray", lambda cfg: None)
+    monkeypatch.setattr(spd, "ray_logs", lambda: "/tmp/ray/session_x/logs")
+    monkeypatch.setattr(spd, "run_pipeline", _fake_pipeline)
+    args = [*(["--verbose"] if verbose else []), "evaluation.domains=[math]", "run.wandb.enabled=false",
+            f"run.output_dir={tmp_path}", "run.name=v"]
+    assert spd.main(args) == 0
+    out = capfd.readouterr().out
+    log = tmp_path / "v" / "logs" / "driver.log"
+    assert "a stage line" in out and "| math/test/accuracy | 0.500 | 0.750 | +0.250 |" in out
+    assert f"driver log {log}" in out and "Ray logs /tmp/ray/session_x/logs" in out
+    assert ("Ray Data progress frame" in out) == verbose
+    assert ("Ray Data progress frame" in log.read_text()) != verbose
+
+
+def test_run_verbose_changes_no_artifact_key(tmp_path):
+    quiet = load_config(None, [f"run.output_dir={tmp_path}"])
+    loud = load_config(None, [f"run.output_dir={tmp_path}", "run.verbose=true"])
+    run = artifacts.RunDir(quiet)
+    assert all(run.key(name, quiet) == run.key(name, loud) for name in artifacts.DEPENDS_ON)
+
+
+def test_training_progress_is_read_from_the_loop_or_else_from_the_last_checkpoint(tmp_path, capsys):
+    train_dir, progress = tmp_path / "run-finetune", tmp_path / "progress.json"
+    read = pipeline.training_step(train_dir, progress)
+    assert read() is None  # nothing yet
+    train_dir.mkdir()
+    (train_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"metrics": {"step": 4, "total_steps": 9}}}))
+    assert read() == 4
+    progress.write_text(json.dumps({"step": 7, "total_steps": 9}))
+    assert read() == 7 and "warning" not in capsys.readouterr().out
+    progress.write_text(json.dumps({"step": 5, "total_steps": 9}))  # a restart from step 4's checkpoint
+    assert read() == 5 and "training went back from step 7 to 5" in capsys.readouterr().out
