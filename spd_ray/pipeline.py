@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -304,8 +305,13 @@ def check(cfg: SPDConfig) -> None:
 
 def connect_ray(cfg: SPDConfig) -> None:
     """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray.
-    Ray Data's own progress bars are off unless run.verbose: the console has one bar per long
-    stage."""
+
+    The local Ray has its dashboard (on 127.0.0.1), whose HTTP server is also Ray's State API:
+    Ray Train polls it every second of stage 3 to tell whether its controller is alive (its
+    PlacementGroupCleaner; without the API it warns each time that it cannot). The workers are
+    told its address (RAY_API_SERVER_ADDRESS): they would look it up among the Ray instances
+    running on this machine, and give up where there are several. Ray Data's own progress bars
+    are off unless run.verbose: the console has one bar per long stage."""
     if not cfg.run.verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
@@ -314,8 +320,13 @@ def connect_ray(cfg: SPDConfig) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
-    else:  # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+        return
+    with socket.socket() as sock:  # a free port (the default, 8265, may be another Ray's)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # more logical CPUs than cores, so the stages' actors and tasks never starve each other
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), dashboard_port=port, runtime_env=env)
 
 
 def ray_logs() -> str:
