@@ -240,6 +240,7 @@ class Progress:
         self.start, self.start_done = time.monotonic(), self.done
         self.tty = self.session is not None and self.session.tty()
         self.last_draw, self.milestone = 0.0, 1  # next milestone: 1/4, 2/4, 3/4
+        self.first: tuple[float, int] | None = None  # (time, done) of the first update that moved
         self.closed = False
         self.stopped = threading.Event()
         self.poller: threading.Thread | None = None
@@ -259,8 +260,10 @@ class Progress:
             self.done = done
             return
         with s.lock:
-            self.done = done
             now = time.monotonic()
+            if self.first is None and done > self.done:  # the pace is measured from the first news
+                self.first = (now, done)
+            self.done = done
             if self.tty:
                 if now - self.last_draw >= _REDRAW_S:
                     self.last_draw = now
@@ -281,8 +284,10 @@ class Progress:
         if self.closed:
             return text + f" in {duration(elapsed)}" + (f" ({_rate(rate)})" if rate > 0 else "")
         text += f" {duration(elapsed)}"
-        if 0 < frac < 1 and rate > 0:
-            text += f", {duration((self.total - self.done) / rate)} to go"
+        if self.first is not None and 0 < frac < 1 and self.done > self.first[1]:
+            # the pace since the first news, which came after the start-up (loading models)
+            pace = (self.done - self.first[1]) / max(1e-9, time.monotonic() - self.first[0])
+            text += f", {duration((self.total - self.done) / pace)} to go"
         return text
 
     def count(self, items: Iterable[T], size: Callable[[T], int] = lambda item: 1) -> Iterator[T]:

@@ -186,3 +186,22 @@ def test_training_progress_is_read_from_the_loop_or_else_from_the_last_checkpoin
     assert read() == 7 and "warning" not in capsys.readouterr().out
     progress.write_text(json.dumps({"step": 5, "total_steps": 9}))  # a restart from step 4's checkpoint
     assert read() == 5 and "training went back from step 7 to 5" in capsys.readouterr().out
+
+
+def test_the_time_to_go_is_paced_from_the_first_news_not_the_start_up(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    with console.session():
+        bar = console.progress("generating", 101, unit="rows")
+        now[0] = 100.0  # the replicas took 100 s to load, then the first row came
+        bar.set(1)
+        now[0] = 110.0
+        bar.set(11)
+        assert bar.render().endswith("11/101 rows 1 min 50 s, 1 min 30 s to go")  # at 1 row/s, not 0.1
+        bar.close()
+
+
+def test_a_progress_file_caught_mid_write_is_no_news(tmp_path):
+    progress = tmp_path / "progress.json"
+    progress.write_text('{"step": ')
+    assert pipeline.training_step(tmp_path / "run-finetune", progress)() is None
