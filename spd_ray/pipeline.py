@@ -148,12 +148,15 @@ def training_step(train_dir: Path, progress_file: Path):
 
     def read() -> int | None:
         step = None
-        if progress_file.exists():
-            step = int(json.loads(progress_file.read_text())["step"])
-        else:
-            snapshot = train_dir / "checkpoint_manager_snapshot.json"  # Ray Train's own record
-            if snapshot.exists():
-                step = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+        try:
+            if progress_file.exists():
+                step = int(json.loads(progress_file.read_text())["step"])
+            else:
+                snapshot = train_dir / "checkpoint_manager_snapshot.json"  # Ray Train's own record
+                if snapshot.exists():
+                    step = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # caught mid-write, or not (yet) the format
+            return None
         if step is not None:
             if step < last[0]:
                 console.warn(f"stage 3: training went back from step {last[0]} to {step}: the worker "
