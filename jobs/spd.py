@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.pipeline import check, connect_ray, ray_logs, run_pipeline  # noqa: E402
+from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -62,18 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
-        connect_ray(cfg)
-        console.echo(f"  Ray logs {ray_logs()}")
-        tracker = Tracker(cfg, run.path)
-        if tracker.where():
-            console.echo(f"  W&B {tracker.where()}")
-        results = run_pipeline(cfg, run, tracker)
-        table = artifacts.comparison_table(results["eval"])
-        (run.path / "results.md").write_text(table)
-        (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
-        tracker.finish()
-        console.echo("\n" + table)
-        console.log(f"done in {console.duration(time.time() - start)}; artifacts in {run.path}")
+        with ray_connection(cfg):
+            console.echo(f"  Ray logs {ray_logs()}")
+            tracker = Tracker(cfg, run.path)
+            if tracker.where():
+                console.echo(f"  W&B {tracker.where()}")
+            results = run_pipeline(cfg, run, tracker)
+            table = artifacts.comparison_table(results["eval"])
+            (run.path / "results.md").write_text(table)
+            (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
+            tracker.finish()
+            console.echo("\n" + table)
+            console.log(f"done in {console.duration(time.time() - start)}; artifacts in {run.path}")
     return 0
 
 

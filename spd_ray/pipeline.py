@@ -10,6 +10,7 @@ reads them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -306,8 +307,9 @@ def check(cfg: SPDConfig) -> None:
                 raise ConfigError(str(err)) from None
 
 
-def connect_ray(cfg: SPDConfig) -> None:
+def connect_ray(cfg: SPDConfig) -> bool:
     """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray.
+    False if Ray was connected already (by the caller, who then ends it).
 
     The local Ray has its dashboard (on 127.0.0.1), whose HTTP server is also Ray's State API:
     Ray Train polls it every second of stage 3 to tell whether its controller is alive (its
@@ -318,18 +320,31 @@ def connect_ray(cfg: SPDConfig) -> None:
     if not cfg.run.verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
-        return
+        return False
     env = {"env_vars": {name: os.environ[name] for name in OFFLINE_DEFAULTS}}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
-        return
+        return True
     with socket.socket() as sock:  # a free port (the default, 8265, may be another Ray's)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # more logical CPUs than cores, so the stages' actors and tasks never starve each other
     ray.init(num_cpus=max(4, os.cpu_count() or 1), dashboard_port=port, runtime_env=env)
+    return True
+
+
+@contextlib.contextmanager
+def ray_connection(cfg: SPDConfig):
+    """`connect_ray` for the length of a job; Ray is left at its end (a local one ends), before
+    the job's console session does, so no late output of the workers reaches the console."""
+    connected = connect_ray(cfg)
+    try:
+        yield
+    finally:
+        if connected:
+            ray.shutdown()
 
 
 def ray_logs() -> str:

@@ -1,6 +1,7 @@
 """The console: stage lines, progress bars that do not spew frames, warnings once, the driver log
 that receives everything else, and --verbose that brings it back."""
 
+import contextlib
 import io
 import json
 import logging
@@ -153,7 +154,7 @@ def _fake_pipeline(cfg, run, tracker):
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_job_sends_the_detail_to_its_driver_log_unless_verbose(capfd, tmp_path, monkeypatch, verbose):
-    monkeypatch.setattr(spd, "connect_ray", lambda cfg: None)
+    monkeypatch.setattr(spd, "ray_connection", lambda cfg: contextlib.nullcontext())
     monkeypatch.setattr(spd, "ray_logs", lambda: "/tmp/ray/session_x/logs")
     monkeypatch.setattr(spd, "run_pipeline", _fake_pipeline)
     args = [*(["--verbose"] if verbose else []), "evaluation.domains=[math]", "run.wandb.enabled=false",
