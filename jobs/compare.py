@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # (the offline defaults are the pipeline's, set when it is imported).
 sys.path.insert(0, str(ROOT))
 
-from spd_ray import artifacts, report  # noqa: E402
+from spd_ray import artifacts, console, report  # noqa: E402
 from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
 from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
-from spd_ray.pipeline import check, connect_ray, log, run_pipeline, stage1_subspace  # noqa: E402
+from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline, stage1_subspace  # noqa: E402
 from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
@@ -61,57 +61,67 @@ def domain_subspace(cfg: SPDConfig, store: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "compare" / "testbed.yaml"))
+    ap.add_argument("--verbose", action="store_true",
+                    help="the full output of Ray, the libraries and the workers on the console; by "
+                         "default it goes to <output_dir>/<name>/logs/driver.log")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the comparison config, e.g. seeds=[42]")
     args = ap.parse_args(argv)
     start = time.time()
-    try:
-        cc = load_compare_config(args.config, args.overrides)
-        plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
-        for *_, cfg in plan:
-            check(cfg)
-    except (ConfigError, OSError, ValueError) as err:  # every run's config is checked before any runs
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    exp = (Path(cc.output_dir) / cc.name).resolve()
-    store = store_dir(cc)
-    connect_ray(plan[0][3])
-    records, subspaces = [], {}
-    for i, (domain, method, seed, cfg) in enumerate(plan, 1):
-        log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
-        run = artifacts.RunDir(cfg, store)
-        tracker = Tracker(cfg, run.path)
-        res = run_pipeline(cfg, run, tracker, train=method.train)
-        tracker.finish()
-        if not method.train:
-            key = "base+projection" if cfg.evaluation.project else "base"
-            records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
-                                metrics=res["eval"][key], corpus=None))
-        for r in range(1, cfg.run.rounds + 1 if method.train else 1):
-            records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
-                                metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
-                                corpus=res["corpus"][r]))
-        if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
-            for r, path in res["subspaces"].items():
-                if cfg.subspace.kind == "gradient":
-                    subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
-        (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
-    for domain in cc.subspace_domains:
-        if domain not in subspaces:
-            log(f"stage 1 for the {domain} subspace (principal angles between domains)")
-            spd = next(m for m in cc.methods if m.train)
-            subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store)
-    header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
-              f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
-    path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
-                               subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
-    summary = dataclasses.replace(plan[0][3], run=dataclasses.replace(plan[0][3].run, name=f"{cc.name}-report"))
-    tracker = Tracker(summary, exp)  # the same results in W&B, as one run of the experiment's group
-    tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
-                                      for row in report.summarize(records)])
-    tracker.images({f"compare/{p.stem}": p for p in sorted(exp.glob("*.png"))})
-    tracker.finish()
-    log(f"report: {path}")
-    print(path.read_text())
+    with console.session(verbose=args.verbose):
+        try:
+            cc = load_compare_config(args.config, args.overrides)
+            if args.verbose:
+                cc = dataclasses.replace(cc, overrides=[*cc.overrides, "run.verbose=true"])
+            plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
+            for *_, cfg in plan:
+                check(cfg)
+        except (ConfigError, OSError, ValueError) as err:  # every run's config is checked before any runs
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        exp = (Path(cc.output_dir) / cc.name).resolve()
+        console.open_log(exp / "logs" / "driver.log")
+        store = store_dir(cc)
+        console.log(f"{len(plan)} runs into {exp}")
+        console.echo(f"  driver log {console.log_path()}" + ("" if args.verbose else " (all but these lines)"))
+        with ray_connection(plan[0][3]):
+            console.echo(f"  Ray logs {ray_logs()}")
+            records, subspaces = [], {}
+            for i, (domain, method, seed, cfg) in enumerate(plan, 1):
+                console.log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
+                run = artifacts.RunDir(cfg, store)
+                tracker = Tracker(cfg, run.path)
+                res = run_pipeline(cfg, run, tracker, train=method.train)
+                tracker.finish()
+                if not method.train:
+                    key = "base+projection" if cfg.evaluation.project else "base"
+                    records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
+                                        metrics=res["eval"][key], corpus=None))
+                for r in range(1, cfg.run.rounds + 1 if method.train else 1):
+                    records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
+                                        metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
+                                        corpus=res["corpus"][r]))
+                if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
+                    for r, path in res["subspaces"].items():
+                        if cfg.subspace.kind == "gradient":
+                            subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
+                (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
+            for domain in cc.subspace_domains:
+                if domain not in subspaces:
+                    console.log(f"stage 1 for the {domain} subspace (principal angles between domains)")
+                    spd = next(m for m in cc.methods if m.train)
+                    subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store)
+            header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
+                      f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
+            path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
+                                       subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
+            summary = dataclasses.replace(plan[0][3], run=dataclasses.replace(plan[0][3].run, name=f"{cc.name}-report"))
+            tracker = Tracker(summary, exp)  # the same results in W&B, as one run of the experiment's group
+            tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
+                                              for row in report.summarize(records)])
+            tracker.images({f"compare/{p.stem}": p for p in sorted(exp.glob("*.png"))})
+            tracker.finish()
+            console.log(f"report: {path}")
+            console.echo(path.read_text())
     return 0
 
 

@@ -13,7 +13,10 @@ Stage 3  distillation: Ray Train + DeepSpeed fine-tunes the ORIGINAL model on pr
 Then     evaluation of base vs SPD: greedy, projection off, raw prompts.
 
 Every artifact lands in runs/<run.name>/; a rerun skips each stage already done with the same
-config (see spd_ray/artifacts.py). The stages are in spd_ray/pipeline.py.
+config (see spd_ray/artifacts.py). The stages are in spd_ray/pipeline.py. The console shows
+each stage's start and end with its key figures, a progress bar per long stage, each warning
+once, and the results; the rest of the output goes to runs/<run.name>/logs/driver.log
+(--verbose: all of it on the console).
 """
 
 from __future__ import annotations
@@ -29,35 +32,48 @@ ROOT = Path(__file__).resolve().parents[1]
 # (the offline defaults are the pipeline's, set when it is imported).
 sys.path.insert(0, str(ROOT))
 
-from spd_ray import artifacts  # noqa: E402
+from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.pipeline import check, connect_ray, log, run_pipeline  # noqa: E402
+from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "testbed.yaml"))
+    ap.add_argument("--verbose", action="store_true",
+                    help="the full output of Ray, the libraries and the workers on the console "
+                         "(run.verbose=true); by default it goes to runs/<name>/logs/driver.log")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. subspace.rank=32")
     args = ap.parse_args(argv)
     start = time.time()
     try:
-        cfg = load_config(args.config, args.overrides)
-        check(cfg)
+        cfg = load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    connect_ray(cfg)
-    run = artifacts.RunDir(cfg)
-    tracker = Tracker(cfg, run.path)
-    log(f"run directory {run.path}")
-    results = run_pipeline(cfg, run, tracker)
-    table = artifacts.comparison_table(results["eval"])
-    (run.path / "results.md").write_text(table)
-    (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
-    tracker.finish()
-    print("\n" + table)
-    log(f"done in {time.time() - start:.0f} s; artifacts in {run.path}")
+    with console.session(verbose=cfg.run.verbose):
+        try:
+            check(cfg)
+        except (ConfigError, OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        run = artifacts.RunDir(cfg)
+        console.open_log(run.path / "logs" / "driver.log")
+        console.log(f"run directory {run.path}")
+        console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
+        with ray_connection(cfg):
+            console.echo(f"  Ray logs {ray_logs()}")
+            tracker = Tracker(cfg, run.path)
+            if tracker.where():
+                console.echo(f"  W&B {tracker.where()}")
+            results = run_pipeline(cfg, run, tracker)
+            table = artifacts.comparison_table(results["eval"])
+            (run.path / "results.md").write_text(table)
+            (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
+            tracker.finish()
+            console.echo("\n" + table)
+            console.log(f"done in {console.duration(time.time() - start)}; artifacts in {run.path}")
     return 0
 
 

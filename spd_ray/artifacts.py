@@ -10,6 +10,7 @@ rerun skip every stage whose artifact was already made from the same config.
     runs/<name>/corpus.json          quality of the raw generated corpus (diagnostic)
     runs/<name>/eval_*.json          JSON metrics; metrics.json and results.md sum up
     runs/<name>/round<k>/            the same artifacts for round k of iterated SPD
+    runs/<name>/logs/driver.log      everything the driver printed beyond the console (spd_ray.console)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from spd_ray import console
 from spd_ray.config import SPDConfig, save_config, to_dict
 
 # artifact -> the config sections whose values decide its content
@@ -67,8 +69,8 @@ class RunDir:
             return json.loads(self._manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:  # written atomically: not by us
             aside = _set_aside(self._manifest_path, "damaged")
-            print(f"  {self._manifest_path} is damaged ({err}); moved to {aside.name}: "
-                  "no artifact can be checked against it, so each is made again", flush=True)
+            console.warn(f"{self._manifest_path} is damaged ({err}); moved to {aside.name}: "
+                         "no artifact can be checked against it, so each is made again")
             return {}
 
     def key(self, name: str, cfg: SPDConfig | None = None) -> str:
@@ -99,9 +101,9 @@ class RunDir:
         if entry and entry["key"] == key and out.exists():
             damage = _damage(out, entry.get("content"))
             if not damage:
-                print(f"  {name}: reusing {out} (same config, content checked)", flush=True)
+                console.echo(f"  {name}: reusing {out} (same config, content checked)")
                 return out
-            print(f"  {name}: {damage}; making it again", flush=True)
+            console.warn(f"{name}: {damage}; making it again")
             _set_aside(out, "damaged")
         elif out.exists():
             if entry:  # made from another config: kept aside, not lost
@@ -130,10 +132,10 @@ class RunDir:
         check = out.with_name(out.name + ".content.json")  # beside it, for every run that links it
         damage = "missing" if not out.exists() else _damage(out, _read_json(check))
         if not damage:
-            print(f"  {name}: reusing {out} (same config, content checked)", flush=True)
+            console.echo(f"  {name}: reusing {out} (same config, content checked)")
         else:
             if out.exists():
-                print(f"  {name}: {damage}; making it again", flush=True)
+                console.warn(f"{name}: {damage}; making it again")
                 _set_aside(out, "damaged")
             partial = _partial(out, key, resumable)
             produce(partial)

@@ -187,6 +187,9 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
     rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model
+    # the full output of Ray, the libraries and the workers on the console (--verbose); otherwise
+    # the console shows the stages and the rest goes to runs/<name>/logs/driver.log
+    verbose: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -1,7 +1,8 @@
 """The SPD run in the paper's order, on Ray (jobs/spd.py describes the stages and runs it):
 stage 1 (`stage1_subspace`), stage 2 (`stage2_generate`, then the raw corpus's quality), stage 3
 (`stage3_finetune`) and the evaluations, per round (`spd_round`), behind `run_pipeline`; `check`
-refuses impossible configs before any work, `connect_ray` joins or starts Ray.
+refuses impossible configs before any work, `connect_ray` joins or starts Ray. Each stage is a
+start and an end line on the console (`spd_ray.console`), with its key figures.
 
 Importing this module sets the offline defaults (`spd_ray.offline_by_default`) before anything
 reads them.
@@ -9,15 +10,17 @@ reads them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
 import ray
 
-from spd_ray import OFFLINE_DEFAULTS, artifacts, data, offline_by_default
+from spd_ray import OFFLINE_DEFAULTS, artifacts, console, data, offline_by_default
 from spd_ray.config import ConfigError, SPDConfig
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
 from spd_ray.core.spans import calibration_batches
@@ -25,7 +28,7 @@ from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_sub
 from spd_ray.local_ray import start_local_ray
 from spd_ray.stages.calibrate import distributed_kv_stats
 from spd_ray.stages.evaluate import evaluate_on_ray
-from spd_ray.stages.finetune import finetune_on_ray
+from spd_ray.stages.finetune import HISTORY_FILE, epoch_plan, finetune_on_ray
 from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
 from spd_ray.tasks.evaluation import score
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
@@ -33,10 +36,6 @@ from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
 
 offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: Tracker) -> None:
@@ -63,10 +62,11 @@ def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: 
 
 
 def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | None, out: Path,
-                    tracker: Tracker) -> None:
+                    tracker: Tracker) -> dict:
     """Raw completions from the actor pool, K/V projected onto the capability subspace
     (unprojected for the PSR / SSD baselines: generation.project=false), written to `out` as
-    they arrive; rows already there (a killed run's) are not generated again."""
+    they arrive; rows already there (a killed run's) are not generated again. Returns the
+    corpus's figures."""
     g = cfg.generation
     start = time.time()
     rows = data.sampling_rows(prompts, g.n_samples, g.seed)
@@ -74,7 +74,7 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | Non
     done = data.written_ids(out)
     todo = [r for r in rows if r["id"] not in done]
     if done:
-        log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
+        console.log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
     if todo:
         folded = None
         if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
@@ -82,8 +82,10 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | Non
                 cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
         ds = generate_dataset(ray.data.from_items(todo), cfg.model, g, subspace_dir=subspace_dir,
                               mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
-        data.write_parts(ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow"), out,
-                         rows_per_part=g.batch_size * max(1, g.replicas_max))
+        with console.progress("generating", len(rows), done=len(done), unit="rows") as bar:
+            batches = ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow")
+            data.write_parts(bar.count(batches, lambda batch: batch.num_rows), out,
+                             rows_per_part=g.batch_size * max(1, g.replicas_max))
     written = data.written_ids(out)
     if written != {r["id"] for r in rows}:  # every id exactly once (a part holds each row once)
         raise RuntimeError(f"stage 2 wrote {len(written)} of {len(rows)} rows to {out}")
@@ -93,13 +95,16 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | Non
     if not n_kept:  # the rows stay written: a rerun with another generation config starts afresh
         raise RuntimeError(f"stage 2: all {len(rows)} completions are empty, nothing to train on; "
                            f"check generation.max_new_tokens ({g.max_new_tokens}) and the model's prompts")
+    if n_kept < len(rows):
+        console.warn(f"stage 2: {len(rows) - n_kept} of {len(rows)} completions are empty; "
+                     "they are left out of training")
     lengths = kept.map(lambda row: {"chars": len(row["completion"])})
     stats = {"stage2/completions": n_kept, "stage2/dropped_empty": len(rows) - n_kept,
              "stage2/samples_per_s": len(todo) / (time.time() - start),
              "stage2/mean_completion_chars": lengths.mean("chars") if n_kept else 0.0}
-    log("  " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in stats.items()))
     tracker.log(stats)
     tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in kept.take(32)])
+    return stats
 
 
 def training_corpus(generations: Path) -> ray.data.Dataset:
@@ -117,14 +122,63 @@ def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) ->
                                "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
 
 
-def stage3_finetune(cfg: SPDConfig, generations: Path, out: Path, resume_dir: Path, tracker: Tracker) -> None:
-    """Ray Train + DeepSpeed on prompt + completion, starting from the ORIGINAL weights
-    (for round k of iterated SPD: round k-1's model); checkpoints in `resume_dir`."""
-    finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
-                    output_dir=out, run_name=f"{cfg.run.name}-finetune",
-                    storage_path=str(resume_dir), dtype=cfg.model.dtype,
-                    wandb_run_id=tracker.run_id,
-                    on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}))
+def stage3_finetune(cfg: SPDConfig, generations: Path, n_rows: int, out: Path, resume_dir: Path,
+                    tracker: Tracker) -> None:
+    """Ray Train + DeepSpeed on prompt + completion (`n_rows` of them), starting from the
+    ORIGINAL weights (for round k of iterated SPD: round k-1's model); checkpoints in
+    `resume_dir`. The bar follows the optimizer steps (`training_step`)."""
+    run_name = f"{cfg.run.name}-finetune"
+    total = epoch_plan(n_rows, cfg.finetune.num_workers, cfg.finetune)["total_steps"]
+    progress_file = resume_dir / "progress.json"
+    progress_file.unlink(missing_ok=True)  # a killed run's: the checkpoint says where training resumes
+    read = training_step(resume_dir / run_name, progress_file)
+    with console.progress("training", total, done=read() or 0, unit="steps") as bar:
+        bar.poll(read)
+        finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
+                        output_dir=out, run_name=run_name,
+                        storage_path=str(resume_dir), dtype=cfg.model.dtype, wandb_run_id=tracker.run_id,
+                        on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}),
+                        progress_file=progress_file)
+
+
+def training_step(train_dir: Path, progress_file: Path):
+    """A reader of stage 3's latest optimizer step (None while there is none): the step rank 0
+    writes to `progress_file` after each optimizer step (when the loop does), else that of the
+    latest checkpoint Ray Train has recorded in `train_dir`. A step lower than the last one read
+    means the worker group was restarted from a checkpoint: a warning says so."""
+    last = [0]
+
+    def read() -> int | None:
+        step = None
+        try:
+            if progress_file.exists():
+                step = int(json.loads(progress_file.read_text())["step"])
+            else:
+                snapshot = train_dir / "checkpoint_manager_snapshot.json"  # Ray Train's own record
+                if snapshot.exists():
+                    step = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # caught mid-write, or not (yet) the format
+            return None
+        if step is not None:
+            if step < last[0]:
+                console.warn(f"stage 3: training went back from step {last[0]} to {step}: the worker "
+                             "group was restarted from its last checkpoint (the driver log says why)")
+            last[0] = step
+        return step
+
+    return read
+
+
+def training_figures(model_dir: Path) -> str:
+    """Steps and loss of a fine-tuned model, from the history stage 3 wrote beside it."""
+    try:
+        history = [json.loads(line) for line in (model_dir / HISTORY_FILE).read_text().splitlines() if line]
+    except OSError:
+        return ""
+    if not history:
+        return ""
+    steps = history[-1]["step"]
+    return f"{steps} step{'' if steps == 1 else 's'}, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
 
 
 def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: Path | None = None) -> None:
@@ -133,14 +187,23 @@ def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: P
                                               subspace_dir, cfg.subspace.mode), indent=1))
 
 
+def scores(metrics: dict[str, float]) -> str:
+    """An evaluation on one line: each split's accuracy, with its reference NLL where there is one."""
+    parts: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        split, _, kind = key.rpartition("/")
+        parts.setdefault(split, []).append(f"{value:.3f}" if kind == "accuracy" else f"{kind} {value:.3f}")
+    return ", ".join(f"{split} {' '.join(vals)}" for split, vals in parts.items())
+
+
 def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
     """Evaluation of the base model, then stages 1-3 and evaluation for `run.rounds` rounds.
     `train=False` stops after stage 1 (for the inference-only baseline, evaluation.project).
     Returns every evaluation, each round's subspace folder and the quality of its raw corpus."""
     task = load_task(cfg)
-    log("evaluation of the base model: greedy, projection off")
-    base = run.stage("eval_base.json", lambda out: evaluate(cfg, cfg.model.path, task.eval_splits, out))
-    results = {"eval": {"base": json.loads(base.read_text())}, "corpus": {}, "subspaces": {}}
+    results = {"eval": {}, "corpus": {}, "subspaces": {}}
+    results["eval"]["base"] = evaluation(cfg, run, "eval_base.json", "evaluation of the base model",
+                                         "greedy, projection off", cfg.model.path, task.eval_splits)
     model_path = cfg.model.path
     for r in range(1, cfg.run.rounds + 1):
         rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
@@ -151,43 +214,61 @@ def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train:
     return results
 
 
+def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, model_path: str,
+               splits, subspace_dir: Path | None = None) -> dict[str, float]:
+    """The evaluation artifact `name` (made or reused) as a stage of the console."""
+    n = sum(len(items) for items in splits.values())
+    with console.stage(title, f"{how}, {n} items in {len(splits)} splits") as st:
+        metrics = json.loads(run.stage(name, lambda out: evaluate(
+            cfg, model_path, splits, out, subspace_dir), cfg).read_text())
+        st.summary = scores(metrics)
+    return metrics
+
+
 def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: Task,
               results: dict, train: bool) -> str:
     """One round on `cfg.model` (round k > 1: round k-1's model); returns the trained model's path."""
     prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
-    read = lambda path: json.loads(path.read_text())  # noqa: E731
     subspace_dir = None
     if (train and cfg.generation.project) or cfg.evaluation.project:
-        log(f"stage 1: capability subspace of {cfg.model.path} from {len(task.calibration)} "
-            f"calibration examples on {cfg.calibration.num_workers} workers")
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
-            cfg, tokenizer, task.calibration, out, tracker), cfg)
-        results["subspaces"][r] = str(subspace_dir)
-        subspace = CapabilitySubspace.load(subspace_dir)
-        log("  " + ", ".join(f"L{layer}.{kind} r={b.shape[1]} energy={subspace.energy[(layer, kind)]:.3f}"
-                             for (layer, kind), b in sorted(subspace.bases.items())))
+        with console.stage("stage 1", f"capability subspace of {cfg.model.path} from "
+                           f"{len(task.calibration)} calibration examples on "
+                           f"{cfg.calibration.num_workers} workers") as st:
+            tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
+                cfg, tokenizer, task.calibration, out, tracker), cfg)
+            results["subspaces"][r] = str(subspace_dir)
+            subspace = CapabilitySubspace.load(subspace_dir)
+            st.summary = ", ".join(f"L{layer}.{kind} rank {b.shape[1]} energy {subspace.energy[(layer, kind)]:.3f}"
+                                   for (layer, kind), b in sorted(subspace.bases.items()))
     if cfg.evaluation.project and r == 1:
-        log("evaluation of the base model with the projection on (inference-only baseline)")
-        results["eval"]["base+projection"] = read(run.stage("eval_projected.json", lambda out: evaluate(
-            cfg, cfg.model.path, task.eval_splits, out, subspace_dir)))
+        results["eval"]["base+projection"] = evaluation(
+            cfg, run, "eval_projected.json", "evaluation of the base model with the projection on",
+            "the inference-only baseline", cfg.model.path, task.eval_splits, subspace_dir)
     if not train:
         return cfg.model.path
-    log(f"stage 2: {'projected' if cfg.generation.project else 'unprojected'} self-generation "
-        f"for {len(task.train_items)} prompts")
-    gen_dir = run.stage(prefix + "generations", lambda out: stage2_generate(
-        cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker), cfg,
-        resumable=True)
-    results["corpus"][r] = read(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
-        cfg, task.train_items, gen_dir, out), cfg))
-    log(f"  raw corpus accuracy {results['corpus'][r]['accuracy']:.3f} (a diagnostic; nothing is filtered)")
-    log(f"stage 3: fine-tuning ({cfg.finetune.method}, ZeRO-{cfg.finetune.zero_stage}) "
-        f"on {cfg.finetune.num_workers} workers")
-    model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
-        cfg, gen_dir, out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
-    log(f"evaluation of round {r}'s model: greedy, projection off")
-    results["eval"][name] = read(run.stage(prefix + "eval_spd.json", lambda out: evaluate(
-        cfg, str(model_dir), task.eval_splits, out), cfg))
+    kind = "projected" if cfg.generation.project else "unprojected"
+    n_rows = len(task.train_prompts) * cfg.generation.n_samples
+    with console.stage("stage 2", f"{kind} self-generation of {n_rows} completions "
+                       f"on {cfg.generation.replicas_min}-{cfg.generation.replicas_max} replicas") as st:
+        stats: dict = {}
+        gen_dir = run.stage(prefix + "generations", lambda out: stats.update(stage2_generate(
+            cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker)), cfg,
+            resumable=True)
+        corpus = json.loads(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
+            cfg, task.train_items, gen_dir, out), cfg).read_text())
+        results["corpus"][r] = corpus
+        made = (f"{stats['stage2/samples_per_s']:.1f} samples/s, " if stats else "")
+        st.summary = (f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; "
+                      f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
+    ft = cfg.finetune
+    with console.stage("stage 3", f"fine-tuning ({ft.method}, ZeRO-{ft.zero_stage}) on {ft.num_workers} "
+                       f"workers, {corpus['n']} rows x {ft.epochs:g} epoch{'' if ft.epochs == 1 else 's'}") as st:
+        model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
+            cfg, gen_dir, corpus["n"], out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
+        st.summary = training_figures(model_dir)
+    results["eval"][name] = evaluation(cfg, run, prefix + "eval_spd.json", f"evaluation of round {r}'s model",
+                                       "greedy, projection off", str(model_dir), task.eval_splits)
     return str(model_dir)
 
 
@@ -227,14 +308,52 @@ def check(cfg: SPDConfig) -> None:
                 raise ConfigError(str(err)) from None
 
 
-def connect_ray(cfg: SPDConfig) -> None:
-    """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray."""
+def connect_ray(cfg: SPDConfig) -> bool:
+    """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray.
+    False if Ray was connected already (by the caller, who then ends it).
+
+    The local Ray has its dashboard (on 127.0.0.1), whose HTTP server is also Ray's State API:
+    Ray Train polls it every second of stage 3 to tell whether its controller is alive (its
+    PlacementGroupCleaner; without the API it warns each time that it cannot). The workers are
+    told its address (RAY_API_SERVER_ADDRESS): they would look it up among the Ray instances
+    running on this machine, and give up where there are several. Ray Data's own progress bars
+    are off unless run.verbose: the console has one bar per long stage."""
+    if not cfg.run.verbose:
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
-        return
+        return False
     env = {"env_vars": {name: os.environ[name] for name in OFFLINE_DEFAULTS}}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
-    else:  # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-        start_local_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+        return True
+    with socket.socket() as sock:  # a free port (the default, 8265, may be another Ray's)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # more logical CPUs than cores, so the stages' actors and tasks never starve each other
+    start_local_ray(num_cpus=max(4, os.cpu_count() or 1), dashboard_port=port, runtime_env=env)
+    return True
 
+
+@contextlib.contextmanager
+def ray_connection(cfg: SPDConfig):
+    """`connect_ray` for the length of a job; Ray is left at its end (a local one ends), before
+    the job's console session does, so no late output of the workers reaches the console."""
+    connected = connect_ray(cfg)
+    try:
+        yield
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def ray_logs() -> str:
+    """Where Ray keeps this session's logs on this node (every worker's output among them), and
+    its dashboard's address when it has one."""
+    try:
+        where = ray._private.worker._global_node.get_logs_dir_path()
+        url = ray._private.worker.get_dashboard_url()
+    except AttributeError:  # not connected, or Ray moved them
+        return "/tmp/ray/session_latest/logs"
+    return f"{where} (dashboard http://{url})" if url else where

@@ -33,6 +33,12 @@ class Tracker:
                               id=run_id, resume="allow", mode=mode, dir=str(run_dir),
                               config=to_dict(cfg))
 
+    def where(self) -> str | None:
+        """Where the W&B run is: its page, or (offline) the command that uploads it."""
+        if self.run is None:
+            return None
+        return f"offline: `wandb sync {self.run.sync_dir}` uploads it" if self.run.offline else self.run.url
+
     def log(self, metrics: dict) -> None:
         if self.run is not None:
             self.run.log(metrics)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from spd_ray import console
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
 from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.generate import generate_dataset, load_projected
@@ -36,8 +37,12 @@ def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
     rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
             for name in scored for i, it in enumerate(splits[name])]
     greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
-    done = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
-                            mode=mode, max_new_tokens=ev.max_new_tokens).take_all() if rows else []
+    done = []
+    if rows:
+        ds = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
+                              mode=mode, max_new_tokens=ev.max_new_tokens)
+        with console.progress("generating", len(rows), unit="completions") as bar:
+            done = list(bar.count(ds.iter_rows()))
     by_id = {r["id"]: r["completion"] for r in done}
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)

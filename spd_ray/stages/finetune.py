@@ -163,6 +163,7 @@ class FinetuneRecipe:
         self.nodes = self.ds.all_gather_object(ray.get_runtime_context().get_node_id())
         self.step, self.history, self.start_step, self.start_epoch = 0, [], 0, 0
         self.wandb_run_id = config.get("wandb_run_id")
+        self.progress_file = config.get("progress_file")
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -266,6 +267,8 @@ class FinetuneRecipe:
                 "step": self.step, "total_steps": self.total_steps, "epoch": epoch,
                 "loss": float(acc[0] / acc[1]), "lr": float(lr), "grad_norm": grad_norm,
                 "tokens": int(acc[2]), "tokens_per_s": float(acc[2]) / max(elapsed, 1e-9)})
+            if self.progress_file:
+                Path(self.progress_file).write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
         every = cfg.checkpoint_every_steps
         due = acc[3] > 0 or (every and self.step % every == 0)
         if due and self.step < min(self.total_steps, (epoch + 1) * self.spe):  # the epoch's end saves anyway
@@ -319,7 +322,7 @@ def _storage_uri(storage_path: str) -> str:
 def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: Path | str,
                     run_name: str, storage_path: str, on_metrics=None, *,
                     dtype: str = "auto", wandb_run_id: str | None = None,
-                    ds_overrides: dict | None = None) -> str:
+                    ds_overrides: dict | None = None, progress_file: str | Path | None = None) -> str:
     """Fine-tune `model_path` on the `prompt`/`completion` rows of `dataset` with Ray Train +
     DeepSpeed; returns `output_dir`, a folder that loads with `from_pretrained` (export=merged)
     or `PeftModel.from_pretrained(base, output_dir)` (LoRA, export=adapter).
@@ -327,7 +330,8 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     Same `run_name` + `storage_path` as an interrupted call: resumes from its last checkpoint.
     `on_metrics(entry)` is called on the driver for every optimizer step after training.
     `dtype` is the run's `model.dtype` (see `resolve_precision`: auto = bf16 on GPU, fp32 on
-    CPU); `ds_overrides` is merged into the DeepSpeed config.
+    CPU); `ds_overrides` is merged into the DeepSpeed config. Rank 0 writes each optimizer step
+    to `progress_file` (JSON `{"step", "total_steps"}`, for the driver's progress bar).
 
     The driver materializes the corpus once in the object store (text: megabytes even for the
     paper's largest runs): it counts the rows for the schedule, and each worker, which reads the
@@ -352,7 +356,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     output_dir = Path(output_dir).expanduser().resolve()
     loop_config = {"finetune": dataclasses.asdict(cfg), "model_path": model_path,
                    "output_dir": str(output_dir), "n_rows": n_rows, "deepspeed": ds_config,
-                   "wandb_run_id": wandb_run_id}
+                   "wandb_run_id": wandb_run_id, "progress_file": progress_file and str(progress_file)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 
 import ray
 
+from spd_ray import console
 from spd_ray.config import EvalConfig
 
 MODES = ("isolated", "process")
@@ -581,6 +582,12 @@ def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = "iso
         return _run_local(jobs, mode, timeout_s, max_workers or os.cpu_count() or 1)
     chunks = [jobs[i : i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     refs = [_run_chunk.remote(c, mode, timeout_s, max_workers or _TASK_THREADS) for c in chunks]
+    sizes = {ref: len(c) for ref, c in zip(refs, chunks)}
+    with console.progress("running programs", len(jobs), unit="programs") as bar:
+        pending = refs
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(sizes[ready[0]])
     return [result for chunk in ray.get(refs) for result in chunk]
 
 
