@@ -82,9 +82,12 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
 def test_stage2_a_killed_replica_is_restarted_and_the_samples_are_the_same(local_ray, cfg, tmp_path):
     rows = sampling_rows([it.prompt for it in make_split("math", "train", 24)], 1, seed=7)
     gen = dataclasses.replace(cfg.generation, max_new_tokens=24, batch_size=2, replicas_min=2, replicas_max=2)
+    start = time.monotonic()
     whole = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    t_whole, start = time.monotonic() - start, time.monotonic()
     killed = _kill_soon(b"MapBatches(Generator)", after_s=0.5)
     cut = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    print(f"faults: a replica killed, uninterrupted {t_whole:.0f} s, with the kill {time.monotonic() - start:.0f} s")
     assert killed, "no generation replica was seen"
     assert sorted(r["id"] for r in cut) == sorted(r["id"] for r in rows)  # every row exactly once
     assert {r["id"]: r["completion"] for r in cut} == {r["id"]: r["completion"] for r in whole}
@@ -165,7 +168,9 @@ def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(loca
     local, _ = accumulate_kv_gradient_stats(testbed_model, batches, layers)
     killed = _kill_soon(b"ray::CalibrationWorker.accumulate")
     c = dataclasses.replace(cfg, calibration=dataclasses.replace(cfg.calibration, num_workers=2, max_failures=2))
+    start = time.monotonic()
     summed, _, _ = distributed_kv_stats(c, batches, layers)
+    print(f"faults: a calibration worker killed, stage 1 took {time.monotonic() - start:.0f} s")
     assert killed and "a calibration worker was lost" in capfd.readouterr().out
     for key in local:
         assert summed[key].count == local[key].count  # nothing counted twice, nothing missed

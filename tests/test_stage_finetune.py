@@ -191,7 +191,9 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     rows = [{"id": it.id, "prompt": it.prompt, "completion": it.answer}
             for it in make_split("math", "train", 32)]
     cfg = _cfg(epochs=1.0, checkpoint_every_steps=1, max_failures=2)  # 8 steps, all in one epoch
+    start = time.monotonic()
     whole = _run(cfg, rows, tmp_path, "whole")
+    t_whole, start = time.monotonic() - start, time.monotonic()
     killed: list[int] = []
 
     def kill_after_a_step_checkpoint():
@@ -211,6 +213,8 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     thread.start()
     # the rows arrive in another order: the data order is the seed's and the world size's alone
     cut = _run(cfg, rows[::-1], tmp_path, "cut")
+    print(f"faults: training worker killed at step {killed}, uninterrupted {t_whole:.0f} s, "
+          f"with the kill {time.monotonic() - start:.0f} s")
     thread.join()
     summary = _summary(cut)
     assert killed and 0 < summary["start_step"] < 8, (killed, summary["start_step"])  # resumed mid-epoch

@@ -24,6 +24,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from spd_ray import console
 from spd_ray.config import SPDConfig
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
 from spd_ray.core.modeling import load_model
@@ -132,8 +133,8 @@ def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int],
         except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
             if attempt == cfg.calibration.max_failures:
                 raise
-            print(f"  stage 1: a calibration worker was lost ({type(err).__name__}); "
-                  f"attempt {attempt + 2} of {cfg.calibration.max_failures + 1}", flush=True)
+            console.warn(f"stage 1: a calibration worker was lost ({type(err).__name__}); "
+                         f"attempt {attempt + 2} of {cfg.calibration.max_failures + 1}")
             if worker_info is not None:
                 worker_info.clear()
 
