@@ -19,7 +19,8 @@ def test_comparison_runs_every_kind_of_method_and_writes_the_report(tmp_path):
 
     spec = {
         "name": "toy", "output_dir": str(tmp_path), "base_config": "configs/testbed.yaml",
-        "overrides": [*SMALL, "finetune.num_workers=1", "calibration.num_workers=1", "evaluation.domains=[math]"],
+        "overrides": [*SMALL, "finetune.num_workers=1", "calibration.num_workers=1", "evaluation.domains=[math]",
+                      "task.n_train_prompts=16", "generation.max_new_tokens=16"],  # the suite's budget
         "domains": ["math"], "seeds": [7], "subspace_domains": ["code"],
         "methods": [{"name": "base", "train": False},
                     {"name": "inference_only", "train": False, "overrides": ["evaluation.project=true"]},
