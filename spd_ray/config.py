@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from spd_ray.core.spans import SPAN_RULES
 from spd_ray.tasks.item import DOMAINS, EVAL_SPLITS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,33 +48,123 @@ HUB_DATASETS = {
 }
 
 
+# the scorers of an evaluation split (spd_ray.tasks.evaluation); besides these, "module:function"
+# names a user function (completion, gold) -> bool, imported and run in-process
+SCORERS = ("exact", "normalized", "number", "choice", "regex", "asserts", "nll")
+
+
+@dataclass
+class ColumnsConfig:
+    """Which column of a task file holds what; a column a split does not need may be absent."""
+    id: str | None = None  # None: the row number; ids must be unique within a file
+    prompt: str = "prompt"  # every file
+    answer: str = "answer"  # calibration: the reference completion; evaluation: the nll scorer's reference
+    gold: str = "gold"  # evaluation: the expected answer (exact, normalized, number, choice, regex, user)
+    tests: str = "tests"  # evaluation, asserts scorer: a list of assert lines
+    setup: str = "setup"  # evaluation, asserts scorer: code run before the program (optional)
+    answer_spans: str = "answer_spans"  # calibration, explicit spans: [[start, end], ...] into the answer
+
+
+@dataclass
+class SpansConfig:
+    """Correctness spans of the calibration answers (paper Eq. 6), one of three ways: a named
+    rule, a regex whose group 1 marks a span in the answer, or explicit character spans per
+    example (the `columns.answer_spans` column) when neither is set."""
+    rule: str | None = None  # final_number | answer_letter | asserts (the paper's)
+    regex: str | None = None  # matched in the answer only, so the prompt is never labeled
+    match: Literal["last", "all"] = "last"  # regex: the last match, or every match
+
+    def __post_init__(self):
+        if self.rule is not None and self.rule not in SPAN_RULES:
+            raise ConfigError(f"task.files.spans.rule={self.rule!r}; valid rules: {list(SPAN_RULES)}")
+        if self.rule is not None and self.regex is not None:
+            raise ConfigError("task.files.spans: set either rule or regex, not both (neither: "
+                              "explicit spans from the answer_spans column)")
+
+    @property
+    def mode(self) -> str:
+        return "rule" if self.rule else "regex" if self.regex else "explicit"
+
+
+@dataclass
+class FilesConfig:
+    """A capability given as data files (task.source=files): JSONL, Parquet or CSV, local paths
+    (relative: to the working directory) or fsspec URLs (s3://, gs://, hf://), read with `datasets`."""
+    calibration: str | None = None  # labeled examples: prompt + answer (+ answer_spans)
+    train: str | None = None  # training prompts: only the prompt column is read
+    eval: dict[str, str] = field(default_factory=dict)  # split name -> file, e.g. {test: test.jsonl}
+    format: Literal["auto", "json", "parquet", "csv"] = "auto"  # auto: from each file's extension
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    spans: SpansConfig = field(default_factory=SpansConfig)
+    scorer: str = "exact"  # of every evaluation split: one of SCORERS, or module:function
+    split_scorers: dict[str, str] = field(default_factory=dict)  # per split: {transfer: normalized}
+    scorer_regex: str | None = None  # regex scorer: group 1 of its first match in the completion
+
+    def __post_init__(self):
+        for where, name in [("scorer", self.scorer), *((f"split_scorers.{k}", v) for k, v in self.split_scorers.items())]:
+            if name not in SCORERS and not _is_user_scorer(name):
+                raise ConfigError(f"task.files.{where}={name!r}; valid scorers: {list(SCORERS)} or "
+                                  "module:function (a function of (completion, gold) run in-process)")
+        unknown = sorted(set(self.split_scorers) - set(self.eval))
+        if unknown:
+            raise ConfigError(f"task.files.split_scorers.{unknown[0]} names no split of task.files.eval "
+                              f"({list(self.eval)})")
+
+    def scorer_of(self, split: str) -> str:
+        return self.split_scorers.get(split, self.scorer)
+
+
+def _is_user_scorer(name: str) -> bool:
+    module, _, function = name.partition(":")
+    return bool(module and function) and all(p.isidentifier() for p in [*module.split("."), function])
+
+
 @dataclass
 class TaskConfig:
-    domain: Literal[DOMAINS] = "math"
-    # testbed: the embedded synthetic tasks; hub: the paper's benchmarks (spd_ray.tasks.hub)
-    source: Literal["testbed", "hub"] = "testbed"
+    # testbed and hub: one of DOMAINS; files: the capability's name (a word: it prefixes split names)
+    domain: str = "math"
+    # testbed: the embedded synthetic tasks; hub: the paper's benchmarks (spd_ray.tasks.hub);
+    # files: any capability from data files (task.files, spd_ray.tasks.files)
+    source: Literal["testbed", "hub", "files"] = "testbed"
     # hub source: None loads by name from the hub; a folder holds local copies in the hub schema,
     # <data_dir>/<name>/<config or default>/<split>.jsonl or .parquet (see spd_ray.tasks.hub)
     data_dir: str | None = None
     hub_datasets: dict[str, str] = field(default_factory=dict)  # overrides of HUB_DATASETS
+    files: FilesConfig = field(default_factory=FilesConfig)
     seed: int = 0  # data seed: which synthetic items are drawn; the hub source's shuffle
+    # how many to use (files: the first n rows of each file; fewer rows: all of them)
     n_calibration: int = 50
     n_train_prompts: int = 2000
     n_eval: int = 200  # items per evaluation split
     n_eval_splits: dict[str, int] = field(default_factory=dict)  # per split: {"code/test": 257}
     # correctness: the paper's Eq. 6 loss on correctness spans; full: the Table 5 ablation
     calibration_loss: Literal["correctness", "full"] = "correctness"
+    # raw: prompts as they are (the paper's); chat: each prompt as the user turn of the model's
+    # chat template (after system_prompt), in every stage alike: calibration, generation,
+    # fine-tuning and evaluation
+    prompt_format: Literal["raw", "chat"] = "raw"
+    system_prompt: str | None = None  # chat only
 
     def __post_init__(self):
         unknown = sorted(set(self.hub_datasets) - set(HUB_DATASETS))
         if unknown:
             raise ConfigError(f"unknown benchmark task.hub_datasets.{unknown[0]}; valid ones: {list(HUB_DATASETS)}")
         self.hub_datasets = {**HUB_DATASETS, **self.hub_datasets}
+        if self.source != "files" and self.domain not in DOMAINS:
+            raise ConfigError(f"task.domain={self.domain!r} is not allowed with task.source={self.source}; "
+                              f"valid values: {list(DOMAINS)} (task.source=files takes any name)")
+        if self.source == "files" and not (self.domain.isidentifier() or self.domain.replace("-", "_").isidentifier()):
+            raise ConfigError(f"task.domain={self.domain!r}: the capability's name must be one word "
+                              "(letters, digits, _ or -): it prefixes the split names, as in units/test")
+        if self.system_prompt is not None and self.prompt_format != "chat":
+            raise ConfigError("task.system_prompt needs task.prompt_format=chat")
+        splits = list(self.files.eval) if self.source == "files" else list(EVAL_SPLITS)
+        domains = [self.domain] if self.source == "files" else list(DOMAINS)
         for key in self.n_eval_splits:
             domain, _, split = key.partition("/")
-            if domain not in DOMAINS or split not in EVAL_SPLITS:
+            if domain not in domains or split not in splits:
                 raise ConfigError(f"task.n_eval_splits key {key!r} must be <domain>/<split> with a "
-                                  f"domain of {', '.join(DOMAINS)} and a split of {list(EVAL_SPLITS)}")
+                                  f"domain of {', '.join(domains)} and a split of {splits}")
 
 
 @dataclass
