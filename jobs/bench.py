@@ -319,7 +319,7 @@ def main() -> None:
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     calib = [it for d in domains for it in make_split(d, "calibration", args.n_calibration)]
     batches, skipped = calibration_batches(tok, [it.text for it in calib],
-                                           [it.span_rule for it in calib],
+                                           [it.correctness_spans() for it in calib],
                                            batch_size=args.calib_batch, max_length=512)
     # the same rows, unpadded, one at a time (tokenization is outside both timings)
     singles = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]

@@ -41,9 +41,9 @@ offline_by_default()  # none of the imports above has read them (tests/test_laye
 def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: Tracker) -> None:
     """Calibration gradients on Ray workers -> summed statistics -> capability subspace."""
     loss_kind = cfg.task.calibration_loss
-    rules = [it.span_rule if loss_kind == "correctness" else "full" for it in calibration]
     batches, skipped = calibration_batches(
-        tokenizer, [it.text for it in calibration], rules, batch_size=cfg.calibration.batch_size,
+        tokenizer, [it.text for it in calibration], [it.correctness_spans(loss_kind) for it in calibration],
+        batch_size=cfg.calibration.batch_size,
         max_length=cfg.calibration.max_length, task=cfg.task.domain)
     layers = resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
     stats, loss, nodes = distributed_kv_stats(cfg, batches, layers)

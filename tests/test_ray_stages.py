@@ -43,7 +43,7 @@ def cfg(testbed_model_path):
 def test_stage1_two_workers_equal_one_process(local_ray, cfg, testbed_tokenizer, testbed_model):
     items = make_split("math", "calibration", 12)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
-                                     [it.span_rule for it in items], batch_size=4, max_length=256)
+                                     [it.correctness_spans() for it in items], batch_size=4, max_length=256)
     layers = resolve_layers(testbed_model, None)
     local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)
     cfg.calibration.num_workers = 2
@@ -60,7 +60,7 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
     model = load_model(cfg.model.path, device="cpu")
     tok = load_tokenizer(cfg.model.path)
     items = make_split("math", "calibration", 8)
-    batches, _ = calibration_batches(tok, [it.text for it in items], [it.span_rule for it in items],
+    batches, _ = calibration_batches(tok, [it.text for it in items], [it.correctness_spans() for it in items],
                                      batch_size=8, max_length=256)
     stats, _ = accumulate_kv_gradient_stats(model, batches, resolve_layers(model, None))
     build_subspace(stats).save(tmp_path / "subspace")
@@ -136,7 +136,7 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
 
     items = make_split("math", "calibration", 8)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
-                                     [it.span_rule for it in items], batch_size=8, max_length=256)
+                                     [it.correctness_spans() for it in items], batch_size=8, max_length=256)
     stats, _ = accumulate_kv_gradient_stats(testbed_model, batches, resolve_layers(testbed_model, None))
     build_subspace(stats).save(tmp_path / "subspace")
     out = ray.get(save_folded_checkpoint.remote(cfg.model, str(tmp_path / "subspace"), "both",
@@ -163,7 +163,7 @@ def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(loca
                                                                              testbed_model, capfd):
     items = make_split("code", "calibration", 200)  # long enough to kill a worker mid-way
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
-                                     [it.span_rule for it in items], batch_size=1, max_length=256)
+                                     [it.correctness_spans() for it in items], batch_size=1, max_length=256)
     layers = resolve_layers(testbed_model, None)
     local, _ = accumulate_kv_gradient_stats(testbed_model, batches, layers)
     killed = _kill_soon(b"ray::CalibrationWorker.accumulate")

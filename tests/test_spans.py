@@ -35,7 +35,7 @@ def test_token_inside_span_rule():
 
 
 def _labeled(tokenizer, text, rule):
-    batches, skipped = calibration_batches(tokenizer, [text], [rule], batch_size=1, max_length=256)
+    batches, skipped = calibration_batches(tokenizer, [text], [correctness_spans(text, rule)], batch_size=1, max_length=256)
     ids, labels = batches[0]["input_ids"][0], batches[0]["labels"][0]
     return [tokenizer.decode([int(t)]) for t, lab in zip(ids, labels) if lab != -100]
 
@@ -69,8 +69,9 @@ def test_labeled_tokens_per_domain_and_hub_format(testbed_tokenizer, text, rule,
 def test_labels_from_a_real_fast_tokenizer(testbed_tokenizer):
     texts = ["Question: 1 + 2?\nAnswer: 1 + 2 = 3.\n#### 3", "Question: x\nA. a\nB. b\nAnswer: B",
              "no correctness span at all"]
-    batches, skipped = calibration_batches(testbed_tokenizer, texts, ["final_number", "answer_letter",
-                                           "final_number"], batch_size=2, max_length=128)
+    rules = ["final_number", "answer_letter", "final_number"]
+    batches, skipped = calibration_batches(testbed_tokenizer, texts, [correctness_spans(t, r) for t, r in zip(texts, rules)],
+                                           batch_size=2, max_length=128)
     assert skipped == 1
     labeled = [testbed_tokenizer.decode(b["input_ids"][r][b["labels"][r] != -100])
                for b in batches for r in range(len(b["input_ids"]))]
@@ -80,15 +81,15 @@ def test_labels_from_a_real_fast_tokenizer(testbed_tokenizer):
 
 
 def test_errors_for_slow_tokenizer_and_empty_calibration(testbed_tokenizer, testbed_model_path):
-    with pytest.raises(ValueError, match="no calibration example of task math.*final_number"):
-        calibration_batches(testbed_tokenizer, ["nothing"], ["final_number"], batch_size=1,
+    with pytest.raises(ValueError, match="no calibration example of task math has a labeled token"):
+        calibration_batches(testbed_tokenizer, ["nothing"], [[]], batch_size=1,
                             max_length=32, task="math")
 
     class Slow:
         is_fast = False
 
     with pytest.raises(ValueError, match="not a fast tokenizer.*offset"):
-        calibration_batches(Slow(), ["x"], ["full"], batch_size=1, max_length=8)
+        calibration_batches(Slow(), ["x"], [[(0, 1)]], batch_size=1, max_length=8)
     assert AutoTokenizer.from_pretrained(testbed_model_path).is_fast
 
 
@@ -111,7 +112,7 @@ def _authors_spans(item) -> list[tuple[int, int]]:
 def test_labels_equal_the_authors_rule_on_the_testbed_calibration_sets(testbed_tokenizer, domain):
     items = make_split(domain, "calibration", 50)
     batches, skipped = calibration_batches(testbed_tokenizer, [it.text for it in items],
-                                           [it.span_rule for it in items], batch_size=50, max_length=256)
+                                           [it.correctness_spans() for it in items], batch_size=50, max_length=256)
     assert skipped == 0
     for row, item in enumerate(items):
         enc = testbed_tokenizer(item.text, return_offsets_mapping=True, truncation=True, max_length=256)

@@ -36,7 +36,7 @@ def test_zero3_two_workers_uneven_shards_equal_one_process(testbed_model_path, t
                                                            testbed_model):
     items = make_split("math", "calibration", 10)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
-                                     [it.span_rule for it in items], batch_size=4, max_length=256)
+                                     [it.correctness_spans() for it in items], batch_size=4, max_length=256)
     assert len(batches) == 3  # rank 0 runs 2 batches, rank 1 one and a discarded padding pass
     layers = resolve_layers(testbed_model, None)
     local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)

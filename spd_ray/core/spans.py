@@ -43,12 +43,13 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
     return [end > start and any(s <= start and end <= e for s, e in spans) for start, end in offsets]
 
 
-def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *, batch_size: int,
-                        max_length: int, task: str = "") -> tuple[list[dict], int]:
-    """Tokenized calibration batches with correctness labels, and how many texts were skipped.
+def calibration_batches(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]], *,
+                        batch_size: int, max_length: int, task: str = "") -> tuple[list[dict], int]:
+    """Tokenized calibration batches with correctness labels from each text's character `spans`
+    (`correctness_spans`, or a task's own), and how many texts were skipped.
 
     A text with no labeled token is skipped (and counted); if every text is skipped the
-    calibration set cannot define a subspace, which is an error naming the task and rule.
+    calibration set cannot define a subspace, which is an error naming the task.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -56,9 +57,9 @@ def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *
             "its offset mappings. Load the model's tokenizer.json (use_fast=True)."
         )
     rows = []
-    for text, rule in zip(texts, rules, strict=True):
+    for text, text_spans in zip(texts, spans, strict=True):
         enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
-        mask = token_mask(enc["offset_mapping"], correctness_spans(text, rule))
+        mask = token_mask(enc["offset_mapping"], text_spans)
         mask[0] = False  # the first token has no prediction to learn from (causal shift)
         if any(mask):
             labels = [t if m else -100 for t, m in zip(enc["input_ids"], mask)]
@@ -66,8 +67,7 @@ def calibration_batches(tokenizer, texts: Sequence[str], rules: Sequence[str], *
     skipped = len(texts) - len(rows)
     if not rows:
         raise ValueError(
-            f"no calibration example of task {task or '?'} has a correctness span under rule(s) "
-            f"{sorted(set(rules))}: check the calibration format (e.g. GSM8K answers end "
+            f"no calibration example of task {task or '?'} has a labeled token: check the calibration format (e.g. GSM8K answers end "
             f"'#### <number>', MMLU texts end 'Answer: <letter>', MBPP texts carry 'assert' lines) "
             f"or max_length={max_length}"
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from spd_ray.core.spans import correctness_spans
+
 DOMAINS = ("math", "mcq", "code")
 # the evaluation splits of every domain: in-domain test, and transfer (other wordings/benchmarks)
 EVAL_SPLITS = ("test", "transfer")
@@ -29,6 +31,8 @@ class Item:
     gold: str = ""  # final number / answer letter; empty for code
     tests: list[str] = field(default_factory=list)  # code: assert lines
     span_rule: str = ""  # which correctness-span rule applies (spd_ray.core.spans)
+    # explicit correctness spans, [start, end) offsets into `answer`; when set, `span_rule` is unused
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
     # scorer (spd_ray.tasks.evaluation.score): number | choice | exact | asserts | nll (reference NLL
     # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
@@ -41,3 +45,10 @@ class Item:
     def text(self) -> str:
         """Calibration text: prompt followed by the reference answer."""
         return self.prompt + self.answer
+
+    def correctness_spans(self, loss: str = "correctness") -> list[tuple[int, int]]:
+        """Character spans of `text` that the calibration loss looks at: the explicit answer
+        spans, else the span rule's; `loss=full` (the Table 5 ablation) the whole text."""
+        if loss == "full" or not self.answer_spans:
+            return correctness_spans(self.text, "full" if loss == "full" else self.span_rule)
+        return [(len(self.prompt) + s, len(self.prompt) + e) for s, e in self.answer_spans]
