@@ -27,11 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console, report  # noqa: E402
-from spd_ray.config import CompareConfig, ConfigError, SPDConfig, load_compare_config, load_config  # noqa: E402
+from spd_ray.config import (  # noqa: E402
+    CompareConfig,
+    ConfigError,
+    SPDConfig,
+    load_compare_config,
+    load_config,
+    to_dict,
+)
 from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline, stage1_subspace  # noqa: E402
-from spd_ray.tasks.task import load_task  # noqa: E402
+from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -49,11 +56,19 @@ def store_dir(cc: CompareConfig) -> Path:
     return (Path(cc.output_dir) / (cc.store or f"{cc.name}/store")).resolve()
 
 
-def domain_subspace(cfg: SPDConfig, store: Path) -> str:
+def task_of(cfg: SPDConfig, tasks: dict) -> Task:
+    """The run's task, loaded once for all the runs that read the same data."""
+    key = json.dumps([to_dict(cfg.task), cfg.model.path], sort_keys=True)
+    if key not in tasks:
+        tasks[key] = load_task(cfg)
+    return tasks[key]
+
+
+def domain_subspace(cfg: SPDConfig, store: Path, tasks: dict) -> str:
     """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
-    task = load_task(cfg)
+    task = task_of(cfg, tasks)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    run = artifacts.RunDir(cfg, store)
+    run = artifacts.RunDir(cfg, store, data=task.fingerprints())
     return str(run.stage("subspace", lambda out: stage1_subspace(
         cfg, tokenizer, task.calibration, out, Tracker(cfg, run.path))))
 
@@ -73,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose:
                 cc = dataclasses.replace(cc, overrides=[*cc.overrides, "run.verbose=true"])
             plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
+            tasks: dict = {}
             for *_, cfg in plan:
                 check(cfg)
-        except (ConfigError, OSError, ValueError) as err:  # every run's config is checked before any runs
+                task_of(cfg, tasks)
+        except (ConfigError, OSError, ValueError) as err:  # every run's config and data are checked before any runs
             print(f"error: {err}", file=sys.stderr)
             return 2
         exp = (Path(cc.output_dir) / cc.name).resolve()
@@ -88,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             records, subspaces = [], {}
             for i, (domain, method, seed, cfg) in enumerate(plan, 1):
                 console.log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
-                run = artifacts.RunDir(cfg, store)
+                task = task_of(cfg, tasks)
+                run = artifacts.RunDir(cfg, store, data=task.fingerprints())
                 tracker = Tracker(cfg, run.path)
-                res = run_pipeline(cfg, run, tracker, train=method.train)
+                res = run_pipeline(cfg, task, run, tracker, train=method.train)
                 tracker.finish()
                 if not method.train:
                     key = "base+projection" if cfg.evaluation.project else "base"
@@ -109,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 if domain not in subspaces:
                     console.log(f"stage 1 for the {domain} subspace (principal angles between domains)")
                     spd = next(m for m in cc.methods if m.train)
-                    subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store)
+                    subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store, tasks)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
                       f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
             path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
 from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline  # noqa: E402
+from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with console.session(verbose=cfg.run.verbose):
-        try:
+        try:  # everything that can be wrong with the config or the data, before any work
             check(cfg)
+            task = load_task(cfg)  # calibration examples, training prompts, evaluation splits
         except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        run = artifacts.RunDir(cfg)
+        run = artifacts.RunDir(cfg, data=task.fingerprints())
         console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker = Tracker(cfg, run.path)
             if tracker.where():
                 console.echo(f"  W&B {tracker.where()}")
-            results = run_pipeline(cfg, run, tracker)
+            results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
             table = artifacts.comparison_table(results["eval"])
             (run.path / "results.md").write_text(table)
             (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))

@@ -37,6 +37,16 @@ DEPENDS_ON = {
     "eval_projected.json": ["model", "task", "calibration", "subspace", "evaluation"],
     "eval_spd.json": ["model", "task", "calibration", "subspace", "generation", "finetune", "evaluation"],
 }
+# artifact -> the parts of the task's data (their content hashes, Task.fingerprints) it is made from
+DATA_DEPENDS_ON = {
+    "subspace": ["calibration"],
+    "generations": ["calibration", "train"],
+    "corpus.json": ["calibration", "train"],
+    "model": ["calibration", "train"],
+    "eval_base.json": ["eval"],
+    "eval_projected.json": ["calibration", "eval"],
+    "eval_spd.json": ["calibration", "train", "eval"],
+}
 # fields that do not change an artifact although their section does: the base model's scores
 # are shared by every method and ablation of an experiment
 IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
@@ -51,10 +61,12 @@ RECOVERY = {"calibration": {"max_failures"},
 class RunDir:
     """Artifacts of one run. With `store` (a folder shared by the runs of an experiment), each
     artifact lives in `store/<key>/` and the run directory links to it, so runs whose configs
-    agree on an artifact's sections compute it once."""
+    agree on an artifact's sections compute it once. `data`: the content hashes of the task's
+    parts (`Task.fingerprints()`), part of every key, so edited data files are never reused."""
 
-    def __init__(self, cfg: SPDConfig, store: Path | None = None):
+    def __init__(self, cfg: SPDConfig, store: Path | None = None, data: dict[str, str] | None = None):
         self.cfg = cfg
+        self.data = data or {}
         self.path = cfg.run_dir.resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.store = None if store is None else Path(store).resolve()
@@ -83,7 +95,8 @@ class RunDir:
                     for s in DEPENDS_ON[base]}
         if "subspace" in sections and cfg.subspace.kind != "random":
             del sections["subspace"]["random_seed"]  # a gradient subspace is the same for every seed
-        return hashlib.sha256(json.dumps([base, sections], sort_keys=True).encode()).hexdigest()[:16]
+        data = {part: self.data[part] for part in DATA_DEPENDS_ON[base] if part in self.data}
+        return hashlib.sha256(json.dumps([base, sections, data], sort_keys=True).encode()).hexdigest()[:16]
 
     def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None,
               resumable: bool = False) -> Path:

@@ -1,8 +1,10 @@
-"""The SPD run in the paper's order, on Ray (jobs/spd.py describes the stages and runs it):
-stage 1 (`stage1_subspace`), stage 2 (`stage2_generate`, then the raw corpus's quality), stage 3
-(`stage3_finetune`) and the evaluations, per round (`spd_round`), behind `run_pipeline`; `check`
-refuses impossible configs before any work, `connect_ray` joins or starts Ray. Each stage is a
-start and an end line on the console (`spd_ray.console`), with its key figures.
+"""The SPD run in the paper's order, on Ray (jobs/spd.py runs it; jobs/compare.py runs it per
+method): `run_pipeline` evaluates the base model, then per round `spd_round` reads as Fig. 2:
+stage 1 (`capability_subspace`), stage 2 (`self_generation`), stage 3 (`distillation`) and the
+evaluation. Each of them is an artifact of the run directory (made or reused) and a start and
+an end line on the console (`spd_ray.console`) with its key figures; the work itself is in
+`stage1_subspace`, `stage2_generate`, `corpus_quality` and `stage3_finetune`. `check` refuses
+impossible configs before any work, `connect_ray` joins or starts Ray.
 
 Importing this module sets the offline defaults (`spd_ray.offline_by_default`) before anything
 reads them.
@@ -32,7 +34,7 @@ from spd_ray.stages.finetune import HISTORY_FILE, epoch_plan, finetune_on_ray
 from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
 from spd_ray.tasks.evaluation import score
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
-from spd_ray.tasks.task import Task, load_task
+from spd_ray.tasks.task import Task
 from spd_ray.tracking import Tracker
 
 offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
@@ -196,11 +198,11 @@ def scores(metrics: dict[str, float]) -> str:
     return ", ".join(f"{split} {' '.join(vals)}" for split, vals in parts.items())
 
 
-def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
-    """Evaluation of the base model, then stages 1-3 and evaluation for `run.rounds` rounds.
-    `train=False` stops after stage 1 (for the inference-only baseline, evaluation.project).
-    Returns every evaluation, each round's subspace folder and the quality of its raw corpus."""
-    task = load_task(cfg)
+def run_pipeline(cfg: SPDConfig, task: Task, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
+    """Evaluation of the base model, then `run.rounds` rounds of SPD on `task`, each from the
+    model the round before made. `train=False` stops after stage 1 (for the inference-only
+    baseline, evaluation.project). Returns every evaluation, each round's subspace folder and the
+    quality of its raw corpus."""
     results = {"eval": {}, "corpus": {}, "subspaces": {}}
     results["eval"]["base"] = evaluation(cfg, run, "eval_base.json", "evaluation of the base model",
                                          "greedy, projection off", cfg.model.path, task.eval_splits)
@@ -214,6 +216,78 @@ def run_pipeline(cfg: SPDConfig, run: artifacts.RunDir, tracker: Tracker, train:
     return results
 
 
+def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: Task,
+              results: dict, train: bool) -> str:
+    """One round of the paper's Fig. 2 on `cfg.model` (round k > 1: round k-1's model): returns
+    the trained model's path."""
+    prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
+    subspace_dir = None
+    if (train and cfg.generation.project) or cfg.evaluation.project:
+        # 1-2. calibration gradients of the correctness spans -> the capability subspace
+        subspace_dir = capability_subspace(cfg, run, task, prefix, tracker)
+        results["subspaces"][r] = str(subspace_dir)
+    if cfg.evaluation.project and r == 1:
+        results["eval"]["base+projection"] = evaluation(
+            cfg, run, "eval_projected.json", "evaluation of the base model with the projection on",
+            "the inference-only baseline", cfg.model.path, task.eval_splits, subspace_dir)
+    if not train:
+        return cfg.model.path
+    # 3. self-generation with K and V projected onto it
+    gen_dir, results["corpus"][r] = self_generation(
+        cfg, run, task, subspace_dir if cfg.generation.project else None, prefix, tracker)
+    # 4. distillation: the original model fine-tuned on its own projected completions
+    model_dir = distillation(cfg, run, gen_dir, results["corpus"][r]["n"], prefix, tracker)
+    # 5. evaluation: greedy, projection off
+    results["eval"][name] = evaluation(cfg, run, prefix + "eval_spd.json", f"evaluation of round {r}'s model",
+                                       "greedy, projection off", str(model_dir), task.eval_splits)
+    return str(model_dir)
+
+
+def capability_subspace(cfg: SPDConfig, run: artifacts.RunDir, task: Task, prefix: str, tracker: Tracker) -> Path:
+    """Stage 1 as an artifact and a stage of the console: the subspace folder."""
+    with console.stage("stage 1", f"capability subspace of {cfg.model.path} from "
+                       f"{len(task.calibration)} calibration examples on "
+                       f"{cfg.calibration.num_workers} workers") as st:
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
+            cfg, tokenizer, task.calibration, out, tracker), cfg)
+        subspace = CapabilitySubspace.load(subspace_dir)
+        st.summary = ", ".join(f"L{layer}.{kind} rank {b.shape[1]} energy {subspace.energy[(layer, kind)]:.3f}"
+                               for (layer, kind), b in sorted(subspace.bases.items()))
+    return subspace_dir
+
+
+def self_generation(cfg: SPDConfig, run: artifacts.RunDir, task: Task, subspace_dir: Path | None,
+                    prefix: str, tracker: Tracker) -> tuple[Path, dict]:
+    """Stage 2 and the raw corpus's quality, as artifacts and a stage of the console: the
+    generations folder and the corpus figures."""
+    kind = "projected" if subspace_dir is not None else "unprojected"
+    n_rows = len(task.train_prompts) * cfg.generation.n_samples
+    with console.stage("stage 2", f"{kind} self-generation of {n_rows} completions "
+                       f"on {cfg.generation.replicas_min}-{cfg.generation.replicas_max} replicas") as st:
+        stats: dict = {}
+        gen_dir = run.stage(prefix + "generations", lambda out: stats.update(stage2_generate(
+            cfg, task.train_prompts, subspace_dir, out, tracker)), cfg, resumable=True)
+        corpus = json.loads(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
+            cfg, task.train_items, gen_dir, out), cfg).read_text())
+        made = (f"{stats['stage2/samples_per_s']:.1f} samples/s, " if stats else "")
+        st.summary = (f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; "
+                      f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
+    return gen_dir, corpus
+
+
+def distillation(cfg: SPDConfig, run: artifacts.RunDir, gen_dir: Path, n_rows: int, prefix: str,
+                 tracker: Tracker) -> Path:
+    """Stage 3 as an artifact and a stage of the console: the fine-tuned model's folder."""
+    ft = cfg.finetune
+    with console.stage("stage 3", f"fine-tuning ({ft.method}, ZeRO-{ft.zero_stage}) on {ft.num_workers} "
+                       f"workers, {n_rows} rows x {ft.epochs:g} epoch{'' if ft.epochs == 1 else 's'}") as st:
+        model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
+            cfg, gen_dir, n_rows, out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
+        st.summary = training_figures(model_dir)
+    return model_dir
+
+
 def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, model_path: str,
                splits, subspace_dir: Path | None = None) -> dict[str, float]:
     """The evaluation artifact `name` (made or reused) as a stage of the console."""
@@ -223,53 +297,6 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
             cfg, model_path, splits, out, subspace_dir), cfg).read_text())
         st.summary = scores(metrics)
     return metrics
-
-
-def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: Task,
-              results: dict, train: bool) -> str:
-    """One round on `cfg.model` (round k > 1: round k-1's model); returns the trained model's path."""
-    prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
-    subspace_dir = None
-    if (train and cfg.generation.project) or cfg.evaluation.project:
-        with console.stage("stage 1", f"capability subspace of {cfg.model.path} from "
-                           f"{len(task.calibration)} calibration examples on "
-                           f"{cfg.calibration.num_workers} workers") as st:
-            tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-            subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
-                cfg, tokenizer, task.calibration, out, tracker), cfg)
-            results["subspaces"][r] = str(subspace_dir)
-            subspace = CapabilitySubspace.load(subspace_dir)
-            st.summary = ", ".join(f"L{layer}.{kind} rank {b.shape[1]} energy {subspace.energy[(layer, kind)]:.3f}"
-                                   for (layer, kind), b in sorted(subspace.bases.items()))
-    if cfg.evaluation.project and r == 1:
-        results["eval"]["base+projection"] = evaluation(
-            cfg, run, "eval_projected.json", "evaluation of the base model with the projection on",
-            "the inference-only baseline", cfg.model.path, task.eval_splits, subspace_dir)
-    if not train:
-        return cfg.model.path
-    kind = "projected" if cfg.generation.project else "unprojected"
-    n_rows = len(task.train_prompts) * cfg.generation.n_samples
-    with console.stage("stage 2", f"{kind} self-generation of {n_rows} completions "
-                       f"on {cfg.generation.replicas_min}-{cfg.generation.replicas_max} replicas") as st:
-        stats: dict = {}
-        gen_dir = run.stage(prefix + "generations", lambda out: stats.update(stage2_generate(
-            cfg, task.train_prompts, subspace_dir if cfg.generation.project else None, out, tracker)), cfg,
-            resumable=True)
-        corpus = json.loads(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
-            cfg, task.train_items, gen_dir, out), cfg).read_text())
-        results["corpus"][r] = corpus
-        made = (f"{stats['stage2/samples_per_s']:.1f} samples/s, " if stats else "")
-        st.summary = (f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; "
-                      f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
-    ft = cfg.finetune
-    with console.stage("stage 3", f"fine-tuning ({ft.method}, ZeRO-{ft.zero_stage}) on {ft.num_workers} "
-                       f"workers, {corpus['n']} rows x {ft.epochs:g} epoch{'' if ft.epochs == 1 else 's'}") as st:
-        model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
-            cfg, gen_dir, corpus["n"], out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
-        st.summary = training_figures(model_dir)
-    results["eval"][name] = evaluation(cfg, run, prefix + "eval_spd.json", f"evaluation of round {r}'s model",
-                                       "greedy, projection off", str(model_dir), task.eval_splits)
-    return str(model_dir)
 
 
 def check(cfg: SPDConfig) -> None:

@@ -152,3 +152,20 @@ def test_retry_and_checkpoint_settings_change_no_artifact(tmp_path):
     other = RunDir(_cfg(tmp_path, "r", "calibration.max_failures=0", "finetune.max_failures=9",
                         "finetune.checkpoint_every_steps=5", "finetune.checkpoint_every_s=60"))
     assert all(run.key(name) == other.key(name) for name in DEPENDS_ON)
+
+
+def test_an_edited_data_file_makes_the_artifacts_that_read_it_again(tmp_path):
+    # same config, other content: each artifact is keyed by the parts of the data it is made from
+    data = {"calibration": "c1", "train": "t1", "eval": "e1"}
+    run = RunDir(_cfg(tmp_path, "spd"), data=data)
+    calls = []
+    run.stage("subspace", _writer(calls, "made from c1"))
+    edited = RunDir(_cfg(tmp_path, "spd"), data={**data, "calibration": "c2"})
+    edited.stage("subspace", _writer(calls, "made from c2"))
+    assert calls == ["subspace.partial-" + run.key("subspace"), "subspace.partial-" + edited.key("subspace")]
+    assert (edited.path / "subspace").read_text() == "made from c2"
+    assert edited.key("eval_base.json") == run.key("eval_base.json")  # the base model's scores read no calibration
+    assert edited.key("model") != run.key("model")
+    new_eval = RunDir(_cfg(tmp_path, "spd"), data={**data, "eval": "e2"})
+    assert new_eval.key("eval_base.json") != run.key("eval_base.json")
+    assert new_eval.key("model") == run.key("model")

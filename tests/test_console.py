@@ -145,7 +145,7 @@ def test_verbose_leaves_the_detail_on_the_console(capfd, tmp_path):
     assert "a stage line" in (tmp_path / "driver.log").read_text()
 
 
-def _fake_pipeline(cfg, run, tracker):
+def _fake_pipeline(cfg, task, run, tracker):
     print("Ray Data progress frame")
     console.log("a stage line")
     return {"eval": {"base": {"math/test/accuracy": 0.5}, "spd": {"math/test/accuracy": 0.75}},

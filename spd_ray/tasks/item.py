@@ -33,6 +33,9 @@ class Item:
     span_rule: str = ""  # which correctness-span rule applies (spd_ray.core.spans)
     # explicit correctness spans, [start, end) offsets into `answer`; when set, `span_rule` is unused
     answer_spans: list[tuple[int, int]] = field(default_factory=list)
+    # chat format (spd_ray.tasks.task.chat_format): where the raw prompt lies in `prompt`, inside
+    # the chat template's turns; a span rule reads the raw prompt + answer, never the template
+    user_span: tuple[int, int] | None = None
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
     # scorer (spd_ray.tasks.evaluation.score): number | choice | exact | asserts | nll (reference NLL
     # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
@@ -48,7 +51,21 @@ class Item:
 
     def correctness_spans(self, loss: str = "correctness") -> list[tuple[int, int]]:
         """Character spans of `text` that the calibration loss looks at: the explicit answer
-        spans, else the span rule's; `loss=full` (the Table 5 ablation) the whole text."""
-        if loss == "full" or not self.answer_spans:
-            return correctness_spans(self.text, "full" if loss == "full" else self.span_rule)
-        return [(len(self.prompt) + s, len(self.prompt) + e) for s, e in self.answer_spans]
+        spans, else the span rule's (read on the raw prompt + answer, then placed in `text`);
+        `loss=full` (the Table 5 ablation) the whole text."""
+        if loss == "full":
+            return correctness_spans(self.text, "full")
+        n = len(self.prompt)
+        if self.answer_spans:
+            return [(n + s, n + e) for s, e in self.answer_spans]
+        if self.user_span is None:
+            return correctness_spans(self.text, self.span_rule)
+        start, end = self.user_span
+        raw = end - start  # raw prompt positions [0, raw) sit at start..end; the answer after n
+        placed = []
+        for s, e in correctness_spans(self.prompt[start:end] + self.answer, self.span_rule):
+            if s < raw:
+                placed.append((start + s, start + min(e, raw)))
+            if e > raw:
+                placed.append((n + max(s, raw) - raw, n + e - raw))
+        return [(s, e) for s, e in placed if e > s]
