@@ -34,9 +34,11 @@ class Item:
     # explicit correctness spans, [start, end) offsets into `answer`; when set, `span_rule` is unused
     answer_spans: list[tuple[int, int]] = field(default_factory=list)
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
-    # scorer (spd_ray.tasks.evaluation.score): number | choice | exact | asserts | nll (reference NLL
-    # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
+    # scorer (spd_ray.tasks.evaluation.score): exact | normalized | number | choice | regex | asserts
+    # | nll (reference NLL of `answer` only, no accuracy) | module:function (a user function);
+    # empty: the domain's own (math number, mcq choice, code asserts)
     metric: str = ""
+    pattern: str = ""  # regex scorer: group 1 of its first match in the completion is the answer
 
     def __post_init__(self):
         self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")
