@@ -4,10 +4,12 @@ import textwrap
 
 import pytest
 
-from spd_ray.config import SCORERS, ConfigError, EvalConfig
+from spd_ray.config import SCORERS, ConfigError, EvalConfig, GenerationConfig
+from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.tasks.evaluation import (
     TEXT_SCORERS,
     accuracy_splits,
+    check_scorers,
     evaluate_model,
     nll_splits,
     reference_nll,
@@ -63,6 +65,7 @@ def test_the_scorer_table_is_the_configs():
     (item("asserts", tests=["assert f(1) == 2"]), "def f(x):\n    return x + 1\n", "def f(x):\n    return x\n"),
 ])
 def test_each_scorer_tells_right_from_wrong(scorer, right, wrong):
+    check_scorers({"units/test": [scorer]})
     assert score([scorer, scorer], [right, wrong]) == [True, False]
 
 
@@ -106,6 +109,7 @@ def user_module(tmp_path, monkeypatch):
 
 def test_user_scorer(user_module, tmp_path, monkeypatch):
     scorer = item("my_scorers:same_length", "four")
+    check_scorers({"units/test": [scorer]})
     assert score([scorer, scorer], [" 1234 ", "12345"]) == [True, False]
     # imported once: it keeps working with its module off the path and out of sys.modules
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
@@ -124,6 +128,8 @@ def test_user_scorer(user_module, tmp_path, monkeypatch):
 def test_user_scorer_errors_name_the_problem_and_the_fix(user_module, name, message):
     with pytest.raises(ConfigError, match=message):
         resolve_scorer(name)
+    with pytest.raises(ConfigError, match=f"split units/test: scorer '{name}'"):
+        check_scorers({"units/test": [item(name)]})
 
 
 def test_user_scorer_failures_name_the_function_and_the_item(user_module):
@@ -131,3 +137,26 @@ def test_user_scorer_failures_name_the_function_and_the_item(user_module):
         score([item("my_scorers:broken")], ["x"])
     with pytest.raises(TypeError, match="returned 'no' on item .*must return True or False"):
         score([item("my_scorers:says_no")], ["x"])
+
+
+@pytest.mark.parametrize("items, message", [
+    ([item("exactly")], r"split units/test \(scorer 'exactly'\): no such scorer; valid ones: \['exact'"),
+    ([item("regex", pattern=r"Final: \w+")], r"has no capture group; put the answer in group 1"),
+    ([item("regex", pattern=r"Final: (\w+")], r"does not compile"),
+    ([item("regex")], r"no pattern to match; set one \(task.files.scorer_regex\)"),
+    ([item("exact"), item("number")], r"split units/test mixes the scorers \['exact', 'number'\]"),
+    ([item("asserts")], r"item asserts-1 has no tests"),
+    ([item("nll", answer="")], r"no item has a reference answer"),
+])
+def test_check_scorers_refuses_bad_splits(items, message):
+    with pytest.raises(ConfigError, match=message):
+        check_scorers({"units/test": items})
+
+
+def test_bad_scorers_fail_before_any_generation():
+    bad = {"units/test": [item("regex", pattern="no group")]}
+    # no model, tokenizer or Ray: the check is all that runs
+    with pytest.raises(ConfigError, match="no capture group"):
+        evaluate_model(None, None, bad, EvalConfig())
+    with pytest.raises(ConfigError, match="no capture group"):
+        evaluate_on_ray(None, GenerationConfig(), EvalConfig(), bad)

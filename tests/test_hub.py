@@ -8,7 +8,7 @@ import pytest
 from spd_ray.config import ConfigError, EvalConfig, load_config
 from spd_ray.core.spans import correctness_spans
 from spd_ray.tasks import hub
-from spd_ray.tasks.evaluation import score, split_metrics
+from spd_ray.tasks.evaluation import check_scorers, score, split_metrics
 from spd_ray.tasks.scoring import score_normalized
 from spd_ray.tasks.task import load_task
 from spd_ray.tasks.testbed import make_split
@@ -82,6 +82,7 @@ def test_eval_splits_and_golds(data_dir):
 
 def test_scorers_on_hub_items(data_dir):
     splits = hub_task(data_dir, "math", "evaluation.domains=[math,mcq,code]", "task.n_eval=12").eval_splits
+    check_scorers(splits)  # every hub split passes the check made before any compute
     scored = [it for name, items in splits.items() if name != "code/transfer" for it in items]
     assert all(score(scored, [it.answer for it in scored]))
     assert not any(score(scored, [WRONG[it.domain] for it in scored]))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -114,6 +115,49 @@ def _user_score(item: Item, completion: str) -> bool:
     return bool(correct)
 
 
+def check_scorers(splits: Mapping[str, Sequence[Item]]) -> None:
+    """Every split's scorer can run, checked before any compute: one metric per split, a known
+    one (`SCORERS`, or a user function `resolve_scorer` imports), a regex pattern that compiles
+    and has a capture group, tests for the asserts scorer and reference answers for nll.
+    Raises ConfigError naming the split and the fix."""
+    for name, items in splits.items():
+        metrics = sorted({it.metric for it in items})
+        if len(metrics) > 1:
+            raise ConfigError(f"split {name} mixes the scorers {metrics}: give each split one")
+        if not items:
+            continue
+        metric = metrics[0]
+        where = f"split {name} (scorer {metric!r})"
+        if ":" in metric:
+            try:
+                resolve_scorer(metric)
+            except ConfigError as err:
+                raise ConfigError(f"split {name}: {err}") from err.__cause__
+        elif metric not in SCORERS:
+            raise ConfigError(f"{where}: no such scorer; valid ones: {list(SCORERS)} or module:function")
+        elif metric == "regex":
+            for pattern in sorted({it.pattern for it in items}):
+                _check_pattern(where, pattern)
+        elif metric == "asserts" and (bare := next((it for it in items if not it.tests), None)):
+            raise ConfigError(f"{where}: item {bare.id} has no tests, so any program that runs would pass; "
+                              "give every item its assert lines (or use another scorer)")
+        elif metric == "nll" and not any(it.answer for it in items):
+            raise ConfigError(f"{where}: no item has a reference answer to take the NLL of; fill the answers")
+
+
+def _check_pattern(where: str, pattern: str) -> None:
+    if not pattern:
+        raise ConfigError(f"{where}: no pattern to match; set one (task.files.scorer_regex), its group 1 "
+                          r"the answer, e.g. 'answer: (\S+)'")
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as err:
+        raise ConfigError(f"{where}: the pattern {pattern!r} does not compile ({err})") from None
+    if groups < 1:
+        raise ConfigError(f"{where}: the pattern {pattern!r} has no capture group; put the answer in "
+                          r"group 1, e.g. 'answer: (\S+)'")
+
+
 @torch.no_grad()
 def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
                   max_length: int = 512) -> float:
@@ -166,7 +210,9 @@ def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
 
 
 def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
-    """In-process evaluation: greedy completions, projection off, raw prompts."""
+    """In-process evaluation: greedy completions, projection off, raw prompts; the scorers are
+    checked first (`check_scorers`)."""
+    check_scorers(splits)
     completions = {name: generate(model, tokenizer, [it.prompt for it in splits[name]],
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
                    for name in accuracy_splits(splits)}
