@@ -1,10 +1,30 @@
 import dataclasses
+import sys
+import textwrap
 
 import pytest
 
-from spd_ray.config import EvalConfig
-from spd_ray.tasks.evaluation import evaluate_model, reference_nll, score
+from spd_ray.config import SCORERS, ConfigError, EvalConfig, GenerationConfig
+from spd_ray.stages.evaluate import evaluate_on_ray
+from spd_ray.tasks.evaluation import (
+    TEXT_SCORERS,
+    accuracy_splits,
+    check_scorers,
+    evaluate_model,
+    nll_splits,
+    reference_nll,
+    resolve_scorer,
+    score,
+    split_metrics,
+)
+from spd_ray.tasks.item import Item
 from spd_ray.tasks.testbed import make_split
+
+
+def item(metric: str, gold: str = "", **fields) -> Item:
+    """An item of a split "units/test" scored by `metric`."""
+    return Item(**{"id": f"{metric}-1", "domain": "units", "split": "test", "prompt": "Q:",
+                   "answer": " ref", "gold": gold, "metric": metric, **fields})
 
 
 def test_reference_answers_score_perfectly_and_wrong_ones_do_not():
@@ -30,3 +50,113 @@ def test_evaluate_model_reports_every_split(testbed_model, testbed_tokenizer):
     # batching does not change the value
     assert reference_nll(testbed_model, testbed_tokenizer, items, batch_size=1) == pytest.approx(
         metrics["code/test/nll"], rel=1e-4)
+
+
+def test_the_scorer_table_is_the_configs():
+    assert (*TEXT_SCORERS, "asserts", "nll") == SCORERS
+
+
+@pytest.mark.parametrize("scorer, right, wrong", [
+    (item("exact", "Paris"), " Paris.\nQ: next", " paris"),
+    (item("normalized", "(B)"), " B. because", " (C)"),
+    (item("number", "12"), " 5 + 7 = 12\n#### 12", " #### 13"),
+    (item("choice", "C"), " C. Paris", " A"),
+    (item("regex", "yes", pattern=r"Final: *(\w+)"), " Final: Yes\nFinal: no", " Final: no\nFinal: yes"),
+    (item("asserts", tests=["assert f(1) == 2"]), "def f(x):\n    return x + 1\n", "def f(x):\n    return x\n"),
+])
+def test_each_scorer_tells_right_from_wrong(scorer, right, wrong):
+    check_scorers({"units/test": [scorer]})
+    assert score([scorer, scorer], [right, wrong]) == [True, False]
+
+
+def test_nll_splits_report_the_reference_nll_only():
+    splits = {"units/test": [item("nll")], "units/transfer": [item("exact", "x")]}
+    assert nll_splits(splits) == ["units/test"] and accuracy_splits(splits) == ["units/transfer"]
+    assert split_metrics(splits, {"units/transfer": [" x"]}, {"units/test": 0.5}, EvalConfig()) == {
+        "units/test/nll": 0.5, "units/transfer/accuracy": 1.0}
+    with pytest.raises(ValueError, match="no accuracy scorer"):
+        score(splits["units/test"], ["x"])
+
+
+USER_SCORERS = """
+def same_length(completion, gold):
+    return len(completion.strip()) == len(gold)
+
+def broken(completion, gold):
+    raise KeyError("oops")
+
+def says_no(completion, gold):
+    return "no"
+
+def one_argument(completion):
+    return True
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """The module `my_scorers` (and `needs_missing`, whose import fails) on sys.path."""
+    (tmp_path / "my_scorers.py").write_text(textwrap.dedent(USER_SCORERS))
+    (tmp_path / "needs_missing.py").write_text("import spd_ray_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_scorers"
+    for name in ("my_scorers", "needs_missing"):
+        sys.modules.pop(name, None)
+    resolve_scorer.cache_clear()
+
+
+def test_user_scorer(user_module, tmp_path, monkeypatch):
+    scorer = item("my_scorers:same_length", "four")
+    check_scorers({"units/test": [scorer]})
+    assert score([scorer, scorer], [" 1234 ", "12345"]) == [True, False]
+    # imported once: it keeps working with its module off the path and out of sys.modules
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    sys.modules.pop(user_module)
+    assert score([scorer], ["abcd"]) == [True]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("spd_ray_no_such_module:f", r"cannot import spd_ray_no_such_module .*put spd_ray_no_such_module.py "
+                                 r"on PYTHONPATH or in the job's working_dir"),
+    ("needs_missing:f", r"cannot import needs_missing .*spd_ray_no_such_dependency.*install what it imports"),
+    ("my_scorers:absent", r"my_scorers.py has no 'absent'; define `def absent\(completion: str, gold: str\)"),
+    ("my_scorers:NOT_A_FUNCTION", r"my_scorers.NOT_A_FUNCTION is a int, not a function"),
+    ("my_scorers:one_argument", r"one_argument\(completion\) cannot be called as fn\(completion, gold\)"),
+])
+def test_user_scorer_errors_name_the_problem_and_the_fix(user_module, name, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_scorer(name)
+    with pytest.raises(ConfigError, match=f"split units/test: scorer '{name}'"):
+        check_scorers({"units/test": [item(name)]})
+
+
+def test_user_scorer_failures_name_the_function_and_the_item(user_module):
+    with pytest.raises(RuntimeError, match="scorer my_scorers:broken raised KeyError on item my_scorers:broken-1"):
+        score([item("my_scorers:broken")], ["x"])
+    with pytest.raises(TypeError, match="returned 'no' on item .*must return True or False"):
+        score([item("my_scorers:says_no")], ["x"])
+
+
+@pytest.mark.parametrize("items, message", [
+    ([item("exactly")], r"split units/test \(scorer 'exactly'\): no such scorer; valid ones: \['exact'"),
+    ([item("regex", pattern=r"Final: \w+")], r"has no capture group; put the answer in group 1"),
+    ([item("regex", pattern=r"Final: (\w+")], r"does not compile"),
+    ([item("regex")], r"no pattern to match; set one \(task.files.scorer_regex\)"),
+    ([item("exact"), item("number")], r"split units/test mixes the scorers \['exact', 'number'\]"),
+    ([item("asserts")], r"item asserts-1 has no tests"),
+    ([item("nll", answer="")], r"no item has a reference answer"),
+])
+def test_check_scorers_refuses_bad_splits(items, message):
+    with pytest.raises(ConfigError, match=message):
+        check_scorers({"units/test": items})
+
+
+def test_bad_scorers_fail_before_any_generation():
+    bad = {"units/test": [item("regex", pattern="no group")]}
+    # no model, tokenizer or Ray: the check is all that runs
+    with pytest.raises(ConfigError, match="no capture group"):
+        evaluate_model(None, None, bad, EvalConfig())
+    with pytest.raises(ConfigError, match="no capture group"):
+        evaluate_on_ray(None, GenerationConfig(), EvalConfig(), bad)

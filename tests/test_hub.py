@@ -1,5 +1,5 @@
 """The hub source on local files in the real hub schemas (tests/hub_files.py), its scorers, and
-BBH's normalized exact match."""
+BBH's normalized match."""
 
 import re
 
@@ -8,8 +8,8 @@ import pytest
 from spd_ray.config import ConfigError, EvalConfig, load_config
 from spd_ray.core.spans import correctness_spans
 from spd_ray.tasks import hub
-from spd_ray.tasks.evaluation import score, split_metrics
-from spd_ray.tasks.scoring import score_exact
+from spd_ray.tasks.evaluation import check_scorers, score, split_metrics
+from spd_ray.tasks.scoring import score_normalized
 from spd_ray.tasks.task import load_task
 from spd_ray.tasks.testbed import make_split
 from tests import hub_files
@@ -63,9 +63,9 @@ def test_eval_splits_and_golds(data_dir):
         "into 2 groups and oranges are organized into 93 groups How big is each group of bananas?\nAnswer:")
     assert [it.gold for it in splits["mcq/test"]] == ["B", "C", "D"]
     assert splits["mcq/test"][0].prompt.endswith("over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
-    bbh = splits["mcq/transfer"]  # 12 // 6 = 2 of each of the six subtasks, scored by exact match
+    bbh = splits["mcq/transfer"]  # 12 // 6 = 2 of each of the six subtasks, scored by normalized match
     assert [it.id.split("/")[1] for it in bbh] == [t for t in hub.BBH_TASKS for _ in range(2)]
-    assert {it.metric for it in bbh} == {"exact"} and bbh[0].prompt.startswith("Q: The following paragraphs")
+    assert {it.metric for it in bbh} == {"normalized"} and bbh[0].prompt.startswith("Q: The following paragraphs")
     assert bbh[0].prompt.endswith("(C) Eve finished last\nA:") and [it.gold for it in bbh[6:8]] == ["False", "True"]
     mbpp = splits["code/test"]
     assert all(LAYOUTS["code"].fullmatch(it.prompt) for it in mbpp)
@@ -82,6 +82,7 @@ def test_eval_splits_and_golds(data_dir):
 
 def test_scorers_on_hub_items(data_dir):
     splits = hub_task(data_dir, "math", "evaluation.domains=[math,mcq,code]", "task.n_eval=12").eval_splits
+    check_scorers(splits)  # every hub split passes the check made before any compute
     scored = [it for name, items in splits.items() if name != "code/transfer" for it in items]
     assert all(score(scored, [it.answer for it in scored]))
     assert not any(score(scored, [WRONG[it.domain] for it in scored]))
@@ -123,8 +124,8 @@ def test_scorers_on_hub_items(data_dir):
     (" (C)", "(B)", False),
     ("", "True", False),
 ])
-def test_score_exact(completion, target, correct):
-    assert score_exact(completion, target) is correct
+def test_score_normalized(completion, target, correct):
+    assert score_normalized(completion, target) is correct
 
 
 def test_missing_files_and_fields_name_the_dataset_and_the_fix(data_dir, tmp_path):

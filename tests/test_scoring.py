@@ -6,7 +6,10 @@ from spd_ray.tasks.scoring import (
     extract_number,
     numbers_match,
     score_choice,
+    score_exact,
     score_math,
+    score_normalized,
+    score_regex,
 )
 
 
@@ -106,3 +109,42 @@ def test_score_helpers():
     assert (
         score_choice(" C. Paris", "C") and score_choice(" C", "(C)") and not score_choice(" A", "C")
     )
+
+
+@pytest.mark.parametrize(
+    "completion, gold, correct",
+    [
+        (" Paris", "Paris", True),
+        (" Paris.\nQuestion: and Rome?", "Paris", True),  # cut at the clause end, first line
+        (" It is in France, so the answer is Paris. Next", "Paris", True),
+        (" paris", "Paris", False),  # strict: case counts (normalized would take it)
+        (" (B)", "B", False),
+        (" 3.5 apples", "3.5", False),
+        ("", "Paris", False),
+    ],
+)
+def test_score_exact_is_strict(completion, gold, correct):
+    assert score_exact(completion, gold) is correct
+
+
+def test_exact_and_normalized_differ_on_case_and_options():
+    assert score_normalized(" paris", "Paris") and not score_exact(" paris", "Paris")
+    assert score_normalized(" B.", "(B)") and not score_exact(" B.", "(B)")
+
+
+@pytest.mark.parametrize(
+    "completion, gold, correct",
+    [
+        (" Final: Yes\nQ: next\nFinal: No", "yes", True),  # the first match, normalized
+        (" Final: No\nQ: next\nFinal: Yes", "yes", False),  # later matches are made-up questions'
+        (" Final: Yes.", "yes", True),
+        (" Yes", "yes", False),  # no match: wrong
+        (" Final: nothing", "yes", False),
+    ],
+)
+def test_score_regex(completion, gold, correct):
+    assert score_regex(completion, gold, r"Final: *(\w+)") is correct
+
+
+def test_score_regex_group_outside_the_match_is_wrong():
+    assert not score_regex(" None", "none", r"Final: (\w+)|None")

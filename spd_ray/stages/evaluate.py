@@ -15,7 +15,13 @@ from spd_ray import console
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
 from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.generate import generate_dataset, load_projected
-from spd_ray.tasks.evaluation import accuracy_splits, nll_splits, reference_nll, split_metrics
+from spd_ray.tasks.evaluation import (
+    accuracy_splits,
+    check_scorers,
+    nll_splits,
+    reference_nll,
+    split_metrics,
+)
 from spd_ray.tasks.item import Item
 
 
@@ -31,7 +37,9 @@ def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
                     splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
                     mode: str = "both") -> dict[str, float]:
     """Greedy completions from the generation actors, scored on the driver. Projection off,
-    unless `subspace_dir` is given (the inference-only baseline)."""
+    unless `subspace_dir` is given (the inference-only baseline). The scorers are checked first
+    (`check_scorers`): a bad one fails before any generation."""
+    check_scorers(splits)
     subspace_dir = None if subspace_dir is None else str(subspace_dir)
     scored = accuracy_splits(splits)  # NLL-only splits need no completions
     rows = [{"id": f"{name}#{i}", "prompt": it.prompt}

@@ -1,27 +1,54 @@
-"""Evaluation: greedy completions scored per domain, and the NLL of reference answers.
+"""Evaluation: greedy completions scored by each item's metric, and the NLL of reference answers.
 
 The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from spd_ray.config import EvalConfig
+from spd_ray.config import SCORERS, ConfigError, EvalConfig
 from spd_ray.core.generation import generate
 from spd_ray.tasks.item import Item
 from spd_ray.tasks.sandbox import run_many
-from spd_ray.tasks.scoring import extract_code, score_choice, score_exact, score_math
+from spd_ray.tasks.scoring import (
+    extract_code,
+    score_choice,
+    score_exact,
+    score_math,
+    score_normalized,
+    score_regex,
+)
 
-_TEXT_SCORERS = {"number": score_math, "choice": score_choice, "exact": score_exact}
+# metric -> whether a completion is right for an item, read from the completion's text alone.
+# With "asserts" (programs run in the sandbox) and "nll" (no accuracy) these are config.SCORERS,
+# which config cannot derive (this module imports it): tests/test_evaluation.py holds them equal
+TEXT_SCORERS: dict[str, Callable[[str, Item], bool]] = {
+    "exact": lambda completion, it: score_exact(completion, it.gold),
+    "normalized": lambda completion, it: score_normalized(completion, it.gold),
+    "number": lambda completion, it: score_math(completion, it.gold),
+    "choice": lambda completion, it: score_choice(completion, it.gold),
+    "regex": lambda completion, it: score_regex(completion, it.gold, it.pattern),
+}
 
 
 def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
-    """Per-item correctness by the item's metric: final number (GSM8K, SVAMP), answer letter
-    (MMLU), normalized exact match (BBH), asserts run to the end (MBPP; its setup runs first)
-    in the `ev.sandbox` sandbox with `ev.code_timeout_s` per program."""
+    """Per-item correctness by the item's metric (`Item.metric`):
+    - exact: the completion's answer (`extract_answer`) is the gold, character for character;
+    - normalized: BBH's normalized match, option targets "(B)" read as answer letters;
+    - number: the final number (GSM8K, SVAMP); choice: the answer letter (MMLU);
+    - regex: group 1 of the first match of `Item.pattern`, normalized, is the gold;
+    - asserts: the program runs its asserts to the end (MBPP; its setup runs first) in the
+      `ev.sandbox` sandbox with `ev.code_timeout_s` per program;
+    - module:function: the user function `resolve_scorer` imports, fn(completion, gold) -> bool,
+      run in-process on the driver with the job's credentials (no sandbox, unlike asserts).
+    nll items have no accuracy: asking for it is an error."""
     ev = ev or EvalConfig()
     results: list[bool | None] = [None] * len(items)
     code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]
@@ -30,12 +57,105 @@ def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | No
         for i, res in zip(code_rows, run_many(jobs, mode=ev.sandbox, timeout_s=ev.code_timeout_s)):
             results[i] = res.passed
     for i, it in enumerate(items):
-        if it.metric in _TEXT_SCORERS:
-            results[i] = _TEXT_SCORERS[it.metric](completions[i], it.gold)
+        if it.metric in TEXT_SCORERS:
+            results[i] = TEXT_SCORERS[it.metric](completions[i], it)
+        elif ":" in it.metric:
+            results[i] = _user_score(it, completions[i])
         elif it.metric != "asserts":
             raise ValueError(f"item {it.id} has no accuracy scorer (metric {it.metric!r}); "
-                             f"valid metrics: {[*_TEXT_SCORERS, 'asserts']}")
+                             f"valid metrics: {[m for m in SCORERS if m != 'nll']} or module:function")
     return [bool(r) for r in results]
+
+
+@functools.cache
+def resolve_scorer(name: str) -> Callable[[str, str], bool]:
+    """The user scorer `name` ("module:function"), imported once: called as
+    `fn(completion: str, gold: str) -> bool` for every item of its splits.
+
+    Opt-in, and trusted: unlike the asserts scorer's sandbox, it runs IN-PROCESS on the driver,
+    with the job's credentials (its files, cloud keys and network). The module must be
+    importable there: on PYTHONPATH or in the job's working_dir. Raises ConfigError naming the
+    problem (not importable, no such function, not callable with two arguments) and the fix."""
+    module_name, _, function = name.partition(":")
+    if not (module_name and function):
+        raise ConfigError(f"scorer {name!r} is neither built in ({list(SCORERS)}) nor module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # user code: importing it may raise anything
+        absent = isinstance(err, ModuleNotFoundError) and err.name is not None and (
+            f"{module_name}.".startswith(f"{err.name}."))
+        fix = (f"put {module_name.replace('.', '/')}.py on PYTHONPATH or in the job's working_dir" if absent
+               else "fix the module, or install what it imports")
+        raise ConfigError(f"scorer {name!r}: cannot import {module_name} ({type(err).__name__}: {err}); {fix}") from err
+    if not hasattr(module, function):
+        raise ConfigError(f"scorer {name!r}: {module.__file__} has no {function!r}; define "
+                          f"`def {function}(completion: str, gold: str) -> bool` there")
+    fn = getattr(module, function)
+    if not callable(fn):
+        raise ConfigError(f"scorer {name!r}: {module_name}.{function} is a {type(fn).__name__}, not a "
+                          "function of (completion: str, gold: str) -> bool")
+    try:
+        inspect.signature(fn).bind("completion", "gold")
+    except TypeError:
+        raise ConfigError(f"scorer {name!r}: {module_name}.{function}{inspect.signature(fn)} cannot be "
+                          "called as fn(completion, gold); give it exactly those two arguments") from None
+    except ValueError:  # no signature to read (some builtins): the first call tells
+        pass
+    return fn
+
+
+def _user_score(item: Item, completion: str) -> bool:
+    fn = resolve_scorer(item.metric)
+    try:
+        correct = fn(completion, item.gold)
+    except Exception as err:
+        raise RuntimeError(f"scorer {item.metric} raised {type(err).__name__} on item {item.id}: {err}") from err
+    if correct not in (True, False):  # a truthy string ("no") must not count as right
+        raise TypeError(f"scorer {item.metric} returned {correct!r} on item {item.id}; it must return True or False")
+    return bool(correct)
+
+
+def check_scorers(splits: Mapping[str, Sequence[Item]]) -> None:
+    """Every split's scorer can run, checked before any compute: one metric per split, a known
+    one (`SCORERS`, or a user function `resolve_scorer` imports), a regex pattern that compiles
+    and has a capture group, tests for the asserts scorer and reference answers for nll.
+    Raises ConfigError naming the split and the fix."""
+    for name, items in splits.items():
+        metrics = sorted({it.metric for it in items})
+        if len(metrics) > 1:
+            raise ConfigError(f"split {name} mixes the scorers {metrics}: give each split one")
+        if not items:
+            continue
+        metric = metrics[0]
+        where = f"split {name} (scorer {metric!r})"
+        if ":" in metric:
+            try:
+                resolve_scorer(metric)
+            except ConfigError as err:
+                raise ConfigError(f"split {name}: {err}") from err.__cause__
+        elif metric not in SCORERS:
+            raise ConfigError(f"{where}: no such scorer; valid ones: {list(SCORERS)} or module:function")
+        elif metric == "regex":
+            for pattern in sorted({it.pattern for it in items}):
+                _check_pattern(where, pattern)
+        elif metric == "asserts" and (bare := next((it for it in items if not it.tests), None)):
+            raise ConfigError(f"{where}: item {bare.id} has no tests, so any program that runs would pass; "
+                              "give every item its assert lines (or use another scorer)")
+        elif metric == "nll" and not any(it.answer for it in items):
+            raise ConfigError(f"{where}: no item has a reference answer to take the NLL of; fill the answers")
+
+
+def _check_pattern(where: str, pattern: str) -> None:
+    if not pattern:
+        raise ConfigError(f"{where}: no pattern to match; set one (task.files.scorer_regex), its group 1 "
+                          r"the answer, e.g. 'answer: (\S+)'")
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as err:
+        raise ConfigError(f"{where}: the pattern {pattern!r} does not compile ({err})") from None
+    if groups < 1:
+        raise ConfigError(f"{where}: the pattern {pattern!r} has no capture group; put the answer in "
+                          r"group 1, e.g. 'answer: (\S+)'")
 
 
 @torch.no_grad()
@@ -83,12 +203,16 @@ def accuracy_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
 
 
 def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
-    """Splits scored by reference NLL too: code (the paper's CodeAlpaca metric)."""
-    return [name for name, items in splits.items() if items and items[0].domain == "code"]
+    """Splits scored by reference NLL: those of the nll metric, and code besides its accuracy
+    (the paper's CodeAlpaca metric)."""
+    return [name for name, items in splits.items()
+            if items and (items[0].metric == "nll" or items[0].domain == "code")]
 
 
 def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:
-    """In-process evaluation: greedy completions, projection off, raw prompts."""
+    """In-process evaluation: greedy completions, projection off, raw prompts; the scorers are
+    checked first (`check_scorers`)."""
+    check_scorers(splits)
     completions = {name: generate(model, tokenizer, [it.prompt for it in splits[name]],
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
                    for name in accuracy_splits(splits)}

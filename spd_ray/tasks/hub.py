@@ -118,7 +118,7 @@ def _mmlu(row: dict, split: str, item_id: str) -> Item:
 
 def _bbh(row: dict, split: str, item_id: str) -> Item:
     return Item(id=item_id, domain="mcq", split=split, prompt=f"Q: {row['input']}\nA:", answer=f" {row['target']}",
-                gold=row["target"], span_rule="answer_letter", metric="exact")
+                gold=row["target"], span_rule="answer_letter", metric="normalized")
 
 
 def _mbpp_item(item_id: str, split: str, instruction: str, code: str, tests: list[str], setup: str) -> Item:

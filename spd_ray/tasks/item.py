@@ -37,9 +37,11 @@ class Item:
     # the chat template's turns; a span rule reads the raw prompt + answer, never the template
     user_span: tuple[int, int] | None = None
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
-    # scorer (spd_ray.tasks.evaluation.score): number | choice | exact | asserts | nll (reference NLL
-    # only, no accuracy); empty: the domain's own (math number, mcq choice, code asserts)
+    # scorer (spd_ray.tasks.evaluation.score): exact | normalized | number | choice | regex | asserts
+    # | nll (reference NLL of `answer` only, no accuracy) | module:function (a user function);
+    # empty: the domain's own (math number, mcq choice, code asserts)
     metric: str = ""
+    pattern: str = ""  # regex scorer: group 1 of its first match in the completion is the answer
 
     def __post_init__(self):
         self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")

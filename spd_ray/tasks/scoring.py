@@ -1,5 +1,5 @@
-"""Text scorers for the paper's benchmarks: final number, answer letter, BBH's normalized exact
-match, code to execute."""
+"""Text scorers: final number, answer letter, exact and normalized (BBH's) match of the stated
+answer, a regex's capture; and the program in a completion, for the sandbox to run."""
 
 from __future__ import annotations
 
@@ -99,7 +99,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def score_exact(completion: str, target: str) -> bool:
+def score_exact(completion: str, gold: str) -> bool:
+    """Strict match: the completion's answer (`extract_answer`) is the gold, character for
+    character (surrounding spaces aside)."""
+    return extract_answer(completion) == gold.strip()
+
+
+def score_normalized(completion: str, target: str) -> bool:
     """BBH's normalized exact match of the completion's answer against the target ("True",
     "valid", "yes"). A multiple-choice target "(B)" matches the option letter however it is
     written (" (B)", "B.", "(B) 12/14/1937"), read as `extract_choice` reads MMLU letters."""
@@ -107,3 +113,12 @@ def score_exact(completion: str, target: str) -> bool:
     if _OPTION.fullmatch(target.strip()):
         return score_choice(answer, target, letters=string.ascii_uppercase)
     return normalize_answer(answer) == normalize_answer(target)
+
+
+def score_regex(completion: str, gold: str, pattern: str) -> bool:
+    """Group 1 of the FIRST match of `pattern` in the completion, normalized, against the gold:
+    a raw completion runs on past its answer (into made-up next questions), so the first match
+    is the model's own. No match, or group 1 not taking part in it: wrong."""
+    found = re.search(pattern, completion)
+    return bool(found and found.group(1) is not None
+                and normalize_answer(found.group(1)) == normalize_answer(gold))
