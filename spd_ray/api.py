@@ -87,11 +87,13 @@ def extract_subspace(
                                            batch_size=batch_size, max_length=max_length)
     layers = resolve_layers(model, layers)
     stats, loss = accumulate_kv_gradient_stats(model, batches, layers, batch_size=batch_size)
-    return build_subspace(stats, rank_mode=rank_mode, rank=rank, energy=energy, center=center, meta={
-        "model": getattr(model, "name_or_path", type(model).__name__), "layers": layers,
-        "spans": "explicit" if spans is not None else rule if isinstance(rule, str) else sorted(set(rule)),
-        "n_calibration": len(texts) - skipped, "skipped": skipped,
-        "calibration_hash": data.fingerprint(texts), "mean_calibration_loss": loss})
+    labeled_by = "explicit" if spans is not None else rule if isinstance(rule, str) else \
+        sorted(set(rule))
+    meta = {"model": getattr(model, "name_or_path", type(model).__name__), "layers": layers,
+            "spans": labeled_by, "n_calibration": len(texts) - skipped, "skipped": skipped,
+            "calibration_hash": data.fingerprint(texts), "mean_calibration_loss": loss}
+    return build_subspace(stats, rank_mode=rank_mode, rank=rank, energy=energy, center=center,
+                          meta=meta)
 
 
 def fold(model: PreTrainedModel, subspace: CapabilitySubspace,
