@@ -52,3 +52,15 @@ print(json.dumps([os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     assert _fresh(code, env) == ["1", "1", []]
     assert _fresh(code, {**env, "HF_HUB_OFFLINE": "0"}) == ["0", "1", []]  # the caller's value stays
+
+
+def test_import_spd_ray_imports_neither_torch_nor_the_hub_libraries():
+    # the API's names load on first use, so a job may import spd_ray, then set the offline
+    # defaults, before transformers reads them
+    code = f"""
+import json, sys
+import spd_ray
+before = [m for m in ("torch", *{HUB_LIBRARIES!r}) if m in sys.modules]
+print(json.dumps([before, callable(spd_ray.extract_subspace), "extract_subspace" in dir(spd_ray)]))
+"""
+    assert _fresh(code) == [[], True, True]

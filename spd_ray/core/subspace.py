@@ -138,6 +138,8 @@ class CapabilitySubspace:
         return sorted({layer for layer, _ in self.bases})
 
     def save(self, directory: str | Path) -> None:
+        """Write `subspace.safetensors` (bases, singular values) and `subspace.json` (ranks,
+        energies, meta) into `directory`, made if missing; `load` reads them back."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, keys = {}, {}
@@ -160,6 +162,7 @@ class CapabilitySubspace:
 
     @classmethod
     def load(cls, directory: str | Path) -> CapabilitySubspace:
+        """The subspace that `save` wrote into `directory`."""
         directory = Path(directory)
         for name in ("subspace.safetensors", "subspace.json"):
             if not (directory / name).exists():
