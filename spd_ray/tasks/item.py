@@ -53,12 +53,12 @@ class Item:
 
     def correctness_spans(self, loss: str = "correctness") -> list[tuple[int, int]]:
         """Character spans of `text` that the calibration loss looks at: the explicit answer
-        spans, else the span rule's (read on the raw prompt + answer, then placed in `text`);
-        `loss=full` (the Table 5 ablation) the whole text."""
+        spans, else the span rule's (read on the raw prompt + answer, then placed in `text`); an
+        item with neither has none; `loss=full` (the Table 5 ablation) the whole text."""
         if loss == "full":
             return correctness_spans(self.text, "full")
         n = len(self.prompt)
-        if self.answer_spans:
+        if self.answer_spans or not self.span_rule:  # neither: a span regex that matched nothing
             return [(n + s, n + e) for s, e in self.answer_spans]
         if self.user_span is None:
             return correctness_spans(self.text, self.span_rule)

@@ -1,5 +1,6 @@
 """A run's task: calibration examples, training prompts and evaluation splits, from the
-embedded testbed or the paper's benchmarks on the hub, in the prompt format of the config."""
+embedded testbed, the paper's benchmarks on the hub or data files (any capability), in the prompt
+format of the config."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from spd_ray.tasks.testbed import make_split
 class Task:
     calibration: list[Item]  # labeled: the only place answers are used
     train_items: list[Item]  # only their prompts reach generation and training; the answers
-    #                          serve one diagnostic, the quality of the raw corpus (Table 3)
+    #                          serve one diagnostic, the quality of the raw corpus (Table 3);
+    #                          data files give no answers for them
     eval_splits: dict[str, list[Item]]  # "math/test", "math/transfer", ...
 
     @property
@@ -37,11 +39,16 @@ class Task:
 
 
 def load_task(cfg: SPDConfig) -> Task:
-    """The task's data from its source: the embedded testbed or the paper's benchmarks (hub)."""
+    """The task's data from its source: the embedded testbed, the paper's benchmarks (hub) or
+    data files (whose evaluation splits are task.files.eval, not evaluation.splits/domains)."""
     t = cfg.task
     sizes = {(d, s): t.n_eval_splits.get(f"{d}/{s}", t.n_eval)
              for d in cfg.evaluation.domains or [t.domain] for s in cfg.evaluation.splits}
-    if t.source == "hub":
+    if t.source == "files":
+        from spd_ray.tasks import files  # imports `datasets`, as the hub source does
+
+        calibration, train, splits = files.load_files(t)
+    elif t.source == "hub":
         from spd_ray.tasks import hub  # imports `datasets`: only runs that read the hub pay for it
 
         calibration, train = hub.calibration_and_train(t)

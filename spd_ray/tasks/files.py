@@ -1,0 +1,253 @@
+"""Any capability from data files (task.source=files, configured by `task.files`): labeled
+calibration examples, training prompts and evaluation splits, each a JSONL, Parquet or CSV file,
+local or at an fsspec URL (file://, s3://, gs://, hf://), read with `datasets`.
+
+- calibration: prompt + answer per row, and the correctness spans of the answer by a rule, a
+  regex (group 1 of its last match or of every match, in the answer only) or explicitly
+  ([[start, end], ...] character offsets into the answer, the answer_spans column);
+- train: the prompt column only; no answer column of the training file is ever read;
+- evaluation, one file per split, named "<domain>/<split>": prompt plus what its scorer needs
+  (gold, or tests for asserts, or the answer for nll).
+Each file gives its first n rows (task.n_calibration, n_train_prompts, n_eval, n_eval_splits).
+Every problem is found here, before any compute, and reported (`TaskDataError`) with the file,
+the row (1 is the first record) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import fsspec
+
+from spd_ray.config import ColumnsConfig, TaskConfig
+from spd_ray.core.spans import regex_spans, span_regex
+from spd_ray.tasks.item import Item
+
+
+class TaskDataError(ValueError):
+    """A problem in a task's data files; the message names the file, the row and the fix."""
+
+
+# file name endings -> `datasets` reader (json and csv decompress .gz themselves)
+FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+           ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}
+# what each column holds (for messages)
+HOLDS = {"id": "each row's id", "prompt": "the prompt", "answer": "the reference answer",
+         "gold": "the expected answer", "tests": "the assert lines", "setup": "code run before the program",
+         "answer_spans": "the correctness spans, [[start, end], ...] into the answer"}
+# the column each evaluation scorer needs, where it is not the gold
+SCORER_NEEDS = {"asserts": "tests", "nll": "answer"}
+
+
+def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list[Item]]]:
+    """The calibration items, training prompts (as Items without answers) and evaluation
+    splits ("<domain>/<split>") of `task.files`, validated."""
+    files = task.files
+    pattern = None
+    if files.spans.mode == "regex":  # checked before any file is read
+        try:
+            pattern = span_regex(files.spans.regex)
+        except ValueError as err:
+            raise TaskDataError(f"task.files.spans.regex: {err}") from None
+    for key, holds in [("calibration", "the labeled examples (prompt and answer columns)"),
+                       ("train", "the training prompts (a prompt column)")]:
+        if getattr(files, key) is None:
+            raise TaskDataError(f"task.files.{key} is not set: name the file of {holds}, "
+                                f"e.g. task.files.{key}=data/{key}.jsonl")
+    calibration = _calibration(task, pattern)
+    train = [Item(id=row.id, domain=task.domain, split="train", answer="",
+                  prompt=row.required("prompt", "a training prompt cannot be empty"))
+             for row in _read(task, "train", files.train, ["prompt"], task.n_train_prompts)]
+    splits = {f"{task.domain}/{split}": _eval_split(task, split, path) for split, path in files.eval.items()}
+    return calibration, train, splits
+
+
+def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
+    spans = task.files.spans
+    fields = ["prompt", "answer", *(["answer_spans"] if spans.mode == "explicit" else [])]
+    rows = _read(task, "calibration", task.files.calibration, fields, task.n_calibration,
+                 hints={"answer_spans": ", or find the spans by task.files.spans.rule or task.files.spans.regex"})
+    items = []
+    for row in rows:
+        answer = row.required("answer", "a calibration example is a prompt with its reference answer")
+        items.append(Item(
+            id=row.id, domain=task.domain, split="calibration", answer=answer,
+            prompt=row.required("prompt", "a calibration example needs its prompt"), span_rule=spans.rule or "",
+            answer_spans=(regex_spans(answer, pattern, spans.match) if pattern else
+                          row.spans(answer) if spans.mode == "explicit" else [])))
+    # one example without spans is skipped (stage 1 counts it); none with any is an error
+    if task.calibration_loss == "correctness" and items and not any(it.correctness_spans() for it in items):
+        how = f"rule={spans.rule}" if spans.rule else f"regex={spans.regex!r}"
+        raise TaskDataError(
+            f"{task.files.calibration} (task.files.calibration): no row has a correctness span under "
+            f"task.files.spans.{how} (row 1's answer ends {items[0].answer[-60:]!r}); fix the "
+            f"{'rule' if spans.rule else 'regex'} or the answers")
+    return items
+
+
+def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
+    scorer = task.files.scorer_of(split)
+    need = SCORER_NEEDS.get(scorer, "gold")
+    n = task.n_eval_splits.get(f"{task.domain}/{split}", task.n_eval)
+    rows = _read(task, f"eval.{split}", path, ["prompt", need], n, optional=("setup",) if need == "tests" else (),
+                 hints={need: f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"})
+    items = []
+    for row in rows:
+        why = f"the {scorer} scorer of split {split} needs it"
+        cells = {"answer": "", need: row.tests() if need == "tests" else row.required(need, why)}
+        items.append(Item(id=row.id, domain=task.domain, split=split, prompt=row.required("prompt", why),
+                          setup=row.text("setup"), metric=scorer, **cells))
+    return items
+
+
+# ---------------------------------------------------------------------------------------
+# reading a file's rows
+
+
+@dataclass
+class _Row:
+    """One row of a task file: its cells by field (for the fields whose column the file has)."""
+    at: str  # where an error points: "<file> (task.files.<key>), row <n> (id <id>)"
+    id: str
+    cells: dict[str, Any]
+    columns: ColumnsConfig
+
+    def _fault(self, field: str, problem: str) -> TaskDataError:
+        return TaskDataError(f"{self.at}: column {getattr(self.columns, field)!r} ({HOLDS[field]}) {problem}")
+
+    def text(self, field: str) -> str:
+        """The cell as text: null is empty, a number (as JSON or Parquet types it) as written."""
+        cell = self.cells.get(field)
+        if cell is None or isinstance(cell, str):
+            return cell or ""
+        if isinstance(cell, int | float) and not isinstance(cell, bool):
+            return str(cell)
+        raise self._fault(field, f"holds {type(cell).__name__} {_short(cell)}, not text")
+
+    def required(self, field: str, why: str) -> str:
+        value = self.text(field)
+        if not value.strip():
+            raise self._fault(field, f"is empty: {why}; fill it in or drop the row")
+        return value
+
+    def _list(self, field: str, shape: str) -> list:
+        """A list cell; CSV holds lists as JSON text."""
+        cell = self.cells.get(field)
+        if isinstance(cell, str):
+            try:
+                cell = json.loads(cell)
+            except json.JSONDecodeError:
+                raise self._fault(field, f"holds {_short(cell)}, not JSON: write {shape}") from None
+        if not isinstance(cell, list) or not cell:
+            raise self._fault(field, f"holds {_short(cell)}: write a non-empty list, {shape}")
+        return cell
+
+    def tests(self) -> list[str]:
+        shape = '["assert f(1) == 2", ...] (in CSV as JSON text)'
+        tests = self._list("tests", shape)
+        if not all(isinstance(t, str) and t.strip() for t in tests):
+            raise self._fault("tests", f"holds {_short(tests)}: each test must be a non-empty string, {shape}")
+        return tests
+
+    def spans(self, answer: str) -> list[tuple[int, int]]:
+        """Explicit correctness spans, checked to lie inside the answer."""
+        shape = "[[start, end], ...], character offsets into the answer, end exclusive (in CSV as JSON text)"
+        spans = self._list("answer_spans", shape)
+        out = []
+        for span in spans:
+            if not (isinstance(span, list) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+                raise self._fault("answer_spans", f"holds {_short(spans)}: write {shape}")
+            start, end = span
+            if start < 0:
+                raise self._fault("answer_spans", f"has span {span}, which starts before the answer, overlapping "
+                                  "the prompt: offsets count from the answer's first character (0), and only "
+                                  "the answer can be labeled")
+            if end > len(answer):
+                raise self._fault("answer_spans", f"has span {span}, which ends past the answer ({len(answer)} "
+                                  f"characters): end at most {len(answer)}")
+            if start >= end:
+                raise self._fault("answer_spans", f"has span {span}, which is empty or reversed: need start < end")
+            out.append((start, end))
+        return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, optional: tuple[str, ...] = (),
+          hints: dict[str, str] | None = None) -> list[_Row]:
+    """The first `n` rows of the file at `path` (config key task.files.<key>), with the columns
+    of `fields` (which it must have), of `optional` where it has them, and the ids. `hints`
+    end the message of a missing column, by field."""
+    where = f"{path} (task.files.{key})"
+    kind = _format(path, task.files.format, where)
+    _check_file(path, where)
+    names = task.files.columns
+    hints = {"id": " (the same in every file), or unset it to number the rows", **(hints or {})}
+    id_field = ["id"] if names.id is not None else []
+    columns = {f: getattr(names, f) for f in [*id_field, *fields, *optional]}
+    # CSV: every cell as written (no numbers parsed, "007" stays), empty cells empty, not NaN
+    extra = {"converters": {c: str for c in columns.values()}, "na_filter": False} if kind == "csv" else {}
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train", **extra)
+    except Exception as err:  # the reader's own words: a malformed file, or not this format
+        cause = err.__cause__ or err
+        raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); fix the "
+                            "file, or name its format with task.files.format") from err
+    if len(ds) == 0:
+        raise TaskDataError(f"{where} has no rows: give it one row per example")
+    for field in [*id_field, *fields]:
+        if columns[field] not in ds.column_names:
+            raise TaskDataError(
+                f"{where} has no column {columns[field]!r} ({HOLDS[field]}); its columns: {ds.column_names}. "
+                f"Name the one that holds it with task.files.columns.{field}=<column>{hints.get(field, '')}")
+    present = {f: c for f, c in columns.items() if c in ds.column_names}
+    ds = ds.select(range(min(n, len(ds)))).select_columns(sorted(set(present.values())))
+    rows, first_row = [], {}  # id -> the row that has it
+    for number, record in enumerate(ds.to_list(), start=1):
+        cells = {f: record[c] for f, c in present.items()}
+        row = _Row(f"{where}, row {number}", str(number), cells, names)
+        if id_field:
+            item_id = row.required("id", "ids name the rows (unset task.files.columns.id to number them)")
+            if item_id in first_row:
+                raise TaskDataError(f"{where}: rows {first_row[item_id]} and {number} both have id {item_id!r}: "
+                                    "ids must be unique within a file; fix one, or unset "
+                                    "task.files.columns.id to number the rows")
+            first_row[item_id] = number
+            row = _Row(f"{where}, row {number} (id {item_id!r})", item_id, cells, names)
+        rows.append(row)
+    return rows
+
+
+def _format(path: str, fmt: str, where: str) -> str:
+    """The `datasets` reader of a file: `fmt` (task.files.format), or auto: from its name."""
+    if fmt != "auto":
+        return fmt
+    for ending, kind in FORMATS.items():
+        if path.lower().endswith(ending):
+            return kind
+    raise TaskDataError(f"{where}: cannot tell the format from the file's name; name it with one of "
+                        f"{list(FORMATS)}, or set task.files.format to json, parquet or csv")
+
+
+def _check_file(path: str, where: str) -> None:
+    """The file exists and is not empty (local paths and fsspec URLs alike)."""
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        size = fs.size(inner) if fs.isfile(inner) else None
+    except Exception as err:  # a missing fsspec backend (s3fs, gcsfs), credentials, the network
+        raise TaskDataError(f"{where}: cannot reach {path} ({type(err).__name__}: {err}); check the URL, "
+                            "its filesystem package and credentials") from err
+    if size is None:
+        raise TaskDataError(f"{where}: no such file; fix the path (a relative one starts at the working "
+                            f"directory, {os.getcwd()})")
+    if size == 0:
+        raise TaskDataError(f"{where} is empty: give it one row per example")
