@@ -1,7 +1,17 @@
 import pytest
 from transformers import AutoTokenizer
 
-from spd_ray.core.spans import calibration_batches, correctness_spans, token_mask
+from spd_ray.core.spans import (
+    NO_SPAN,
+    NO_TOKEN,
+    TRUNCATED,
+    calibration_batches,
+    correctness_spans,
+    label_text,
+    mark_labels,
+    regex_spans,
+    token_mask,
+)
 from spd_ray.tasks.testbed import make_split
 
 
@@ -121,3 +131,43 @@ def test_labels_equal_the_authors_rule_on_the_testbed_calibration_sets(testbed_t
                 if i > 0 and te > ts and any(ts >= cs and te <= ce for cs, ce in spans)]
         got = (batches[0]["labels"][row] != -100).nonzero().flatten().tolist()
         assert got == want, item.id
+
+
+def test_regex_spans_take_group_1_of_the_last_or_every_match():
+    text = "a=1 b= c=22 d=3"
+    assert [text[s:e] for s, e in regex_spans(text, r"=(\d*)", "all")] == ["1", "22", "3"]  # b's is empty
+    assert [text[s:e] for s, e in regex_spans(text, r"=(\d*)")] == ["3"]
+    assert regex_spans("x=", r"=(\d*)") == []  # the last match's group is empty: no span
+    assert regex_spans("ab", r"(a)|b", "all") == [(0, 1)]  # b's match leaves group 1 unused
+    assert regex_spans("nothing", r"=(\d)") == []
+    with pytest.raises(ValueError, match=r"the span regex '\\d\+' has no capture group: put the part"):
+        regex_spans("1", r"\d+")
+    with pytest.raises(ValueError, match="does not compile"):
+        regex_spans("1", "(")
+    with pytest.raises(ValueError, match="valid values"):
+        regex_spans("1", "(1)", "first")
+
+
+def test_label_text_says_why_a_text_has_no_labeled_token(testbed_tokenizer):
+    text = "Question: 1 + 2?\nAnswer: 1 + 2 = 3.\n#### 3"
+    spans = correctness_spans(text, "final_number")
+    ok = label_text(testbed_tokenizer, text, spans, max_length=64)
+    assert (ok.skip, ok.n_labeled, ok.truncated, ok.covered) == ("", 1, False, len(text))
+    assert label_text(testbed_tokenizer, text, [], max_length=64).skip == NO_SPAN
+    cut = label_text(testbed_tokenizer, text, spans, max_length=5)
+    assert (cut.skip, cut.truncated, len(cut.input_ids)) == (TRUNCATED, True, 5)
+    assert cut.covered == cut.offsets[-1][1] < len(text)
+    inside = text.index("Answer") + 1  # "nswer": inside the one token "Answer"
+    assert label_text(testbed_tokenizer, text, [(inside, inside + 5)], max_length=64).skip == NO_TOKEN
+    # a span the cut leaves whole still labels: only spans past it make TRUNCATED
+    head = label_text(testbed_tokenizer, text, [(8, 11), spans[0]], max_length=5)  # ": 1"
+    assert (head.skip, head.n_labeled, head.truncated) == ("", 3, True)
+
+
+def test_mark_labels_wraps_labeled_tokens(testbed_tokenizer):
+    text = "Instruction: x\nassert f(1) == 2\nassert f(2) == 3\nCode: pass"
+    labeled = label_text(testbed_tokenizer, text, correctness_spans(text, "asserts"), max_length=64)
+    assert mark_labels(text, labeled) == ("Instruction: x\n⟦assert f(1) == 2⟧\n⟦assert f(2) == 3⟧\nCode: pass")
+    assert mark_labels(text, labeled, context=3) == "… x\n⟦assert f(1) == 2⟧\n⟦assert f(2) == 3⟧\nCo…"
+    cut = label_text(testbed_tokenizer, text, correctness_spans(text, "asserts"), max_length=12)
+    assert mark_labels(text, cut) == "Instruction: x\n⟦assert f(1) == 2⟧…"  # the cut: after the 12th token

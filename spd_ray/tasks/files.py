@@ -82,7 +82,7 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
                           row.spans(answer) if spans.mode == "explicit" else [])))
     # one example without spans is skipped (stage 1 counts it); none with any is an error
     if task.calibration_loss == "correctness" and items and not any(it.correctness_spans() for it in items):
-        how = f"rule={spans.rule}" if spans.rule else f"regex={spans.regex!r}"
+        how = f"rule={spans.rule}" if spans.rule else f"regex='{spans.regex}'"
         raise TaskDataError(
             f"{task.files.calibration} (task.files.calibration): no row has a correctness span under "
             f"task.files.spans.{how} (row 1's answer ends {items[0].answer[-60:]!r}); fix the "
@@ -100,7 +100,8 @@ def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     for row in rows:
         why = f"the {scorer} scorer of split {split} needs it"
         cells = {"answer": "", need: row.tests() if need == "tests" else row.required(need, why)}
-        items.append(Item(id=row.id, domain=task.domain, split=split, prompt=row.required("prompt", why),
+        items.append(Item(id=row.id, domain=task.domain, split=split,
+                          prompt=row.required("prompt", "an evaluation example needs its prompt"),
                           setup=row.text("setup"), metric=scorer, **cells))
     return items
 
@@ -198,12 +199,11 @@ def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, opti
     extra = {"converters": {c: str for c in columns.values()}, "na_filter": False} if kind == "csv" else {}
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train", **extra)
-    except Exception as err:  # the reader's own words: a malformed file, or not this format
+    except Exception as err:  # in the reader's words: a malformed file, not this format, or no row
         cause = err.__cause__ or err
         raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); fix the "
-                            "file, or name its format with task.files.format") from err
-    if len(ds) == 0:
-        raise TaskDataError(f"{where} has no rows: give it one row per example")
+                            "file (one row per example, at least one), or name its format with "
+                            "task.files.format") from err
     for field in [*id_field, *fields]:
         if columns[field] not in ds.column_names:
             raise TaskDataError(
