@@ -150,7 +150,8 @@ def calibration_batches(tokenizer, texts: Sequence[str], spans: Sequence[Sequenc
             f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: correctness spans need "
             "its offset mappings. Load the model's tokenizer.json (use_fast=True)."
         )
-    labeled = [label_text(tokenizer, text, text_spans, max_length) for text, text_spans in zip(texts, spans, strict=True)]
+    labeled = [label_text(tokenizer, text, text_spans, max_length)
+               for text, text_spans in zip(texts, spans, strict=True)]
     rows = [(lt.input_ids, lt.labels) for lt in labeled if not lt.skip]
     skipped = len(texts) - len(rows)
     if not rows:

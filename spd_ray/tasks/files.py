@@ -77,7 +77,8 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
         answer = row.required("answer", "a calibration example is a prompt with its reference answer")
         items.append(Item(
             id=row.id, domain=task.domain, split="calibration", answer=answer,
-            prompt=row.required("prompt", "a calibration example needs its prompt"), span_rule=spans.rule or "",
+            prompt=row.required("prompt", "a calibration example needs its prompt"),
+            span_rule=spans.rule or "",
             answer_spans=(regex_spans(answer, pattern, spans.match) if pattern else
                           row.spans(answer) if spans.mode == "explicit" else [])))
     # one example without spans is skipped (stage 1 counts it); none with any is an error
@@ -94,8 +95,9 @@ def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     scorer = task.files.scorer_of(split)
     need = SCORER_NEEDS.get(scorer, "gold")
     n = task.n_eval_splits.get(f"{task.domain}/{split}", task.n_eval)
-    rows = _read(task, f"eval.{split}", path, ["prompt", need], n, optional=("setup",) if need == "tests" else (),
-                 hints={need: f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"})
+    other = f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"
+    rows = _read(task, f"eval.{split}", path, ["prompt", need], n,
+                 optional=("setup",) if need == "tests" else (), hints={need: other})
     items = []
     for row in rows:
         why = f"the {scorer} scorer of split {split} needs it"

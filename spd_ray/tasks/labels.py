@@ -35,7 +35,8 @@ class LabelReport:
         out = [f"calibration labels ({self.spans}): {self.n_labeled} of {self.n_examples} examples labeled"]
         if self.labeled_tokens:
             t = self.labeled_tokens
-            out.append(f"  labeled tokens per example: min {min(t)}, median {statistics.median(t):g}, max {max(t)}")
+            out.append(f"  labeled tokens per example: min {min(t)}, median {statistics.median(t):g}, "
+                       f"max {max(t)}")
         for reason, ids in self.skipped.items():
             more = f", and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
             out.append(f"  skipped {len(ids)}, {reason}: ids {', '.join(ids[:SHOWN_IDS])}{more}")
@@ -45,22 +46,26 @@ class LabelReport:
         return out
 
 
-def label_report(cfg: SPDConfig, tokenizer, calibration_items: Sequence[Item], n_samples: int = 3) -> LabelReport:
+def label_report(cfg: SPDConfig, tokenizer, calibration_items: Sequence[Item],
+                 n_samples: int = 3) -> LabelReport:
     """Label the calibration items as stage 1 will (task.calibration_loss, calibration.max_length)
     and report on them, with the first `n_samples` labeled examples rendered."""
     max_length = cfg.calibration.max_length
     labeled_tokens, skipped, samples = [], {}, []
     for item in calibration_items:
-        labeled = label_text(tokenizer, item.text, item.correctness_spans(cfg.task.calibration_loss), max_length)
+        spans = item.correctness_spans(cfg.task.calibration_loss)
+        labeled = label_text(tokenizer, item.text, spans, max_length)
         if labeled.skip:
-            reason = (f"its spans lie past calibration.max_length={max_length} tokens" if labeled.skip == TRUNCATED
-                      else labeled.skip)
+            reason = labeled.skip
+            if reason == TRUNCATED:  # in the config's words
+                reason = f"its spans lie past calibration.max_length={max_length} tokens"
             skipped.setdefault(reason, []).append(item.id)
             continue
         labeled_tokens.append(labeled.n_labeled)
         if len(samples) < n_samples:
             samples.append((item.id, mark_labels(item.text, labeled, context=30).replace("\n", "\\n")))
-    return LabelReport(_spans_source(cfg, calibration_items), len(calibration_items), labeled_tokens, skipped, samples)
+    return LabelReport(_spans_source(cfg, calibration_items), len(calibration_items), labeled_tokens,
+                       skipped, samples)
 
 
 def _spans_source(cfg: SPDConfig, items: Sequence[Item]) -> str:
@@ -70,5 +75,8 @@ def _spans_source(cfg: SPDConfig, items: Sequence[Item]) -> str:
     if t.source != "files":
         return "rule " + ", ".join(sorted({it.span_rule for it in items}))
     s = t.files.spans
-    return {"rule": f"rule {s.rule}", "regex": f"regex '{s.regex}', {s.match} match{'es' if s.match == 'all' else ''}",
-            "explicit": f"explicit spans, column {t.files.columns.answer_spans!r}"}[s.mode]
+    if s.mode == "rule":
+        return f"rule {s.rule}"
+    if s.mode == "regex":
+        return f"regex '{s.regex}', " + ("last match" if s.match == "last" else "all matches")
+    return f"explicit spans, column {t.files.columns.answer_spans!r}"
