@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join([*summary(cfg, task), *report.lines()]))
-    if task.calibration and not report.n_labeled:
-        print(f"error: no calibration example of task {cfg.task.domain} has a labeled token (above: why); "
-              "stage 1 would have nothing to learn from", file=sys.stderr)
+    try:
+        report.require_labels(cfg.task.domain)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
+from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline  # noqa: E402
+from spd_ray.tasks.labels import label_report  # noqa: E402
 from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         try:  # everything that can be wrong with the config or the data, before any work
             check(cfg)
             task = load_task(cfg)  # calibration examples, training prompts, evaluation splits
+            labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
+            console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
+            if cfg.generation.project or cfg.evaluation.project:  # stage 1 will run
+                labels.require_labels(cfg.task.domain)
         except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

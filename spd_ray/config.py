@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spd_ray.core.spans import SPAN_RULES
+from spd_ray.core.spans import SPAN_RULES, span_regex
 from spd_ray.tasks.item import DOMAINS, EVAL_SPLITS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -80,6 +80,11 @@ class SpansConfig:
         if self.rule is not None and self.regex is not None:
             raise ConfigError("task.files.spans: set either rule or regex, not both (neither: "
                               "explicit spans from the answer_spans column)")
+        if self.regex is not None:
+            try:
+                span_regex(self.regex)
+            except ValueError as err:
+                raise ConfigError(f"task.files.spans.regex: {err}") from None
 
     @property
     def mode(self) -> str:

@@ -116,11 +116,14 @@ def training_corpus(generations: Path) -> ray.data.Dataset:
 
 def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
     """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
-    only use of the training prompts' answers; nothing is filtered by it."""
+    only use of the training prompts' answers; nothing is filtered by it. None where the prompts
+    come without answers (task.source=files)."""
     rows = training_corpus(generations).select_columns(["id", "completion"]).take_all()
     items = [train_items[int(r["id"].split("-")[0])] for r in rows]
-    correct = score(items, [r["completion"] for r in rows], cfg.evaluation)
-    out.write_text(json.dumps({"accuracy": sum(correct) / max(1, len(rows)), "n": len(rows),
+    accuracy = None
+    if items and items[0].metric:
+        accuracy = sum(score(items, [r["completion"] for r in rows], cfg.evaluation)) / len(rows)
+    out.write_text(json.dumps({"accuracy": accuracy, "n": len(rows),
                                "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
 
 
@@ -271,8 +274,9 @@ def self_generation(cfg: SPDConfig, run: artifacts.RunDir, task: Task, subspace_
         corpus = json.loads(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
             cfg, task.train_items, gen_dir, out), cfg).read_text())
         made = (f"{stats['stage2/samples_per_s']:.1f} samples/s, " if stats else "")
-        st.summary = (f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; "
-                      f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
+        quality = ("no answers to score it by" if corpus["accuracy"] is None else
+                   f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
+        st.summary = f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; {quality}"
     return gen_dir, corpus
 
 

@@ -141,7 +141,7 @@ def test_user_scorer_failures_name_the_function_and_the_item(user_module):
 
 @pytest.mark.parametrize("items, message", [
     ([item("exactly")], r"split units/test \(scorer 'exactly'\): no such scorer; valid ones: \['exact'"),
-    ([item("regex", pattern=r"Final: \w+")], r"has no capture group; put the answer in group 1"),
+    ([item("regex", pattern=r"Final: \w+")], r"has no capture group: put the part"),
     ([item("regex", pattern=r"Final: (\w+")], r"does not compile"),
     ([item("regex")], r"no pattern to match; set one \(task.files.scorer_regex\)"),
     ([item("exact"), item("number")], r"split units/test mixes the scorers \['exact', 'number'\]"),

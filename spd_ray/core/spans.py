@@ -48,9 +48,9 @@ def span_regex(pattern: str | re.Pattern) -> re.Pattern:
     try:
         compiled = re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"the span regex '{pattern}' does not compile: {err}") from None
+        raise ValueError(f"the regex '{pattern}' does not compile: {err}") from None
     if compiled.groups < 1:
-        raise ValueError(f"the span regex '{compiled.pattern}' has no capture group: put the part that "
+        raise ValueError(f"the regex '{compiled.pattern}' has no capture group: put the part that "
                          "decides correctness in parentheses, e.g. '#### (\\S+)'")
     return compiled
 

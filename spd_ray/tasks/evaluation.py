@@ -8,13 +8,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from spd_ray.config import SCORERS, ConfigError, EvalConfig
 from spd_ray.core.generation import generate
+from spd_ray.core.spans import span_regex
 from spd_ray.tasks.item import Item
 from spd_ray.tasks.sandbox import run_many
 from spd_ray.tasks.scoring import (
@@ -150,12 +150,9 @@ def _check_pattern(where: str, pattern: str) -> None:
         raise ConfigError(f"{where}: no pattern to match; set one (task.files.scorer_regex), its group 1 "
                           r"the answer, e.g. 'answer: (\S+)'")
     try:
-        groups = re.compile(pattern).groups
-    except re.error as err:
-        raise ConfigError(f"{where}: the pattern {pattern!r} does not compile ({err})") from None
-    if groups < 1:
-        raise ConfigError(f"{where}: the pattern {pattern!r} has no capture group; put the answer in "
-                          r"group 1, e.g. 'answer: (\S+)'")
+        span_regex(pattern)  # the same rule as a span regex: it compiles, and group 1 is the answer
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 @torch.no_grad()

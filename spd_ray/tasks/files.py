@@ -48,12 +48,7 @@ def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list
     """The calibration items, training prompts (as Items without answers) and evaluation
     splits ("<domain>/<split>") of `task.files`, validated."""
     files = task.files
-    pattern = None
-    if files.spans.mode == "regex":  # checked before any file is read
-        try:
-            pattern = span_regex(files.spans.regex)
-        except ValueError as err:
-            raise TaskDataError(f"task.files.spans.regex: {err}") from None
+    pattern = span_regex(files.spans.regex) if files.spans.mode == "regex" else None  # checked by SpansConfig
     for key, holds in [("calibration", "the labeled examples (prompt and answer columns)"),
                        ("train", "the training prompts (a prompt column)")]:
         if getattr(files, key) is None:
@@ -104,7 +99,8 @@ def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
         cells = {"answer": "", need: row.tests() if need == "tests" else row.required(need, why)}
         items.append(Item(id=row.id, domain=task.domain, split=split,
                           prompt=row.required("prompt", "an evaluation example needs its prompt"),
-                          setup=row.text("setup"), metric=scorer, **cells))
+                          setup=row.text("setup"), metric=scorer,
+                          pattern=task.files.scorer_regex or "" if scorer == "regex" else "", **cells))
     return items
 
 

@@ -45,6 +45,12 @@ class LabelReport:
             out.append(line if len(line) <= SAMPLE_CHARS else line[: SAMPLE_CHARS - 1] + "…")
         return out
 
+    def require_labels(self, task: str) -> None:
+        """An error (after the report is shown) when stage 1 would have nothing to learn from."""
+        if self.n_examples and not self.n_labeled:
+            raise ValueError(f"no calibration example of task {task} has a labeled token (the report says "
+                             "why): stage 1 would have nothing to learn from")
+
 
 def label_report(cfg: SPDConfig, tokenizer, calibration_items: Sequence[Item],
                  n_samples: int = 3) -> LabelReport:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from spd_ray.config import ConfigError, SPDConfig
 from spd_ray.core.modeling import load_tokenizer
+from spd_ray.tasks.evaluation import check_scorers
 from spd_ray.tasks.item import Item
 from spd_ray.tasks.testbed import make_split
 
@@ -60,6 +61,7 @@ def load_task(cfg: SPDConfig) -> Task:
     task = Task(calibration=calibration, train_items=train, eval_splits=splits)
     if t.prompt_format == "chat":
         chat_format(task, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), t.system_prompt)
+    check_scorers(task.eval_splits)  # a scorer that cannot score fails now, not after the evaluation's generation
     return task
 
 
