@@ -329,7 +329,12 @@ def check(cfg: SPDConfig) -> None:
                           "training prompts (e.g. task.n_train_prompts=1000)")
     if cfg.subspace.kind == "random" and not cfg.generation.project:
         raise ConfigError("subspace.kind=random only matters with generation.project=true")
-    if "code" in {cfg.task.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run
+    t = cfg.task
+    if t.source == "files" and cfg.evaluation.domains:
+        raise ConfigError(f"evaluation.domains={cfg.evaluation.domains} does not apply to task.source=files: "
+                          "its evaluation splits are task.files.eval; remove evaluation.domains")
+    files_run_code = t.source == "files" and "asserts" in {t.files.scorer_of(split) for split in t.files.eval}
+    if files_run_code or "code" in {t.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run
         if cfg.evaluation.sandbox == "process":
             warn_unisolated()
         else:

@@ -350,3 +350,18 @@ def test_check_task_exits_2_on_bad_input(tmp_path, capsys):
     assert "skipped 3, its spans lie past calibration.max_length=8 tokens: ids u2, u3, u5" in captured.out
     assert captured.err.splitlines()[-1].startswith("error: no calibration example of task units has a labeled token")
     assert check_task.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_pre_run_check_knows_a_files_task_runs_model_code(tmp_path, monkeypatch):
+    from spd_ray import pipeline
+    from spd_ray.tasks.sandbox import SandboxUnavailable
+
+    def unavailable():
+        raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
+
+    monkeypatch.setattr(pipeline, "require_isolation", unavailable)
+    pipeline.check(config(tmp_path))  # an exact-match task runs no code
+    with pytest.raises(ConfigError, match="bubblewrap"):  # an asserts split would run the model's programs
+        pipeline.check(config(tmp_path, "task.files.scorer=asserts"))
+    with pytest.raises(ConfigError, match="evaluation.domains=.*does not apply to task.source=files"):
+        pipeline.check(config(tmp_path, "evaluation.domains=[math]"))
