@@ -58,15 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         task = load_task(cfg)
         report = label_report(cfg, tokenizer, task.calibration)
+        report.require_labels(cfg.task.domain)  # none labeled: the error holds the report
     except (OSError, ValueError, RuntimeError) as err:  # ConfigError and TaskDataError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join([*summary(cfg, task), *report.lines()]))
-    try:
-        report.require_labels(cfg.task.domain)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -34,10 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.core.modeling import load_tokenizer  # noqa: E402
-from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline  # noqa: E402
-from spd_ray.tasks.labels import label_report  # noqa: E402
-from spd_ray.tasks.task import load_task  # noqa: E402
+from spd_ray.pipeline import prepare, ray_connection, ray_logs, run_pipeline  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -56,13 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with console.session(verbose=cfg.run.verbose):
-        try:  # everything that can be wrong with the config or the data, before any work
-            check(cfg)
-            task = load_task(cfg)  # calibration examples, training prompts, evaluation splits
-            labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
-            console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
-            if cfg.generation.project or cfg.evaluation.project:  # stage 1 will run
-                labels.require_labels(cfg.task.domain)
+        try:  # the config, the task's data and its calibration labels, before any work
+            task, labels = prepare(cfg)
         except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -70,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
+        console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
         with ray_connection(cfg):
             console.echo(f"  Ray logs {ray_logs()}")
             tracker = Tracker(cfg, run.path)

@@ -33,8 +33,9 @@ from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.stages.finetune import HISTORY_FILE, epoch_plan, finetune_on_ray
 from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
 from spd_ray.tasks.evaluation import score
+from spd_ray.tasks.labels import LabelReport, label_report
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
-from spd_ray.tasks.task import Task
+from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
 
 offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
@@ -301,6 +302,18 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
             cfg, model_path, splits, out, subspace_dir), cfg).read_text())
         st.summary = scores(metrics)
     return metrics
+
+
+def prepare(cfg: SPDConfig) -> tuple[Task, LabelReport]:
+    """Everything that can be wrong before any work: the config (`check`), the task's data
+    (`load_task`: calibration examples, training prompts, evaluation splits) and, where stage 1
+    will run, its calibration labels (the report shows what the loss will look at)."""
+    check(cfg)
+    task = load_task(cfg)
+    labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
+    if cfg.generation.project or cfg.evaluation.project:
+        labels.require_labels(cfg.task.domain)
+    return task, labels
 
 
 def check(cfg: SPDConfig) -> None:

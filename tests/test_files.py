@@ -346,9 +346,10 @@ def test_check_task_exits_2_on_bad_input(tmp_path, capsys):
     # every example's spans cut off by calibration.max_length: the report says so, then the error
     assert check_task.main(["--config", str(tmp_path / "task.yaml"), "calibration.max_length=8",
                             f"task.files.train={tmp_path}/cal.jsonl"]) == 2
-    captured = capsys.readouterr()
-    assert "skipped 3, its spans lie past calibration.max_length=8 tokens: ids u2, u3, u5" in captured.out
-    assert captured.err.splitlines()[-1].startswith("error: no calibration example of task units has a labeled token")
+    err = capsys.readouterr().err
+    assert "error: no calibration example of task units has a labeled token, so stage 1 would have " \
+           "nothing to learn from:\ncalibration labels" in err
+    assert "skipped 3, its spans lie past calibration.max_length=8 tokens: ids u2, u3, u5" in err
     assert check_task.main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 

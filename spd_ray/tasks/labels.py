@@ -46,10 +46,10 @@ class LabelReport:
         return out
 
     def require_labels(self, task: str) -> None:
-        """An error (after the report is shown) when stage 1 would have nothing to learn from."""
+        """An error, with the report, when stage 1 would have nothing to learn from."""
         if self.n_examples and not self.n_labeled:
-            raise ValueError(f"no calibration example of task {task} has a labeled token (the report says "
-                             "why): stage 1 would have nothing to learn from")
+            raise ValueError(f"no calibration example of task {task} has a labeled token, so stage 1 would "
+                             "have nothing to learn from:\n" + "\n".join(self.lines()))
 
 
 def label_report(cfg: SPDConfig, tokenizer, calibration_items: Sequence[Item],
