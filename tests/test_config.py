@@ -53,3 +53,16 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_the_span_rules_of_the_config_are_the_cores():
+    import typing
+
+    from spd_ray.config import SpansConfig
+    from spd_ray.core.spans import SPAN_RULES
+
+    rule = typing.get_type_hints(SpansConfig)["rule"]
+    assert set(typing.get_args(typing.get_args(rule)[0])) == set(SPAN_RULES)
+    with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not allowed; valid values: "
+                                          r"\['final_number', 'answer_letter', 'asserts'\]"):
+        load_config(None, ["task.files.spans.rule=bogus"])

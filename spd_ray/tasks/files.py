@@ -48,7 +48,12 @@ def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list
     """The calibration items, training prompts (as Items without answers) and evaluation
     splits ("<domain>/<split>") of `task.files`, validated."""
     files = task.files
-    pattern = span_regex(files.spans.regex) if files.spans.mode == "regex" else None  # checked by SpansConfig
+    pattern = None
+    if files.spans.mode == "regex":  # checked before any file is read
+        try:
+            pattern = span_regex(files.spans.regex)
+        except ValueError as err:
+            raise TaskDataError(f"task.files.spans.regex: {err}") from None
     for key, holds in [("calibration", "the labeled examples (prompt and answer columns)"),
                        ("train", "the training prompts (a prompt column)")]:
         if getattr(files, key) is None:

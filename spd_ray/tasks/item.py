@@ -1,5 +1,6 @@
-"""One task example (`Item`) and the names every task source shares: the three capability
-domains, the split names and the multiple-choice letters.
+"""One task example (`Item`) and the names every task source shares: the capability domains and
+evaluation splits (declared with the config, which checks them), the testbed's split names and
+the multiple-choice letters.
 
 Everything that handles examples (the hub loaders, scoring, the Ray stages) imports them from
 here, not from the synthetic generator (`spd_ray.tasks.testbed`).
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from spd_ray.config import DOMAINS, EVAL_SPLITS
 from spd_ray.core.spans import correctness_spans
 
-DOMAINS = ("math", "mcq", "code")
-# the evaluation splits of every domain: in-domain test, and transfer (other wordings/benchmarks)
-EVAL_SPLITS = ("test", "transfer")
+__all__ = ["DOMAINS", "EVAL_SPLITS", "SPLITS", "LETTERS", "DOMAIN_METRIC", "Item"]
 # the testbed's splits: labeled calibration, training prompts, evaluation, and the noisy corpus
 # the tiny base model learns from
 SPLITS = ("calibration", "train", *EVAL_SPLITS, "pretrain")
