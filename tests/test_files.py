@@ -365,3 +365,13 @@ def test_the_pre_run_check_knows_a_files_task_runs_model_code(tmp_path, monkeypa
         pipeline.check(config(tmp_path, "task.files.scorer=asserts"))
     with pytest.raises(ConfigError, match="evaluation.domains=.*does not apply to task.source=files"):
         pipeline.check(config(tmp_path, "evaluation.domains=[math]"))
+
+
+def test_a_file_edited_in_place_changes_the_fingerprint_of_its_part_only(tmp_path):
+    # the run directory keys each artifact by these: an edited file is never answered from the old one
+    cfg = config(tmp_path)
+    before = load_task(cfg).fingerprints()
+    write(tmp_path / "cal.jsonl", [{**CAL[0], "answer": CAL[0]["answer"] + " (checked)"}, *CAL[1:]])
+    after = load_task(cfg).fingerprints()
+    assert after["calibration"] != before["calibration"]
+    assert (after["train"], after["eval"]) == (before["train"], before["eval"])
