@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from spd_ray.config import SubspaceConfig
 from spd_ray.core.modeling import kv_linears
 from spd_ray.core.subspace import CapabilitySubspace
 
@@ -48,7 +49,8 @@ def _targets(model, subspace: CapabilitySubspace, mode: str):
 
 
 @contextmanager
-def projection_hooks(model, subspace: CapabilitySubspace, mode: str = "both") -> Iterator:
+def projection_hooks(model, subspace: CapabilitySubspace,
+                     mode: str = SubspaceConfig.mode) -> Iterator:
     """Within the block, the target k_proj / v_proj outputs are replaced by out @ P."""
 
     def hook(p32: torch.Tensor):
@@ -71,7 +73,7 @@ def projection_hooks(model, subspace: CapabilitySubspace, mode: str = "both") ->
 
 
 @torch.no_grad()
-def fold_projection(model, subspace: CapabilitySubspace, mode: str = "both"):
+def fold_projection(model, subspace: CapabilitySubspace, mode: str = SubspaceConfig.mode):
     """A deep copy whose k_proj / v_proj have W <- P W and b <- P b; the original is untouched."""
     targets = _targets(model, subspace, mode)  # checks before the (possibly large) copy
     names = {id(m): name for name, m in model.named_modules()}
