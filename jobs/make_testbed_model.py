@@ -84,7 +84,7 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, rng: 
                 yield enc["input_ids"], enc["attention_mask"], labels
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(TESTBED_MODEL))
     ap.add_argument("--steps", type=int, default=4000)
@@ -94,7 +94,55 @@ def main() -> None:
                     help="pretrain items per domain (mcq gets 1.5x: its answer-letter pointer is learned last)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def adamw_cosine(model, lr: float, steps: int, warmup: int = 100):
+    """AdamW, with a linear warm-up then a cosine decay to a tenth of `lr` at `steps`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup)
+        * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))),
+    )
+    return opt, sched
+
+
+def greedy_accuracy(model, tokenizer) -> dict[str, float]:
+    """Greedy accuracy on 100 items of every domain's evaluation splits, by `domain/split`."""
+    model.eval()
+    splits = {f"{d}/{s}": make_split(d, s, 100) for d in DOMAINS for s in EVAL_SPLITS}
+    return {k.removesuffix("/accuracy"): v for k, v in evaluate_model(
+        model, tokenizer, splits, EvalConfig(max_new_tokens=96)).items() if k.endswith("accuracy")}
+
+
+def train(model, tokenizer, stream, opt, sched, args: argparse.Namespace, t0: float) -> list[dict]:
+    """`args.steps` optimizer steps on the stream's batches, with a log line every 50 steps and
+    the greedy accuracy every `args.eval_every` and at the end (returned, by step)."""
+    tokens, history = 0, []
+    for step in range(1, args.steps + 1):
+        model.train()
+        ids, mask, labels = next(stream)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(mask.sum())
+        if step % 50 == 0:
+            rate = tokens / (time.time() - t0)
+            print(f"step {step}/{args.steps} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = greedy_accuracy(model, tokenizer)
+            history.append({"step": step, **acc})
+            print(f"step {step} greedy accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()),
+                  flush=True)
+    return history
+
+
+def main() -> None:
+    args = parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     out = Path(args.out)
@@ -112,36 +160,10 @@ def main() -> None:
     model = Qwen2ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, corpus {len(texts)} texts", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))),
-    )
+    opt, sched = adamw_cosine(model, args.lr, args.steps)
     stream = batches(tokenizer, texts, args.batch_size, 256, rng)
-    t0, tokens, history = time.time(), 0, []
-    for step in range(1, args.steps + 1):
-        model.train()
-        ids, mask, labels = next(stream)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += int(mask.sum())
-        if step % 50 == 0:
-            rate = tokens / (time.time() - t0)
-            print(f"step {step}/{args.steps} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            splits = {f"{d}/{s}": make_split(d, s, 100) for d in DOMAINS for s in EVAL_SPLITS}
-            acc = {k.removesuffix("/accuracy"): v for k, v in evaluate_model(
-                model, tokenizer, splits, EvalConfig(max_new_tokens=96)).items() if k.endswith("accuracy")}
-            history.append({"step": step, **acc})
-            print(f"step {step} greedy accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()),
-                  flush=True)
+    t0 = time.time()
+    history = train(model, tokenizer, stream, opt, sched, args, t0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(

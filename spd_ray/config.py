@@ -184,11 +184,17 @@ class CalibrationConfig:
     max_failures: int = 3  # attempts made again on fresh workers when one is lost
 
 
+# The ways to choose the subspace's rank, and to run model-written code: named, so that the
+# modules that check them list the same values.
+RankMode = Literal["half", "fixed", "energy"]
+SandboxMode = Literal["isolated", "process"]
+
+
 @dataclass
 class SubspaceConfig:
     kind: Literal["gradient", "random"] = "gradient"  # random: the same-rank ablation baseline
     random_seed: int = 0  # for kind=random
-    rank_mode: Literal["half", "fixed", "energy"] = "half"
+    rank_mode: RankMode = "half"
     rank: int | None = None  # for rank_mode=fixed
     energy: float = 0.95  # for rank_mode=energy: smallest r with this fraction of sum S^2
     center: bool = True  # the authors' code mean-centres the gradient rows
@@ -261,7 +267,7 @@ class EvalConfig:
     code_timeout_s: float = 5.0
     # model-written code: "isolated" (kernel namespaces via bubblewrap; refused where the machine
     # cannot isolate) or "process" (rlimits only, logged as a warning: no security boundary)
-    sandbox: Literal["isolated", "process"] = "isolated"
+    sandbox: SandboxMode = "isolated"
     project: bool = False  # True: the inference-only baseline (base model with the projection on)
 
 

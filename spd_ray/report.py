@@ -186,6 +186,156 @@ def _plot_bars(path: Path, domain: str, methods: list[str], metrics: list[str],
 # ---------------------------------------------------------------- the report
 
 
+class _Results:
+    """The seed-aggregated metrics of the records, looked up as the report's tables need them."""
+
+    def __init__(self, records: list[dict], methods_order: list[str]):
+        self.stats = {(r["domain"], r["method"], r["round"], r["metric"]): r
+                      for r in summarize(records)}
+        self.methods_order = methods_order
+        self.domains = list(dict.fromkeys(r["domain"] for r in records))
+        self.rounds = {dm: sorted({k[2] for k in self.stats if k[:2] == dm})
+                       for dm in {k[:2] for k in self.stats}}
+
+    def present(self, domain: str) -> list[str]:
+        """The listed methods that ran on `domain`, in the listed order."""
+        return [m for m in self.methods_order if (domain, m) in self.rounds]
+
+    def cell(self, domain: str, method: str, metric: str | None,
+             rnd: int | None = None) -> dict | None:
+        # the main tables use each method's first round (the paper's one-round protocol)
+        rs = self.rounds.get((domain, method))
+        if not rs:
+            return None
+        return self.stats.get((domain, method, rs[0] if rnd is None else rnd, metric))
+
+    def own(self, domain: str) -> list[str]:
+        """The metrics of `domain`'s own benchmarks, test split first."""
+        return sorted({k[3] for k in self.stats
+                       if k[0] == domain and k[3].startswith(f"{domain}/")}, key=_metric_order)
+
+    def ood(self, domain: str) -> list[str]:
+        """The other domains' metrics of the runs trained on `domain`, by domain."""
+        return sorted({k[3] for k in self.stats
+                       if k[0] == domain and not k[3].startswith(f"{domain}/")},
+                      key=lambda m: (m.split("/")[0], _metric_order(m)))
+
+
+def _main_results(res: _Results, baseline: str) -> list[str]:
+    lines = ["## Main results (in-domain and transfer)", ""]
+    for domain in res.domains:
+        metrics = res.own(domain)
+        test = next((m for m in metrics if _is_test(m)), None)
+        base = res.cell(domain, baseline, test)
+        rows = []
+        for method in res.present(domain):
+            cells = [res.cell(domain, method, m) for m in metrics]
+            row = res.cell(domain, method, test)
+            delta = _num(row["mean"] - base["mean"], "+.3f") if row and base else DASH
+            seeds = max((c["n"] for c in cells if c), default=DASH)
+            rows.append([method, str(seeds), *map(_cell, cells), delta])
+        lines += [f"### Trained on {domain}", ""]
+        lines += _table(["method", "seeds", *map(_label, metrics), f"Δ vs {baseline}"], rows)
+    return lines
+
+
+def _out_of_domain(res: _Results) -> list[str]:
+    ood = {d: res.ood(d) for d in res.domains}
+    if not any(ood.values()):
+        return []
+    lines = ["## Out-of-domain (other domains' benchmarks)", ""]
+    for domain in (d for d in res.domains if ood[d]):
+        rows = [[m] + [_cell(res.cell(domain, m, k)) for k in ood[domain]]
+                for m in res.present(domain)]
+        lines += [f"### Trained on {domain}", ""]
+        lines += _table(["method", *map(_label, ood[domain])], rows)
+    return lines
+
+
+def _corpus_quality(records: list[dict], domains: list[str], methods_order: list[str]) -> list[str]:
+    listed = [r for r in records if r["method"] in methods_order]
+    corpus = {(r["domain"], r["method"], r["round"], r["metric"]): r
+              for r in summarize(listed, "corpus")}
+    if not corpus:
+        return []
+    lines = ["## Corpus quality before training (self-generated, paper Table 3)", "",
+             "Accuracy of the generated training completions, and their mean length in "
+             "characters (mean ± std over seeds).", ""]
+    cdomains = [d for d in domains if any(k[0] == d for k in corpus)]
+    keys = [(m, rnd) for m in methods_order for rnd in sorted({k[2] for k in corpus if k[1] == m})]
+    multi = len({k[1] for k in keys}) > 1
+    rows = []
+    for method, rnd in keys:
+        row = [f"{method}, round {rnd}" if multi else method]
+        for d in cdomains:
+            row += [_cell(corpus.get((d, method, rnd, "accuracy"))),
+                    _cell(corpus.get((d, method, rnd, "mean_chars")), 1)]
+        rows.append(row)
+    return lines + _table(
+        ["method", *(f"{d} {c}" for d in cdomains for c in ("accuracy", "chars"))], rows)
+
+
+def _rounds(res: _Results) -> list[str]:
+    if not any(k[2] > 1 for k in res.stats):
+        return []
+    lines = ["## Rounds (iterated self-distillation)", ""]
+    for domain in res.domains:
+        metrics = res.own(domain)
+        rows = [[m, str(rnd)] + [_cell(res.cell(domain, m, k, rnd)) for k in metrics]
+                for m in res.present(domain) for rnd in res.rounds[(domain, m)]]
+        lines += [f"### Trained on {domain}", ""]
+        lines += _table(["method", "round", *map(_label, metrics)], rows)
+    return lines
+
+
+def _spectra(out: Path, subspaces: dict[str, CapabilitySubspace]) -> list[str]:
+    lines = ["## Capability subspace spectra", "",
+             "Energy: the fraction of the gradient energy (sum S²) in the kept rank.", ""]
+    for name, sub in subspaces.items():
+        rows = [[str(layer), kind, str(b.shape[0]), str(b.shape[1]),
+                 _num(sub.energy.get((layer, kind)))]
+                for (layer, kind), b in sorted(sub.bases.items())]
+        lines += [f"### {name}", ""]
+        lines += _table(["layer", "kind", "kv_dim", "rank", "energy captured"], rows)
+        spectra = _own_spectra(sub)
+        if spectra:
+            png = f"spectrum_{_slug(name)}.png"
+            _plot_spectrum(out / png, name, sub, spectra)
+            lines += [f"![cumulative energy vs rank: {name}]({png})", ""]
+    return lines
+
+
+def _principal_angles(out: Path, subspaces: dict[str, CapabilitySubspace]) -> list[str]:
+    pairs = compare_subspaces(subspaces)
+    if not pairs:
+        return []
+    lines = ["## Principal angles between subspaces", "",
+             "Overlap = mean cos² of the principal angles (1 identical, 0 orthogonal); "
+             "chance = the expected overlap of a random subspace, max(r_a, r_b) / kv_dim. "
+             "Angles in degrees.", ""]
+    rows = [[p["a"], p["b"], str(p["layer"]), p["kind"], str(p["rank_a"]), str(p["rank_b"]),
+             _num(p["overlap"]), _num(p["chance"]), _num(p["mean_angle"], ".1f"),
+             _num(p["min_angle"], ".1f")] for p in pairs]
+    lines += _table(["a", "b", "layer", "kind", "rank a", "rank b", "overlap", "chance",
+                     "mean angle", "min angle"], rows)
+    keys = sorted({(p["layer"], p["kind"]) for p in pairs})
+    _plot_overlaps(out / "subspace_overlap.png", list(subspaces), keys, pairs)
+    return lines + ["![subspace overlap heatmaps](subspace_overlap.png)", ""]
+
+
+def _bar_plots(out: Path, res: _Results) -> list[str]:
+    bars = [(d, res.present(d), res.own(d)) for d in res.domains if res.present(d) and res.own(d)]
+    if not bars:
+        return []
+    lines = ["## In-domain results (plots)", ""]
+    for domain, methods, metrics in bars:
+        png = f"bars_{_slug(domain)}.png"
+        cells = [[res.cell(domain, m, k) for k in metrics] for m in methods]
+        _plot_bars(out / png, domain, methods, metrics, cells)
+        lines += [f"![trained on {domain}]({png})", ""]
+    return lines
+
+
 def write_report(
     out_dir: str | Path,
     records: list[dict],
@@ -198,116 +348,15 @@ def write_report(
     """Write `out_dir/report.md` and its PNGs; returns the report path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = {(r["domain"], r["method"], r["round"], r["metric"]): r for r in summarize(records)}
-    listed = [r for r in records if r["method"] in methods_order]
-    corpus = {(r["domain"], r["method"], r["round"], r["metric"]): r
-              for r in summarize(listed, "corpus")}
-    domains = list(dict.fromkeys(r["domain"] for r in records))
-    rounds = {dm: sorted({k[2] for k in stats if k[:2] == dm}) for dm in {k[:2] for k in stats}}
+    res = _Results(records, methods_order)
     lines = [header.rstrip(), ""] if header else []
-
-    def present(domain):
-        return [m for m in methods_order if (domain, m) in rounds]
-
-    def cell(domain, method, metric, rnd=None):
-        # the main tables use each method's first round (the paper's one-round protocol)
-        rs = rounds.get((domain, method))
-        return stats.get((domain, method, rs[0] if rnd is None else rnd, metric)) if rs else None
-
-    def own(domain):
-        return sorted({k[3] for k in stats if k[0] == domain and k[3].startswith(f"{domain}/")},
-                      key=_metric_order)
-
-    lines += ["## Main results (in-domain and transfer)", ""]
-    for domain in domains:
-        metrics = own(domain)
-        test = next((m for m in metrics if _is_test(m)), None)
-        base = cell(domain, baseline, test)
-        rows = []
-        for method in present(domain):
-            cells = [cell(domain, method, m) for m in metrics]
-            row = cell(domain, method, test)
-            delta = _num(row["mean"] - base["mean"], "+.3f") if row and base else DASH
-            seeds = max((c["n"] for c in cells if c), default=DASH)
-            rows.append([method, str(seeds), *map(_cell, cells), delta])
-        lines += [f"### Trained on {domain}", ""]
-        lines += _table(["method", "seeds", *map(_label, metrics), f"Δ vs {baseline}"], rows)
-
-    ood = {d: sorted({k[3] for k in stats if k[0] == d and not k[3].startswith(f"{d}/")},
-                     key=lambda m: (m.split("/")[0], _metric_order(m))) for d in domains}
-    if any(ood.values()):
-        lines += ["## Out-of-domain (other domains' benchmarks)", ""]
-        for domain in (d for d in domains if ood[d]):
-            rows = [[m] + [_cell(cell(domain, m, k)) for k in ood[domain]] for m in present(domain)]
-            lines += [f"### Trained on {domain}", ""]
-            lines += _table(["method", *map(_label, ood[domain])], rows)
-
-    if corpus:
-        lines += ["## Corpus quality before training (self-generated, paper Table 3)", "",
-                  "Accuracy of the generated training completions, and their mean length in "
-                  "characters (mean ± std over seeds).", ""]
-        cdomains = [d for d in domains if any(k[0] == d for k in corpus)]
-        keys = [(m, rnd) for m in methods_order
-                for rnd in sorted({k[2] for k in corpus if k[1] == m})]
-        multi = len({k[1] for k in keys}) > 1
-        rows = []
-        for method, rnd in keys:
-            row = [f"{method}, round {rnd}" if multi else method]
-            for d in cdomains:
-                row += [_cell(corpus.get((d, method, rnd, "accuracy"))),
-                        _cell(corpus.get((d, method, rnd, "mean_chars")), 1)]
-            rows.append(row)
-        lines += _table(["method", *(f"{d} {c}" for d in cdomains for c in ("accuracy", "chars"))],
-                        rows)
-
-    if any(k[2] > 1 for k in stats):
-        lines += ["## Rounds (iterated self-distillation)", ""]
-        for domain in domains:
-            metrics = own(domain)
-            rows = [[m, str(rnd)] + [_cell(cell(domain, m, k, rnd)) for k in metrics]
-                    for m in present(domain) for rnd in rounds[(domain, m)]]
-            lines += [f"### Trained on {domain}", ""]
-            lines += _table(["method", "round", *map(_label, metrics)], rows)
-
+    lines += _main_results(res, baseline)
+    lines += _out_of_domain(res)
+    lines += _corpus_quality(records, res.domains, methods_order)
+    lines += _rounds(res)
     if subspaces:
-        lines += ["## Capability subspace spectra", "",
-                  "Energy: the fraction of the gradient energy (sum S²) in the kept rank.", ""]
-        for name, sub in subspaces.items():
-            rows = [[str(layer), kind, str(b.shape[0]), str(b.shape[1]),
-                     _num(sub.energy.get((layer, kind)))]
-                    for (layer, kind), b in sorted(sub.bases.items())]
-            lines += [f"### {name}", ""]
-            lines += _table(["layer", "kind", "kv_dim", "rank", "energy captured"], rows)
-            spectra = _own_spectra(sub)
-            if spectra:
-                png = f"spectrum_{_slug(name)}.png"
-                _plot_spectrum(out / png, name, sub, spectra)
-                lines += [f"![cumulative energy vs rank: {name}]({png})", ""]
-
-        pairs = compare_subspaces(subspaces)
-        if pairs:
-            lines += ["## Principal angles between subspaces", "",
-                      "Overlap = mean cos² of the principal angles (1 identical, 0 orthogonal); "
-                      "chance = the expected overlap of a random subspace, max(r_a, r_b) / kv_dim. "
-                      "Angles in degrees.", ""]
-            rows = [[p["a"], p["b"], str(p["layer"]), p["kind"], str(p["rank_a"]), str(p["rank_b"]),
-                     _num(p["overlap"]), _num(p["chance"]), _num(p["mean_angle"], ".1f"),
-                     _num(p["min_angle"], ".1f")] for p in pairs]
-            lines += _table(["a", "b", "layer", "kind", "rank a", "rank b", "overlap", "chance",
-                             "mean angle", "min angle"], rows)
-            keys = sorted({(p["layer"], p["kind"]) for p in pairs})
-            _plot_overlaps(out / "subspace_overlap.png", list(subspaces), keys, pairs)
-            lines += ["![subspace overlap heatmaps](subspace_overlap.png)", ""]
-
-    bars = [(d, present(d), own(d)) for d in domains if present(d) and own(d)]
-    if bars:
-        lines += ["## In-domain results (plots)", ""]
-        for domain, methods, metrics in bars:
-            png = f"bars_{_slug(domain)}.png"
-            cells = [[cell(domain, m, k) for k in metrics] for m in methods]
-            _plot_bars(out / png, domain, methods, metrics, cells)
-            lines += [f"![trained on {domain}]({png})", ""]
-
+        lines += _spectra(out, subspaces) + _principal_angles(out, subspaces)
+    lines += _bar_plots(out, res)
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")  # ±, – and Δ whatever the locale
     return path

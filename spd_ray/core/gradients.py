@@ -165,6 +165,62 @@ def _head_only_at(model, select: dict):
             handle.remove()
 
 
+@contextmanager
+def _zero_probes(targets: dict[tuple[int, str], torch.nn.Module], probes: dict):
+    """Within the block each target's output gets a fresh zero leaf added, kept in `probes`."""
+
+    def hook(key):
+        # out + a zero leaf: its gradient is d(loss)/d(out) through every path, including through
+        # later target layers, and needs no parameter gradients (a detached copy would cut those)
+        def fn(module, args, out):
+            probes[key] = torch.zeros_like(out, requires_grad=True)
+            return out + probes[key]
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in targets.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _right_padded(chunk: list[_Row], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The rows right-padded to the first (longest) one, on `device`: input ids, targets (-100 at
+    pads) and the mask of real positions."""
+    ids = torch.zeros(len(chunk), len(chunk[0].ids), dtype=torch.long)
+    tgt = torch.full_like(ids, -100)
+    used = torch.zeros_like(ids, dtype=torch.bool)
+    for r, row in enumerate(chunk):
+        ids[r, : len(row.ids)], tgt[r, : len(row.ids)] = row.ids, row.targets
+        used[r, : len(row.ids)] = True
+    return ids.to(device), tgt.to(device), used.to(device)
+
+
+def _losses_and_probe_grads(
+    model, ids: torch.Tensor, tgt: torch.Tensor, select: dict, probes: dict, keys: list
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward and backward of a right-padded batch: each example's mean loss over its
+    targets (B,), and the gradient of their sum w.r.t. each key's probe (zeros if unreached)."""
+    sel = tgt != -100
+    select.update(mask=sel, gathered=False)
+    probes.clear()
+    with torch.enable_grad():
+        # no attention mask: with right padding and causal attention no real position attends
+        # to a pad, and pad positions feed no loss
+        logits = model(input_ids=ids, use_cache=False).logits
+        if not select["gathered"]:  # the head ran on every position
+            logits = logits[sel][None]
+        ce = F.cross_entropy(logits[0].float(), tgt[sel], reduction="none")
+        example = sel.nonzero()[:, 0]  # row-major, the order of h[sel]
+        losses = torch.zeros(len(ids), device=ids.device).index_add(0, example, ce)
+        losses = losses / sel.sum(1)
+        grads = torch.autograd.grad(losses.sum(), [probes[k] for k in keys], allow_unused=True)
+    return losses, [torch.zeros_like(probes[k]) if g is None else g
+                    for k, g in zip(keys, grads, strict=True)]
+
+
 def accumulate_kv_gradient_stats(
     model,
     batches: Iterable[dict],
@@ -189,55 +245,20 @@ def accumulate_kv_gradient_stats(
     order = sorted(rows, key=lambda r: len(r.ids), reverse=True)
     probes: dict[tuple[int, str], torch.Tensor] = {}
     select: dict = {}
-
-    def hook(key):
-        # out + a zero leaf: its gradient is d(loss)/d(out) through every path, including through
-        # later target layers, and needs no parameter gradients (a detached copy would cut those)
-        def fn(module, args, out):
-            probes[key] = torch.zeros_like(out, requires_grad=True)
-            return out + probes[key]
-
-        return fn
-
     device, loss_sum, n_examples = _device(model), 0.0, 0
     keys = list(targets)
-    with _frozen(model), _head_only_at(model, select), _last_mlp_only_at(model, select):
-        handles = [m.register_forward_hook(hook(key)) for key, m in targets.items()]
+    with (_frozen(model), _head_only_at(model, select), _last_mlp_only_at(model, select),
+          _zero_probes(targets, probes)):
         try:
             for start in range(0, len(order), size):
                 chunk = order[start : start + size]
-                width = len(chunk[0].ids)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                tgt = torch.full_like(ids, -100)
-                used = torch.zeros_like(ids, dtype=torch.bool)
-                for r, row in enumerate(chunk):  # right padding
-                    ids[r, : len(row.ids)], tgt[r, : len(row.ids)] = row.ids, row.targets
-                    used[r, : len(row.ids)] = True
-                ids, tgt, used = ids.to(device), tgt.to(device), used.to(device)
-                sel = tgt != -100
-                select.update(mask=sel, gathered=False)
-                probes.clear()
-                with torch.enable_grad():
-                    # no attention mask: with right padding and causal attention no real
-                    # position attends to a pad, and pad positions feed no loss
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    if not select["gathered"]:  # the head ran on every position
-                        logits = logits[sel][None]
-                    ce = F.cross_entropy(logits[0].float(), tgt[sel], reduction="none")
-                    example = sel.nonzero()[:, 0]  # row-major, the order of h[sel]
-                    losses = torch.zeros(len(chunk), device=device).index_add(0, example, ce)
-                    losses = losses / sel.sum(1)
-                    grads = torch.autograd.grad(
-                        losses.sum(), [probes[k] for k in keys], allow_unused=True
-                    )
+                ids, tgt, used = _right_padded(chunk, device)
+                losses, grads = _losses_and_probe_grads(model, ids, tgt, select, probes, keys)
                 for key, g in zip(keys, grads, strict=True):
-                    g = torch.zeros_like(probes[key]) if g is None else g
                     stats[key].update(g[used].float())
                 loss_sum += float(losses.detach().sum())
                 n_examples += len(chunk)
         finally:
-            for h in handles:
-                h.remove()
             select.clear()
     tail = sum(r.tail for r in rows)
     for key in keys:  # the exactly-zero rows past each example's last prediction position

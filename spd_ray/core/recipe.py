@@ -16,7 +16,7 @@ from spd_ray.config import FinetuneConfig
 
 
 def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                   max_length: int, loss_on: str = "all") -> list[dict]:
+                   max_length: int, loss_on: str = FinetuneConfig.loss_on) -> list[dict]:
     """Token ids and labels per (prompt, completion); `loss_on=completion` masks the prompt."""
     eos = tokenizer.eos_token or ""
     rows = []

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from spd_ray.config import SubspaceConfig
+from spd_ray.config import RankMode, SubspaceConfig
 
-RANK_MODES = ("half", "fixed", "energy")
+RANK_MODES = typing.get_args(RankMode)
 
 
 @dataclass

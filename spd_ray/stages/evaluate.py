@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 
 from spd_ray import console
-from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
+from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig, SubspaceConfig
 from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.generate import generate_dataset, load_projected
 from spd_ray.tasks.evaluation import (
@@ -35,7 +35,7 @@ def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_di
 
 def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
                     splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
-                    mode: str = "both") -> dict[str, float]:
+                    mode: str = SubspaceConfig.mode) -> dict[str, float]:
     """Greedy completions from the generation actors, scored on the driver. Projection off,
     unless `subspace_dir` is given (the inference-only baseline). The scorers are checked first
     (`check_scorers`): a bad one fails before any generation."""

@@ -319,6 +319,30 @@ def _storage_uri(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
 
 
+def _training_rows(dataset):
+    """The `prompt`/`completion` (and `id`, if any) columns of `dataset`, materialized in the
+    object store."""
+    missing = {"prompt", "completion"} - set(dataset.columns())
+    if missing:
+        raise ValueError(f"the fine-tuning dataset lacks columns {sorted(missing)}; "
+                         f"it has {dataset.columns()}")
+    return dataset.select_columns(["id", "prompt", "completion"] if "id" in dataset.columns()
+                                  else ["prompt", "completion"]).materialize()
+
+
+def _save_results(result, output_dir: Path, n_rows: int, plan: dict) -> list[dict]:
+    """Write the per-step history and the summary of a finished Ray Train run into `output_dir`;
+    returns the history."""
+    metrics = dict(result.metrics or {})
+    history = metrics.pop("history", [])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    summary = {**metrics, "n_rows": n_rows, "plan": plan,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return history
+
+
 def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: Path | str,
                     run_name: str, storage_path: str, on_metrics=None, *,
                     dtype: str = "auto", wandb_run_id: str | None = None,
@@ -344,12 +368,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     load_tokenizer(model_path)  # fails fast (and clearly) on a wrong path
     if Path(model_path).expanduser().is_dir():
         model_path = str(Path(model_path).expanduser().resolve())
-    missing = {"prompt", "completion"} - set(dataset.columns())
-    if missing:
-        raise ValueError(f"the fine-tuning dataset lacks columns {sorted(missing)}; "
-                         f"it has {dataset.columns()}")
-    dataset = dataset.select_columns(["id", "prompt", "completion"] if "id" in dataset.columns()
-                                     else ["prompt", "completion"]).materialize()
+    dataset = _training_rows(dataset)
     n_rows = dataset.count()
     plan = epoch_plan(n_rows, cfg.num_workers, cfg)  # errors here, not in the workers
     ds_config = training_deepspeed_config(cfg, resolve_precision(dtype, cfg.use_gpu), ds_overrides)
@@ -370,14 +389,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads it all (the loop splits)
     )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    history = metrics.pop("history", [])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-    summary = {**metrics, "n_rows": n_rows, "plan": plan,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    history = _save_results(trainer.fit(), output_dir, n_rows, plan)
     if on_metrics is not None:
         for entry in history:
             on_metrics(entry)

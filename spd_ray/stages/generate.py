@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from spd_ray.config import GenerationConfig, ModelConfig
+from spd_ray.config import GenerationConfig, ModelConfig, SubspaceConfig
 from spd_ray.core.generation import generate
 from spd_ray.core.modeling import load_model, load_tokenizer
 from spd_ray.core.projection import fold_projection, projection_hooks
@@ -98,8 +98,8 @@ def save_folded_checkpoint(model: ModelConfig, subspace_dir: str, mode: str, out
 
 
 def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationConfig, *,
-                     subspace_dir: str | Path | None = None, mode: str = "both",
-                     apply: str = "fold", greedy: bool = False,
+                     subspace_dir: str | Path | None = None, mode: str = SubspaceConfig.mode,
+                     apply: str = SubspaceConfig.apply, greedy: bool = False,
                      max_new_tokens: int | None = None,
                      folded_checkpoint: str | Path | None = None) -> ray.data.Dataset:
     """`ds` (columns prompt, id, and seed unless greedy) with `completion` and `node` (the

@@ -156,7 +156,7 @@ def _check_pattern(where: str, pattern: str) -> None:
 
 
 @torch.no_grad()
-def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = 32,
+def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = EvalConfig.batch_size,
                   max_length: int = 512) -> float:
     """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric)."""
     device = next(model.parameters()).device

@@ -64,6 +64,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import typing
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,11 +72,13 @@ from dataclasses import dataclass
 import ray
 
 from spd_ray import console
-from spd_ray.config import EvalConfig
+from spd_ray.config import EvalConfig, SandboxMode
 
-MODES = ("isolated", "process")
+MODES = typing.get_args(SandboxMode)
 log = logging.getLogger(__name__)
 
+MEMORY_MB = 512  # address space per program
+MAX_OUTPUT_BYTES = 10_000  # the tail of a program's stderr that comes back with its result
 _MAX_PROCESSES = 16  # the harness included: a fork bomb stops here
 _MAX_OPEN_FILES = 64
 _FILE_LIMIT = 1 << 20  # largest file the program may write, its own stderr included
@@ -447,9 +450,9 @@ def _run_on(box: _Sandbox, job: tuple) -> tuple[ExecResult, bool]:
     return _verdict(result, code, timed_out, tail, job[0], job[4]), box.reusable and clean
 
 
-def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *, mode: str = "isolated",
-                timeout_s: float = EvalConfig.code_timeout_s, memory_mb: int = 512,
-                max_output_bytes: int = 10_000) -> ExecResult:
+def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *,
+                mode: str = EvalConfig.sandbox, timeout_s: float = EvalConfig.code_timeout_s,
+                memory_mb: int = MEMORY_MB, max_output_bytes: int = MAX_OUTPUT_BYTES) -> ExecResult:
     """Run `setup`, then `code`, then each test in one namespace, in a sandbox of its own; it
     passes when the last test has finished. status "error": it does not compile; "timeout": past
     `timeout_s` (wall clock or CPU time); "failed": anything else, `reason` says what."""
@@ -548,7 +551,7 @@ def _run_local(jobs: Sequence[tuple[str, Sequence[str], str]], mode: str, timeou
             box = idle.get_nowait()
         except queue.Empty:
             box = _Sandbox(mode)
-        result, again = _run_on(box, _job(*job, mode, timeout_s, 512, 10_000))
+        result, again = _run_on(box, _job(*job, mode, timeout_s, MEMORY_MB, MAX_OUTPUT_BYTES))
         idle.put(box) if again else box.close()
         return result
 
@@ -568,7 +571,7 @@ _TASK_THREADS = 2
 _run_chunk = ray.remote(num_cpus=1, max_retries=3)(_run_local)
 
 
-def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = "isolated",
+def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = EvalConfig.sandbox,
              timeout_s: float = EvalConfig.code_timeout_s, max_workers: int | None = None) -> list[ExecResult]:
     """(program, tests, setup) triples run in parallel; results keep the input order.
 
