@@ -92,34 +92,34 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | Non
     written = data.written_ids(out)
     if written != {r["id"] for r in rows}:  # every id exactly once (a part holds each row once)
         raise RuntimeError(f"stage 2 wrote {len(written)} of {len(rows)} rows to {out}")
-    corpus = ray.data.read_parquet(str(out), file_extensions=["parquet"])
-    kept = corpus.filter(data.training_rows_filter)
-    n_kept = kept.count()
+    kept = data.read_corpus(out)  # on the driver, in one read (see read_corpus)
+    n_kept = kept.num_rows
     if not n_kept:  # the rows stay written: a rerun with another generation config starts afresh
         raise RuntimeError(f"stage 2: all {len(rows)} completions are empty, nothing to train on; "
                            f"check generation.max_new_tokens ({g.max_new_tokens}) and the model's prompts")
     if n_kept < len(rows):
         console.warn(f"stage 2: {len(rows) - n_kept} of {len(rows)} completions are empty; "
                      "they are left out of training")
-    lengths = kept.map(lambda row: {"chars": len(row["completion"])})
+    chars = [len(c) for c in kept.column("completion").to_pylist()]
     stats = {"stage2/completions": n_kept, "stage2/dropped_empty": len(rows) - n_kept,
              "stage2/samples_per_s": len(todo) / (time.time() - start),
-             "stage2/mean_completion_chars": lengths.mean("chars") if n_kept else 0.0}
+             "stage2/mean_completion_chars": sum(chars) / n_kept}
     tracker.log(stats)
-    tracker.table("stage2/samples", [{k: r[k] for k in ("id", "prompt", "completion")} for r in kept.take(32)])
+    tracker.table("stage2/samples", kept.select(["id", "prompt", "completion"]).slice(0, 32).to_pylist())
     return stats
 
 
 def training_corpus(generations: Path) -> ray.data.Dataset:
-    """The rows that train (and are scored as the raw corpus): all but empty completions."""
-    return ray.data.read_parquet(str(generations), file_extensions=["parquet"]).filter(data.training_rows_filter)
+    """The rows that train: all but empty completions (`data.read_corpus`, read on the driver
+    and put in the object store, where stage 3 takes them)."""
+    return ray.data.from_arrow(data.read_corpus(generations))
 
 
 def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
     """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
     only use of the training prompts' answers; nothing is filtered by it. None where the prompts
     come without answers (task.source=files)."""
-    rows = training_corpus(generations).select_columns(["id", "completion"]).take_all()
+    rows = data.read_corpus(generations).select(["id", "completion"]).to_pylist()
     items = [train_items[int(r["id"].split("-")[0])] for r in rows]
     accuracy = None
     if items and items[0].metric:

@@ -59,7 +59,8 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
                              "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
                              f"--port={gcs_port}", f"--dashboard-agent-listen-port={agent_port}",
                              f"--temp-dir={temp_dir}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # it leads a process group of its node's processes
     try:
         for _ in range(120):  # written once the head is up
             if (temp_dir / "ray_current_cluster").exists() or head.poll() is not None:
@@ -96,8 +97,8 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         # both evaluations, subspace, generations, corpus quality, model
         assert again.stdout.count("reusing") == 6
     finally:
-        head.terminate()  # `ray start --block` leads a process group of its node's processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a graceful stop, then the group
+        head.terminate()  # a graceful stop, then the group (the graceful stop alone can take 30 s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
