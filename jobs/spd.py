@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
-        console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
         with ray_connection(cfg):
             console.echo(f"  Ray logs {ray_logs()}")
             tracker = Tracker(cfg, run.path)
             if tracker.where():
                 console.echo(f"  W&B {tracker.where()}")
+            console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
             results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
             table = artifacts.comparison_table(results["eval"])
             (run.path / "results.md").write_text(table)
