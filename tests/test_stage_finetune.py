@@ -79,11 +79,15 @@ def _checkpoint_weights(out: Path, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def full_run(local_ray, dataset_rows, tmp_path_factory):
-    """One full fine-tuning ZeRO-3 job, shared by the partitioning and the export tests."""
+    """One full fine-tuning ZeRO-3 job, shared by the partitioning and the export tests, and the
+    uninterrupted run the fault test's run must equal: its output, the on_metrics calls, seconds."""
+    import time
+
     tmp = tmp_path_factory.mktemp("full")
     seen: list[dict] = []
+    start = time.monotonic()
     out = _run(_cfg(), dataset_rows, tmp, "full", on_metrics=seen.append)
-    return out, seen
+    return out, seen, time.monotonic() - start
 
 
 def test_deepspeed_config_is_concrete():
@@ -106,7 +110,7 @@ def test_deepspeed_config_is_concrete():
 
 
 def test_zero3_really_partitions(full_run):
-    out, _ = full_run
+    out, *_ = full_run
     s = _summary(out)
     assert s["world_size"] == 2
     assert s["zero3_params"] == s["params"] > 0
@@ -118,7 +122,7 @@ def test_zero3_really_partitions(full_run):
 
 
 def test_full_zero3_export_equals_engine_weights(full_run):
-    out, seen = full_run
+    out, seen, _ = full_run
     trained = _checkpoint_weights(out)
     exported, original = _plain(out), _plain(str(TESTBED_MODEL))
     assert set(exported) <= set(trained) and "model.embed_tokens.weight" in exported
@@ -179,21 +183,20 @@ def _train_workers() -> list[int]:
 
 
 @pytest.mark.faults
-def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_uninterrupted_run(local_ray, tmp_path):
+def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_uninterrupted_run(
+        full_run, dataset_rows, tmp_path):
     # one fault, three claims: Ray Train restarts the group from the latest registered checkpoint
     # (FailureConfig), the resume is at the exact step, and the training is a function of the
-    # config alone (two runs, rows in opposite orders, same batches, losses and weights)
+    # config alone: with the kill, the rows in the opposite order and a checkpoint after every
+    # step, it has the batches, losses and weights of full_run, which trained uninterrupted
     import os
     import signal
     import threading
     import time
 
-    rows = [{"id": it.id, "prompt": it.prompt, "completion": it.answer}
-            for it in make_split("math", "train", 32)]
-    cfg = _cfg(epochs=1.0, checkpoint_every_steps=1, max_failures=2)  # 8 steps, all in one epoch
+    whole, _, t_whole = full_run
+    cfg = _cfg(checkpoint_every_steps=1, max_failures=2)  # full_run's 8 steps: 2 epochs of 4
     start = time.monotonic()
-    whole = _run(cfg, rows, tmp_path, "whole")
-    t_whole, start = time.monotonic() - start, time.monotonic()
     killed: list[int] = []
 
     def kill_after_a_step_checkpoint():
@@ -212,19 +215,21 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     thread = threading.Thread(target=kill_after_a_step_checkpoint, daemon=True)
     thread.start()
     # the rows arrive in another order: the data order is the seed's and the world size's alone
-    cut = _run(cfg, rows[::-1], tmp_path, "cut")
+    cut = _run(cfg, dataset_rows[::-1], tmp_path, "cut")
     print(f"faults: training worker killed at step {killed}, uninterrupted {t_whole:.0f} s, "
           f"with the kill {time.monotonic() - start:.0f} s")
     thread.join()
     summary = _summary(cut)
-    assert killed and 0 < summary["start_step"] < 8, (killed, summary["start_step"])  # resumed mid-epoch
+    assert summary["steps_per_epoch"] == 4 and summary["total_steps"] == 8
+    assert killed and 0 < summary["start_step"] < 8, (killed, summary["start_step"])
+    assert summary["start_step"] % 4, summary["start_step"]  # resumed mid-epoch
     assert summary["finished"] and summary["step"] == 8
     h_whole, h_cut = _history(whole), _history(cut)
     assert [h["step"] for h in h_cut] == list(range(1, 9))  # no step lost, none done twice
     assert [h["tokens"] for h in h_cut] == [h["tokens"] for h in h_whole]  # the same batches
     assert [h["loss"] for h in h_cut] == pytest.approx([h["loss"] for h in h_whole], abs=1e-6)
     # the schedule resumed too: each step used its own lr, not a new warm-up
-    opt, sched = optimizer_and_schedule(torch.nn.Linear(1, 1), cfg, 8, 8)
+    opt, sched = optimizer_and_schedule(torch.nn.Linear(1, 1), cfg, 8, 4)
     lrs = []
     for _ in range(8):
         lrs.append(sched.get_last_lr()[0])
