@@ -203,8 +203,8 @@ def _mid_epoch_checkpoint(run: Path) -> int:
 @pytest.mark.faults
 def test_a_driver_killed_in_stage2_and_in_stage3_loses_only_unfinished_work(tmp_path):
     args = [sys.executable, str(ROOT / "jobs/spd.py"), *SMALL, "evaluation.domains=[math]", "task.n_eval=4",
-            "generation.batch_size=4", "generation.replicas_max=1", "finetune.batch_size=2",
-            "finetune.checkpoint_every_steps=1",
+            "generation.batch_size=4", "generation.replicas_max=1", "finetune.batch_size=4",
+            "finetune.checkpoint_every_steps=1",  # 32 rows / 2 workers / 4: 4 steps, each checkpointed
             "run.name=cut", f"run.output_dir={tmp_path}"]
     run = tmp_path / "cut"
     # each driver its own W&B service, as on a cluster (not the one this test process may hold)
@@ -212,7 +212,7 @@ def test_a_driver_killed_in_stage2_and_in_stage3_loses_only_unfinished_work(tmp_
     t_cut2 = _kill_driver_when(args, env, lambda: len(_parts(run)) >= 2, "stage 2 writing a part")
     before = _parts(run)
     # the rerun keeps those parts, generates the rest, and is killed once stage 3 has checkpointed
-    t_cut3 = _kill_driver_when(args, env, lambda: 0 < _mid_epoch_checkpoint(run) < 8, "a stage 3 checkpoint")  # of 8
+    t_cut3 = _kill_driver_when(args, env, lambda: 0 < _mid_epoch_checkpoint(run) < 4, "a stage 3 checkpoint")  # of 4
     step_at_kill = _mid_epoch_checkpoint(run)
     parts = sorted((run / "generations").glob("part-*.parquet"))
     assert before <= {p.name for p in parts}  # the parts written before the first kill were kept
