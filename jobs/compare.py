@@ -35,9 +35,9 @@ from spd_ray.config import (  # noqa: E402
     load_config,
     to_dict,
 )
-from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
-from spd_ray.pipeline import check, ray_connection, ray_logs, run_pipeline, stage1_subspace  # noqa: E402
+from spd_ray.local_ray import ray_session  # noqa: E402
+from spd_ray.pipeline import PipelineResult, check, run_pipeline, subspace_stage  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
@@ -67,10 +67,8 @@ def task_of(cfg: SPDConfig, tasks: dict) -> Task:
 def domain_subspace(cfg: SPDConfig, store: Path, tasks: dict) -> str:
     """Stage 1 alone: a domain's capability subspace, for the principal angles between domains."""
     task = task_of(cfg, tasks)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     run = artifacts.RunDir(cfg, store, data=task.fingerprints())
-    return str(run.stage("subspace", lambda out: stage1_subspace(
-        cfg, tokenizer, task.calibration, out, Tracker(cfg, run.path))))
+    return str(subspace_stage(cfg, run, task, "", Tracker(cfg, run.path), []).path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,19 +95,17 @@ def plan_runs(args: argparse.Namespace) -> tuple[CompareConfig, list[tuple], dic
     return cc, plan, tasks
 
 
-def run_records(domain: str, method, seed: int, cfg: SPDConfig, res: dict) -> list[dict]:
-    """The report's records of one run: the base model's scores for a method that does not train,
-    else each round's scores and corpus."""
-    records = []
+def run_records(domain: str, method, seed: int, res: PipelineResult) -> list[dict]:
+    """The report's records of one run: the base model's scores (with the projection on, where
+    the run made that evaluation) for a method that does not train, else each round's scores
+    and corpus."""
     if not method.train:
-        key = "base+projection" if cfg.evaluation.project else "base"
-        records.append(dict(domain=domain, method=method.name, seed=seed, round=1,
-                            metrics=res["eval"][key], corpus=None))
-    for r in range(1, cfg.run.rounds + 1 if method.train else 1):
-        records.append(dict(domain=domain, method=method.name, seed=seed, round=r,
-                            metrics=res["eval"]["spd" if r == 1 else f"spd_round{r}"],
-                            corpus=res["corpus"][r]))
-    return records
+        projected = res.rounds[0].projected if res.rounds else None
+        return [dict(domain=domain, method=method.name, seed=seed, round=1, corpus=None,
+                     metrics=(projected or res.base).metrics)]
+    return [dict(domain=domain, method=method.name, seed=seed, round=r.round,
+                 metrics=r.evaluation.metrics, corpus=dataclasses.asdict(r.corpus))
+            for r in res.rounds]
 
 
 def run_plan(cc: CompareConfig, plan: list[tuple], tasks: dict, store: Path,
@@ -124,11 +120,12 @@ def run_plan(cc: CompareConfig, plan: list[tuple], tasks: dict, store: Path,
         tracker = Tracker(cfg, run.path)
         res = run_pipeline(cfg, task, run, tracker, train=method.train)
         tracker.finish()
-        records += run_records(domain, method, seed, cfg, res)
-        if seed == cc.seeds[0]:  # subspaces do not depend on the seed (random ones aside)
-            for r, path in res["subspaces"].items():
-                if cfg.subspace.kind == "gradient":
-                    subspaces.setdefault(f"{domain}/round{r}" if r > 1 else domain, path)
+        records += run_records(domain, method, seed, res)
+        if seed == cc.seeds[0] and cfg.subspace.kind == "gradient":  # the same for every seed
+            for r in res.rounds:
+                if r.subspace:
+                    subspaces.setdefault(f"{domain}/round{r.round}" if r.round > 1 else domain,
+                                         str(r.subspace.path))
         (exp / "records.json").write_text(json.dumps(records, indent=1))  # a crash keeps what is done
     for domain in cc.subspace_domains:
         if domain not in subspaces:
@@ -167,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         store = store_dir(cc)
         console.log(f"{len(plan)} runs into {exp}")
         console.echo(f"  driver log {console.log_path()}" + ("" if args.verbose else " (all but these lines)"))
-        with ray_connection(plan[0][3]):
-            console.echo(f"  Ray logs {ray_logs()}")
+        with ray_session(plan[0][3].run) as ray_logs:
+            console.echo(f"  Ray logs {ray_logs}")
             records, subspaces = run_plan(cc, plan, tasks, store, exp)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
                       f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")

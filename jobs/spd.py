@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.pipeline import prepare, ray_connection, ray_logs, run_pipeline  # noqa: E402
+from spd_ray.local_ray import ray_session  # noqa: E402
+from spd_ray.pipeline import prepare, run_pipeline  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -62,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
-        with ray_connection(cfg):
-            console.echo(f"  Ray logs {ray_logs()}")
+        with ray_session(cfg.run) as ray_logs:
+            console.echo(f"  Ray logs {ray_logs}")
             tracker = Tracker(cfg, run.path)
             if tracker.where():
                 console.echo(f"  W&B {tracker.where()}")
             console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
             results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
-            table = artifacts.comparison_table(results["eval"])
+            table = artifacts.comparison_table(results.evaluations())
             (run.path / "results.md").write_text(table)
-            (run.path / "metrics.json").write_text(json.dumps({**results, "wall_time_s": time.time() - start}, indent=1))
+            (run.path / "metrics.json").write_text(json.dumps({**results.to_dict(), "wall_time_s": time.time() - start}, indent=1))
             tracker.finish()
             console.echo("\n" + table)
             console.log(f"done in {console.duration(time.time() - start)}; artifacts in {run.path}")

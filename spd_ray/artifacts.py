@@ -15,14 +15,15 @@ rerun skip every stage whose artifact was already made from the same config.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from spd_ray import console
 from spd_ray.config import SPDConfig, save_config, to_dict
@@ -56,6 +57,16 @@ IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_t
 # how often to retry and to checkpoint: never what an artifact holds
 RECOVERY = {"calibration": {"max_failures"},
             "finetune": {"max_failures", "checkpoint_every_steps", "checkpoint_every_s"}}
+
+
+@dataclass
+class Artifact:
+    """One artifact of a run as `RunDir.stage` hands it out: to make (`todo`: write `path`) or
+    made (`path` is the artifact); `digest` is what its dependents record of it."""
+    path: Path
+    todo: bool
+    digest: str | None = None
+    previous: str | None = None  # the digest recorded before it was found damaged
 
 
 class RunDir:
@@ -98,70 +109,105 @@ class RunDir:
         data = {part: self.data[part] for part in DATA_DEPENDS_ON[base] if part in self.data}
         return hashlib.sha256(json.dumps([base, sections, data], sort_keys=True).encode()).hexdigest()[:16]
 
-    def stage(self, name: str, produce: Callable[[Path], Any], cfg: SPDConfig | None = None,
-              resumable: bool = False) -> Path:
-        """The artifact `name` (a file or folder), made from `cfg` (default: the run's): reused
-        when it was made from the same config and its content still matches what was recorded,
-        else produced afresh. `produce` writes a `.partial-<key>` path that is renamed only once
-        the manifest holds its content check, so a kill at any moment leaves the old state or the
-        new. `resumable`: a partial left by a killed run of the same config is handed to
-        `produce` again, to go on from (stage 2 writes its rows as it goes)."""
+    @contextlib.contextmanager
+    def stage(self, name: str, cfg: SPDConfig | None = None, *, inputs: Sequence[str] = (),
+              resumable: bool = False, digest: Callable[[Path], str] | None = None
+              ) -> Iterator[Artifact]:
+        """The artifact `name` (a file or folder), made from `cfg` (default: the run's) and the
+        artifacts `inputs` (names of this run's artifacts made before it):
+
+            with run.stage("subspace", cfg) as art:
+                if art.todo:
+                    make_it(art.path)
+            use(art.path)
+
+        Reused when it was made from the same config and the same inputs and its content still
+        matches what was recorded; else `todo`, and the body writes `path` (a `.partial-<key>`
+        path, renamed once the manifest holds its content check when the block ends without an
+        error, so a kill at any moment leaves the old state or the new). `resumable`: a partial
+        left by a killed run of the same config is handed to the body again, to go on from
+        (stage 2 writes its rows as it goes). `digest`: what a dependent compares to tell
+        whether the artifact changed (default: its files' checksums)."""
         key = self.key(name, cfg)
+        made_from = {i: self.manifest.get(i, {}).get("digest") for i in inputs}
+        art = self._shared(name, key, made_from) if self.store is not None else \
+            self._local(name, key, made_from)
+        out = art.path
+        if art.todo:
+            art.path = _partial(out, key, resumable)
+        yield art
+        if art.todo:
+            self._commit(name, key, art, out, made_from, digest or _content_digest)
         if self.store is not None:
-            return self._shared(name, key, produce, resumable)
+            _link(self.path / name, out)
+            self.manifest[name] = _entry(key, art.digest)
+            self._write_manifest()
+
+    def _commit(self, name: str, key: str, art: Artifact, out: Path, made_from: dict,
+                digest: Callable[[Path], str]) -> None:
+        """The finished partial becomes the artifact: its content check and the digests of its
+        inputs recorded (in the store: in a file beside it, for every run that links it), then
+        renamed into place."""
+        content, art.digest = content_check(art.path), digest(art.path)
+        record = {"content": content, "digest": art.digest, "inputs": made_from}
+        if self.store is not None:
+            _write_atomically(_check_file(out), json.dumps(record))
+        else:
+            self.manifest[name] = {**_entry(key, art.digest), **record}
+            self._write_manifest()
+        art.path.rename(out)
+        art.path, art.todo = out, False
+        if art.previous is not None:  # remade after damage: is what was made from it stale?
+            console.echo(f"  {name}: made again, " + (
+                "with the content recorded before: what was made from it is kept"
+                if art.previous == art.digest else "with other content than recorded before: "
+                "what was made from it is made again"))
+
+    def _local(self, name: str, key: str, made_from: dict) -> Artifact:
+        """Where `name` stands in the run directory: reusable, or to make (the old one set aside
+        or removed)."""
         out = self.path / name
         entry = self.manifest.get(name)
         if entry and entry["key"] == key and out.exists():
-            damage = _damage(out, entry.get("content"))
+            damage = _damage(out, entry, made_from)
             if not damage:
                 console.echo(f"  {name}: reusing {out} (same config, content checked)")
-                return out
+                return Artifact(out, False, digest=entry.get("digest"))
             console.warn(f"{name}: {damage}; making it again")
             _set_aside(out, "damaged")
-        elif out.exists():
+            return Artifact(out, True, previous=entry.get("digest"))
+        if out.exists():
             if entry:  # made from another config: kept aside, not lost
                 out.rename(out.with_name(f"{out.name}.{entry['key']}"))
             else:  # no record of it: not ours to trust
                 _remove(out)
-        partial = _partial(out, key, resumable)
-        produce(partial)
-        self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "content": content_check(partial)}
-        self._write_manifest()
-        partial.rename(out)
-        return out
+        return Artifact(out, True)
 
-    def resume_dir(self, name: str, cfg: SPDConfig | None = None) -> Path:
+    def _shared(self, name: str, key: str, made_from: dict) -> Artifact:
+        """Where `name` stands in the store: reusable, or to make (the old one set aside)."""
+        out = self.store / key / name.rsplit("/", 1)[-1]
+        record = _read_json(_check_file(out))
+        damage = "missing" if not out.exists() else _damage(out, record, made_from)
+        if not damage:
+            console.echo(f"  {name}: reusing {out} (same config, content checked)")
+            return Artifact(out, False, digest=record.get("digest"))
+        if out.exists():
+            console.warn(f"{name}: {damage}; making it again")
+            _set_aside(out, "damaged")
+        return Artifact(out, True, previous=(record or {}).get("digest"))
+
+    def resume_dir(self, name: str, cfg: SPDConfig | None = None, inputs: Sequence[str] = ()) -> Path:
         """Where a long stage making `name` keeps the state it resumes from (Ray Train's
-        checkpoints), keyed like the artifact: a rerun with a config that changes the artifact
-        starts afresh instead of resuming, and finishing, someone else's run."""
+        checkpoints), keyed like the artifact and by its inputs' digests: a rerun with a config
+        or inputs that change the artifact starts afresh instead of resuming, and finishing,
+        someone else's run."""
         key = self.key(name, cfg)
+        digests = [self.manifest.get(i, {}).get("digest") for i in inputs]
+        if any(digests):
+            key = hashlib.sha256(json.dumps([key, digests]).encode()).hexdigest()[:16]
         if self.store is None:
             return self.path / f"{name}.resume-{key}"
         return self.store / key / f"{name.rsplit('/', 1)[-1]}.resume-{key}"
-
-    def _shared(self, name: str, key: str, produce: Callable[[Path], Any], resumable: bool) -> Path:
-        out = self.store / key / name.rsplit("/", 1)[-1]
-        check = out.with_name(out.name + ".content.json")  # beside it, for every run that links it
-        damage = "missing" if not out.exists() else _damage(out, _read_json(check))
-        if not damage:
-            console.echo(f"  {name}: reusing {out} (same config, content checked)")
-        else:
-            if out.exists():
-                console.warn(f"{name}: {damage}; making it again")
-                _set_aside(out, "damaged")
-            partial = _partial(out, key, resumable)
-            produce(partial)
-            _write_atomically(check, json.dumps(content_check(partial)))
-            partial.rename(out)
-        link = self.path / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(out, target_is_directory=out.is_dir())
-        self.manifest[name] = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self._write_manifest()
-        return out
 
     def _write_manifest(self) -> None:
         _write_atomically(self._manifest_path, json.dumps(self.manifest, indent=1))
@@ -194,12 +240,16 @@ def content_check(path: Path) -> dict:
     return {p.relative_to(path).as_posix(): _file_check(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _damage(path: Path, recorded: dict | None) -> str | None:
-    """None if `path` matches its recorded content check, else which file is damaged and how."""
-    if recorded is None:
+def _damage(path: Path, record: dict | None, made_from: dict) -> str | None:
+    """None if `path` was made from the inputs `made_from` and matches its recorded content
+    check, else what is wrong."""
+    if record is None or "content" not in record:
         return f"{path} has no content check recorded"
+    for name, digest in made_from.items():
+        if record.get("inputs", {}).get(name, digest) != digest:
+            return f"{path} was made from another {name} than this run's"
     found = content_check(path)
-    for rel, want in recorded.items():
+    for rel, want in record["content"].items():
         where = path / rel if rel else path
         got = found.get(rel)
         if got is None:
@@ -209,6 +259,27 @@ def _damage(path: Path, recorded: dict | None) -> str | None:
         if got["sha256"] != want["sha256"]:
             return f"{where} is damaged (its checksum differs from the recorded one)"
     return None
+
+
+def _content_digest(path: Path) -> str:
+    """The default digest of an artifact: of its files' checksums."""
+    return hashlib.sha256(json.dumps(content_check(path), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _entry(key: str, digest: str | None) -> dict:
+    return {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "digest": digest}
+
+
+def _check_file(out: Path) -> Path:
+    return out.with_name(out.name + ".content.json")  # beside the artifact in the store
+
+
+def _link(link: Path, target: Path) -> None:
+    """`link` (in the run directory) pointing at `target` (in the store)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=target.is_dir())
 
 
 def _read_json(path: Path) -> dict | None:

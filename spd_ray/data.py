@@ -94,3 +94,16 @@ def read_corpus(folder: Path):
     table = pa.concat_tables([pq.read_table(part) for part in parts], promote_options="default")
     keep = [training_rows_filter({"completion": c}) for c in table.column("completion").to_pylist()]
     return table.filter(pa.array(keep, type=pa.bool_()))
+
+
+def corpus_digest(folder: Path) -> str:
+    """A digest of the rows of `folder`'s part files (id and completion, in id order): equal for
+    two corpora with the same rows however they were split into parts."""
+    import pyarrow.parquet as pq
+
+    rows = sorted((i, c) for part in sorted(folder.glob(PART_GLOB))
+                  for i, c in zip(*pq.read_table(part, columns=["id", "completion"]).to_pydict().values()))
+    h = hashlib.sha256()
+    for i, c in rows:
+        h.update(f"{i}\0{c}\0".encode())
+    return h.hexdigest()[:16]

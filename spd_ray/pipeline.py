@@ -1,10 +1,10 @@
 """The SPD run in the paper's order, on Ray (jobs/spd.py runs it; jobs/compare.py runs it per
-method): `run_pipeline` evaluates the base model, then per round `spd_round` reads as Fig. 2:
-stage 1 (`capability_subspace`), stage 2 (`self_generation`), stage 3 (`distillation`) and the
-evaluation. Each of them is an artifact of the run directory (made or reused) and a start and
-an end line on the console (`spd_ray.console`) with its key figures; the work itself is in
-`stage1_subspace`, `stage2_generate`, `corpus_quality` and `stage3_finetune`. `check` refuses
-impossible configs before any work, `connect_ray` joins or starts Ray.
+method): `run_pipeline` evaluates the base model, then per round `spd_round` reads as the paper's
+Fig. 2: stage 1, the capability subspace; stage 2, projected self-generation; stage 3,
+distillation; then the evaluation. Each is an artifact of the run directory, made or reused
+(`RunDir.stage`: same config and inputs, content checked), and a stage of the console with its
+key figures; the work itself is each stage's driver in `spd_ray.stages`. `prepare` refuses what
+cannot work before any work.
 
 Importing this module sets the offline defaults (`spd_ray.offline_by_default`) before anything
 reads them.
@@ -12,27 +12,17 @@ reads them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import socket
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-
-from spd_ray import OFFLINE_DEFAULTS, artifacts, console, data, offline_by_default
+from spd_ray import artifacts, console, data, offline_by_default
 from spd_ray.config import ConfigError, SPDConfig
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
-from spd_ray.core.spans import calibration_batches
-from spd_ray.core.subspace import CapabilitySubspace, build_subspace, random_subspace
-from spd_ray.local_ray import start_local_ray
-from spd_ray.stages.calibrate import distributed_kv_stats
-from spd_ray.stages.evaluate import evaluate_on_ray
-from spd_ray.stages.finetune import HISTORY_FILE, epoch_plan, finetune_on_ray
-from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
-from spd_ray.tasks.evaluation import score
+from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
+from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
+from spd_ray.stages.finetune import FinetuneResult, distill
+from spd_ray.stages.generate import GenerationResult, Projection, self_generate
 from spd_ray.tasks.labels import LabelReport, label_report
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
 from spd_ray.tasks.task import Task, load_task
@@ -41,267 +31,176 @@ from spd_ray.tracking import Tracker
 offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
 
 
-def stage1_subspace(cfg: SPDConfig, tokenizer, calibration, out: Path, tracker: Tracker) -> None:
-    """Calibration gradients on Ray workers -> summed statistics -> capability subspace."""
-    loss_kind = cfg.task.calibration_loss
-    batches, skipped = calibration_batches(
-        tokenizer, [it.text for it in calibration], [it.correctness_spans(loss_kind) for it in calibration],
-        batch_size=cfg.calibration.batch_size,
-        max_length=cfg.calibration.max_length, task=cfg.task.domain)
-    layers = resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
-    stats, loss, nodes = distributed_kv_stats(cfg, batches, layers)
-    s = cfg.subspace
-    subspace = build_subspace(stats, rank_mode=s.rank_mode, rank=s.rank, energy=s.energy,
-                              center=s.center, meta={
-                                  "model": cfg.model.path, "layers": layers, "calibration_loss": loss_kind,
-                                  "n_calibration": len(calibration) - skipped, "skipped": skipped,
-                                  "calibration_hash": data.fingerprint([it.text for it in calibration]),
-                                  "mean_calibration_loss": loss, "worker_nodes": nodes})
-    tracker.log({"stage1/calibration_loss": loss, "stage1/skipped": skipped})
-    tracker.spectra(subspace)
-    if s.kind == "random":  # the ablation: same ranks, random directions
-        subspace = random_subspace(subspace, s.random_seed)
-    subspace.save(out)
+@dataclass
+class RoundResult:
+    """One round of SPD: its capability subspace (None for an unprojected baseline), the base
+    model's evaluation with the projection on (round 1 with evaluation.project: the
+    inference-only baseline), the raw corpus's quality, the fine-tuned model and its evaluation
+    (None where the run stops before training)."""
+    round: int
+    subspace: SubspaceResult | None = None
+    projected: EvalResult | None = None
+    corpus: CorpusQuality | None = None
+    model: FinetuneResult | None = None
+    evaluation: EvalResult | None = None
+
+    @property
+    def name(self) -> str:
+        return "spd" if self.round == 1 else f"spd_round{self.round}"
 
 
-def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | None, out: Path,
-                    tracker: Tracker) -> dict:
-    """Raw completions from the actor pool, K/V projected onto the capability subspace
-    (unprojected for the PSR / SSD baselines: generation.project=false), written to `out` as
-    they arrive; rows already there (a killed run's) are not generated again. Returns the
-    corpus's figures."""
-    g = cfg.generation
-    start = time.time()
-    rows = data.sampling_rows(prompts, g.n_samples, g.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    done = data.written_ids(out)
-    todo = [r for r in rows if r["id"] not in done]
-    if done:
-        console.log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
-    if todo:
-        folded = None
-        if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
-            folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
-                cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
-        ds = generate_dataset(ray.data.from_items(todo), cfg.model, g, subspace_dir=subspace_dir,
-                              mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
-        with console.progress("generating", len(rows), done=len(done), unit="rows") as bar:
-            batches = ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow")
-            data.write_parts(bar.count(batches, lambda batch: batch.num_rows), out,
-                             rows_per_part=g.batch_size * max(1, g.replicas_max))
-    written = data.written_ids(out)
-    if written != {r["id"] for r in rows}:  # every id exactly once (a part holds each row once)
-        raise RuntimeError(f"stage 2 wrote {len(written)} of {len(rows)} rows to {out}")
-    kept = data.read_corpus(out)  # on the driver, in one read (see read_corpus)
-    n_kept = kept.num_rows
-    if not n_kept:  # the rows stay written: a rerun with another generation config starts afresh
-        raise RuntimeError(f"stage 2: all {len(rows)} completions are empty, nothing to train on; "
-                           f"check generation.max_new_tokens ({g.max_new_tokens}) and the model's prompts")
-    if n_kept < len(rows):
-        console.warn(f"stage 2: {len(rows) - n_kept} of {len(rows)} completions are empty; "
-                     "they are left out of training")
-    chars = [len(c) for c in kept.column("completion").to_pylist()]
-    stats = {"stage2/completions": n_kept, "stage2/dropped_empty": len(rows) - n_kept,
-             "stage2/samples_per_s": len(todo) / (time.time() - start),
-             "stage2/mean_completion_chars": sum(chars) / n_kept}
-    tracker.log(stats)
-    tracker.table("stage2/samples", kept.select(["id", "prompt", "completion"]).slice(0, 32).to_pylist())
-    return stats
+@dataclass
+class PipelineResult:
+    """A run: the base model's evaluation, then each round's."""
+    base: EvalResult
+    rounds: list[RoundResult] = field(default_factory=list)
+
+    def evaluations(self) -> dict[str, dict[str, float]]:
+        """Every evaluation by name: base, base+projection, spd, spd_round2, ..."""
+        out = {"base": self.base.metrics}
+        for r in self.rounds:
+            if r.projected:
+                out["base+projection"] = r.projected.metrics
+            if r.evaluation:
+                out[r.name] = r.evaluation.metrics
+        return out
+
+    def to_dict(self) -> dict:
+        """What metrics.json holds: the evaluations, each round's corpus and subspace folder."""
+        return {"eval": self.evaluations(),
+                "corpus": {r.round: dataclasses.asdict(r.corpus) for r in self.rounds if r.corpus},
+                "subspaces": {r.round: str(r.subspace.path) for r in self.rounds if r.subspace}}
 
 
-def training_corpus(generations: Path) -> ray.data.Dataset:
-    """The rows that train: all but empty completions (`data.read_corpus`, read on the driver
-    and put in the object store, where stage 3 takes them)."""
-    return ray.data.from_arrow(data.read_corpus(generations))
-
-
-def corpus_quality(cfg: SPDConfig, train_items, generations: Path, out: Path) -> None:
-    """How often the raw corpus is right before any training (paper Table 3): a diagnostic, the
-    only use of the training prompts' answers; nothing is filtered by it. None where the prompts
-    come without answers (task.source=files)."""
-    rows = data.read_corpus(generations).select(["id", "completion"]).to_pylist()
-    items = [train_items[int(r["id"].split("-")[0])] for r in rows]
-    accuracy = None
-    if items and items[0].metric:
-        accuracy = sum(score(items, [r["completion"] for r in rows], cfg.evaluation)) / len(rows)
-    out.write_text(json.dumps({"accuracy": accuracy, "n": len(rows),
-                               "mean_chars": sum(len(r["completion"]) for r in rows) / max(1, len(rows))}))
-
-
-def stage3_finetune(cfg: SPDConfig, generations: Path, n_rows: int, out: Path, resume_dir: Path,
-                    tracker: Tracker) -> None:
-    """Ray Train + DeepSpeed on prompt + completion (`n_rows` of them), starting from the
-    ORIGINAL weights (for round k of iterated SPD: round k-1's model); checkpoints in
-    `resume_dir`. The bar follows the optimizer steps (`training_step`)."""
-    run_name = f"{cfg.run.name}-finetune"
-    total = epoch_plan(n_rows, cfg.finetune.num_workers, cfg.finetune)["total_steps"]
-    progress_file = resume_dir / "progress.json"
-    progress_file.unlink(missing_ok=True)  # a killed run's: the checkpoint says where training resumes
-    read = training_step(resume_dir / run_name, progress_file)
-    with console.progress("training", total, done=read() or 0, unit="steps") as bar:
-        bar.poll(read)
-        finetune_on_ray(cfg.finetune, cfg.model.path, training_corpus(generations),
-                        output_dir=out, run_name=run_name,
-                        storage_path=str(resume_dir), dtype=cfg.model.dtype, wandb_run_id=tracker.run_id,
-                        on_metrics=lambda entry: tracker.log({f"stage3/{k}": v for k, v in entry.items()}),
-                        progress_file=progress_file)
-
-
-def training_step(train_dir: Path, progress_file: Path):
-    """A reader of stage 3's latest optimizer step (None while there is none): the step rank 0
-    writes to `progress_file` after each optimizer step (when the loop does), else that of the
-    latest checkpoint Ray Train has recorded in `train_dir`. A step lower than the last one read
-    means the worker group was restarted from a checkpoint: a warning says so."""
-    last = [0]
-
-    def read() -> int | None:
-        step = None
-        try:
-            if progress_file.exists():
-                step = int(json.loads(progress_file.read_text())["step"])
-            else:
-                snapshot = train_dir / "checkpoint_manager_snapshot.json"  # Ray Train's own record
-                if snapshot.exists():
-                    step = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"])
-        except (OSError, ValueError, KeyError, TypeError):  # caught mid-write, or not (yet) the format
-            return None
-        if step is not None:
-            if step < last[0]:
-                console.warn(f"stage 3: training went back from step {last[0]} to {step}: the worker "
-                             "group was restarted from its last checkpoint (the driver log says why)")
-            last[0] = step
-        return step
-
-    return read
-
-
-def training_figures(model_dir: Path) -> str:
-    """Steps and loss of a fine-tuned model, from the history stage 3 wrote beside it."""
-    try:
-        history = [json.loads(line) for line in (model_dir / HISTORY_FILE).read_text().splitlines() if line]
-    except OSError:
-        return ""
-    if not history:
-        return ""
-    steps = history[-1]["step"]
-    return f"{steps} step{'' if steps == 1 else 's'}, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
-
-
-def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: Path | None = None) -> None:
-    model = dataclasses.replace(cfg.model, path=model_path)
-    out.write_text(json.dumps(evaluate_on_ray(model, cfg.generation, cfg.evaluation, splits,
-                                              subspace_dir, cfg.subspace.mode), indent=1))
-
-
-def scores(metrics: dict[str, float]) -> str:
-    """An evaluation on one line: each split's accuracy, with its reference NLL where there is one."""
-    parts: dict[str, list[str]] = {}
-    for key, value in metrics.items():
-        split, _, kind = key.rpartition("/")
-        parts.setdefault(split, []).append(f"{value:.3f}" if kind == "accuracy" else f"{kind} {value:.3f}")
-    return ", ".join(f"{split} {' '.join(vals)}" for split, vals in parts.items())
-
-
-def run_pipeline(cfg: SPDConfig, task: Task, run: artifacts.RunDir, tracker: Tracker, train: bool = True) -> dict:
+def run_pipeline(cfg: SPDConfig, task: Task, run: artifacts.RunDir, tracker: Tracker,
+                 train: bool = True) -> PipelineResult:
     """Evaluation of the base model, then `run.rounds` rounds of SPD on `task`, each from the
     model the round before made. `train=False` stops after stage 1 (for the inference-only
-    baseline, evaluation.project). Returns every evaluation, each round's subspace folder and the
-    quality of its raw corpus."""
-    results = {"eval": {}, "corpus": {}, "subspaces": {}}
-    results["eval"]["base"] = evaluation(cfg, run, "eval_base.json", "evaluation of the base model",
-                                         "greedy, projection off", cfg.model.path, task.eval_splits)
-    model_path = cfg.model.path
+    baseline, evaluation.project)."""
+    result = PipelineResult(evaluation(cfg, run, "eval_base.json", "evaluation of the base model",
+                                       "greedy, projection off", task.eval_splits))
+    model = cfg.model
     for r in range(1, cfg.run.rounds + 1):
-        rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-        model_path = spd_round(rcfg, r, run, tracker, task, results, train)
+        rnd = spd_round(dataclasses.replace(cfg, model=model), r, run, task, tracker, train)
+        result.rounds.append(rnd)
         if not train:
             break
-    tracker.log({f"eval/{m}/{k}": v for m, vals in results["eval"].items() for k, v in vals.items()})
-    return results
+        model = dataclasses.replace(cfg.model, path=str(rnd.model.path))
+    tracker.log({f"eval/{m}/{k}": v for m, vals in result.evaluations().items() for k, v in vals.items()})
+    return result
 
 
-def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, tracker: Tracker, task: Task,
-              results: dict, train: bool) -> str:
-    """One round of the paper's Fig. 2 on `cfg.model` (round k > 1: round k-1's model): returns
-    the trained model's path."""
-    prefix, name = ("", "spd") if r == 1 else (f"round{r}/", f"spd_round{r}")
-    subspace_dir = None
+def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, task: Task, tracker: Tracker,
+              train: bool) -> RoundResult:
+    """One round of the paper's Fig. 2 on `cfg.model` (round k > 1: round k-1's model)."""
+    at = "" if r == 1 else f"round{r}/"  # where the round's artifacts are in the run directory
+    base = [] if r == 1 else ["model" if r == 2 else f"round{r - 1}/model"]  # the model it starts from
+    out = RoundResult(r)
     if (train and cfg.generation.project) or cfg.evaluation.project:
         # 1-2. calibration gradients of the correctness spans -> the capability subspace
-        subspace_dir = capability_subspace(cfg, run, task, prefix, tracker)
-        results["subspaces"][r] = str(subspace_dir)
+        out.subspace = subspace_stage(cfg, run, task, at, tracker, base)
+    projection = Projection.of(out.subspace and out.subspace.path, cfg.subspace)
     if cfg.evaluation.project and r == 1:
-        results["eval"]["base+projection"] = evaluation(
-            cfg, run, "eval_projected.json", "evaluation of the base model with the projection on",
-            "the inference-only baseline", cfg.model.path, task.eval_splits, subspace_dir)
+        out.projected = evaluation(cfg, run, "eval_projected.json",
+                                   "evaluation of the base model with the projection on",
+                                   "the inference-only baseline", task.eval_splits, projection,
+                                   inputs=["subspace"])
     if not train:
-        return cfg.model.path
-    # 3. self-generation with K and V projected onto it
-    gen_dir, results["corpus"][r] = self_generation(
-        cfg, run, task, subspace_dir if cfg.generation.project else None, prefix, tracker)
+        return out
+    # 3. self-generation with K and V projected onto it (unprojected: the PSR / SSD baselines)
+    if not cfg.generation.project:
+        projection = None
+    made_from = base + ([at + "subspace"] if projection else [])
+    generations, out.corpus = generation_stage(cfg, run, task, projection, at, tracker, made_from)
     # 4. distillation: the original model fine-tuned on its own projected completions
-    model_dir = distillation(cfg, run, gen_dir, results["corpus"][r]["n"], prefix, tracker)
+    out.model = distillation_stage(cfg, run, generations, at, tracker, base + [at + "generations"])
     # 5. evaluation: greedy, projection off
-    results["eval"][name] = evaluation(cfg, run, prefix + "eval_spd.json", f"evaluation of round {r}'s model",
-                                       "greedy, projection off", str(model_dir), task.eval_splits)
-    return str(model_dir)
+    out.evaluation = evaluation(cfg, run, at + "eval_spd.json", f"evaluation of round {r}'s model",
+                                "greedy, projection off", task.eval_splits,
+                                model_path=out.model.path, inputs=[at + "model"])
+    return out
 
 
-def capability_subspace(cfg: SPDConfig, run: artifacts.RunDir, task: Task, prefix: str, tracker: Tracker) -> Path:
-    """Stage 1 as an artifact and a stage of the console: the subspace folder."""
+def subspace_stage(cfg: SPDConfig, run: artifacts.RunDir, task: Task, at: str, tracker: Tracker,
+                   inputs: list[str]) -> SubspaceResult:
+    """Stage 1 as an artifact and a stage of the console."""
+    made = None
     with console.stage("stage 1", f"capability subspace of {cfg.model.path} from "
                        f"{len(task.calibration)} calibration examples on "
                        f"{cfg.calibration.num_workers} workers") as st:
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        subspace_dir = run.stage(prefix + "subspace", lambda out: stage1_subspace(
-            cfg, tokenizer, task.calibration, out, tracker), cfg)
-        subspace = CapabilitySubspace.load(subspace_dir)
-        st.summary = ", ".join(f"L{layer}.{kind} rank {b.shape[1]} energy {subspace.energy[(layer, kind)]:.3f}"
-                               for (layer, kind), b in sorted(subspace.bases.items()))
-    return subspace_dir
+        with run.stage(at + "subspace", cfg, inputs=inputs) as art:
+            if art.todo:
+                made = capability_subspace(cfg.model, cfg.calibration, cfg.subspace, task.calibration,
+                                           cfg.task.calibration_loss, art.path)
+                meta = made.subspace.meta
+                tracker.log({"stage1/calibration_loss": meta["mean_calibration_loss"],
+                             "stage1/skipped": meta["skipped"]})
+                tracker.spectra(made.subspace)
+        result = dataclasses.replace(made, path=art.path) if made else SubspaceResult.load(art.path)
+        st.summary = result.summary()
+    return result
 
 
-def self_generation(cfg: SPDConfig, run: artifacts.RunDir, task: Task, subspace_dir: Path | None,
-                    prefix: str, tracker: Tracker) -> tuple[Path, dict]:
-    """Stage 2 and the raw corpus's quality, as artifacts and a stage of the console: the
-    generations folder and the corpus figures."""
-    kind = "projected" if subspace_dir is not None else "unprojected"
+def generation_stage(cfg: SPDConfig, run: artifacts.RunDir, task: Task, projection: Projection | None,
+                     at: str, tracker: Tracker, inputs: list[str]) -> tuple[Path, CorpusQuality]:
+    """Stage 2 and the raw corpus's quality (paper Table 3), as artifacts and a stage of the
+    console: the generations folder and the corpus's quality."""
+    kind = "projected" if projection else "unprojected"
     n_rows = len(task.train_prompts) * cfg.generation.n_samples
-    with console.stage("stage 2", f"{kind} self-generation of {n_rows} completions "
-                       f"on {cfg.generation.replicas_min}-{cfg.generation.replicas_max} replicas") as st:
-        stats: dict = {}
-        gen_dir = run.stage(prefix + "generations", lambda out: stats.update(stage2_generate(
-            cfg, task.train_prompts, subspace_dir, out, tracker)), cfg, resumable=True)
-        corpus = json.loads(run.stage(prefix + "corpus.json", lambda out: corpus_quality(
-            cfg, task.train_items, gen_dir, out), cfg).read_text())
-        made = (f"{stats['stage2/samples_per_s']:.1f} samples/s, " if stats else "")
-        quality = ("no answers to score it by" if corpus["accuracy"] is None else
-                   f"raw corpus accuracy {corpus['accuracy']:.3f} (a diagnostic: nothing is filtered)")
-        st.summary = f"{corpus['n']} completions kept of {n_rows}, {made}mean {corpus['mean_chars']:.0f} chars; {quality}"
-    return gen_dir, corpus
+    made = None
+    with console.stage("stage 2", f"{kind} self-generation of {n_rows} completions on "
+                       f"{cfg.generation.replicas_min}-{cfg.generation.replicas_max} replicas") as st:
+        with run.stage(at + "generations", cfg, inputs=inputs, resumable=True,
+                       digest=data.corpus_digest) as art:
+            if art.todo:
+                made = self_generate(cfg.model, cfg.generation, task.train_prompts, art.path, projection)
+                tracker.log({"stage2/completions": made.kept, "stage2/dropped_empty": made.rows - made.kept,
+                             "stage2/samples_per_s": made.samples_per_s,
+                             "stage2/mean_completion_chars": made.mean_chars})
+                tracker.table("stage2/samples", made.samples)
+        result = dataclasses.replace(made, path=art.path) if made else GenerationResult.load(art.path, n_rows)
+        with run.stage(at + "corpus.json", cfg, inputs=[at + "generations"]) as quality:
+            if quality.todo:
+                corpus_quality(task.train_items, result.path, cfg.evaluation, quality.path)
+        corpus = CorpusQuality.load(quality.path)
+        st.summary = f"{result.summary()}; {corpus.summary()}"
+    return result.path, corpus
 
 
-def distillation(cfg: SPDConfig, run: artifacts.RunDir, gen_dir: Path, n_rows: int, prefix: str,
-                 tracker: Tracker) -> Path:
-    """Stage 3 as an artifact and a stage of the console: the fine-tuned model's folder."""
+def distillation_stage(cfg: SPDConfig, run: artifacts.RunDir, generations: Path, at: str,
+                       tracker: Tracker, inputs: list[str]) -> FinetuneResult:
+    """Stage 3 as an artifact and a stage of the console."""
     ft = cfg.finetune
+    n_rows = data.read_corpus(generations).num_rows
+    made = None
     with console.stage("stage 3", f"fine-tuning ({ft.method}, ZeRO-{ft.zero_stage}) on {ft.num_workers} "
                        f"workers, {n_rows} rows x {ft.epochs:g} epoch{'' if ft.epochs == 1 else 's'}") as st:
-        model_dir = run.stage(prefix + "model", lambda out: stage3_finetune(
-            cfg, gen_dir, n_rows, out, run.resume_dir(prefix + "model", cfg), tracker), cfg)
-        st.summary = training_figures(model_dir)
-    return model_dir
+        with run.stage(at + "model", cfg, inputs=inputs) as art:
+            if art.todo:
+                made = distill(cfg.model, ft, generations, n_rows, art.path,
+                               run.resume_dir(at + "model", cfg, inputs),
+                               run_name=f"{cfg.run.name}-finetune", wandb_run_id=tracker.run_id)
+                for entry in made.history:
+                    tracker.log({f"stage3/{k}": v for k, v in entry.items()})
+        result = dataclasses.replace(made, path=art.path) if made else FinetuneResult.load(art.path)
+        st.summary = result.summary()
+    return result
 
 
-def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, model_path: str,
-               splits, subspace_dir: Path | None = None) -> dict[str, float]:
-    """The evaluation artifact `name` (made or reused) as a stage of the console."""
+def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, splits,
+               projection: Projection | None = None, *, model_path: Path | None = None,
+               inputs: list[str] = ()) -> EvalResult:
+    """The evaluation artifact `name` of `cfg.model` (or of the model at `model_path`, made from
+    it) as a stage of the console."""
+    model = cfg.model if model_path is None else dataclasses.replace(cfg.model, path=str(model_path))
     n = sum(len(items) for items in splits.values())
     with console.stage(title, f"{how}, {n} items in {len(splits)} splits") as st:
-        metrics = json.loads(run.stage(name, lambda out: evaluate(
-            cfg, model_path, splits, out, subspace_dir), cfg).read_text())
-        st.summary = scores(metrics)
-    return metrics
+        with run.stage(name, cfg, inputs=inputs) as art:
+            if art.todo:
+                evaluate_on_ray(model, cfg.evaluation, splits, art.path, cfg.generation, projection)
+        result = EvalResult.load(art.path)
+        st.summary = result.summary()
+    return result
 
 
 def prepare(cfg: SPDConfig) -> tuple[Task, LabelReport]:
@@ -355,54 +254,3 @@ def check(cfg: SPDConfig) -> None:
                 require_isolation()
             except SandboxUnavailable as err:
                 raise ConfigError(str(err)) from None
-
-
-def connect_ray(cfg: SPDConfig) -> bool:
-    """Join the cluster this job was submitted to (or run.ray_address); else start a local Ray.
-    False if Ray was connected already (by the caller, who then ends it).
-
-    The local Ray has its dashboard (on 127.0.0.1), whose HTTP server is also Ray's State API:
-    Ray Train polls it every second of stage 3 to tell whether its controller is alive (its
-    PlacementGroupCleaner; without the API it warns each time that it cannot). The workers are
-    told its address (RAY_API_SERVER_ADDRESS): they would look it up among the Ray instances
-    running on this machine, and give up where there are several. Ray Data's own progress bars
-    are off unless run.verbose: the console has one bar per long stage."""
-    if not cfg.run.verbose:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {name: os.environ[name] for name in OFFLINE_DEFAULTS}}
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=env)
-        return True
-    with socket.socket() as sock:  # a free port (the default, 8265, may be another Ray's)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-    start_local_ray(num_cpus=max(4, os.cpu_count() or 1), dashboard_port=port, runtime_env=env)
-    return True
-
-
-@contextlib.contextmanager
-def ray_connection(cfg: SPDConfig):
-    """`connect_ray` for the length of a job; Ray is left at its end (a local one ends), before
-    the job's console session does, so no late output of the workers reaches the console."""
-    connected = connect_ray(cfg)
-    try:
-        yield
-    finally:
-        if connected:
-            ray.shutdown()
-
-
-def ray_logs() -> str:
-    """Where Ray keeps this session's logs on this node (every worker's output among them), and
-    its dashboard's address when it has one."""
-    try:
-        where = ray._private.worker._global_node.get_logs_dir_path()
-        url = ray._private.worker.get_dashboard_url()
-    except AttributeError:  # not connected, or Ray moved them
-        return "/tmp/ray/session_latest/logs"
-    return f"{where} (dashboard http://{url})" if url else where

@@ -53,7 +53,7 @@ GCP_GPUS = {"g2-standard-4": ("nvidia-l4", 1), "g2-standard-8": ("nvidia-l4", 1)
 PACKAGE_INSTALL = re.compile(r"pip install\b.*\s-e\s+" + re.escape(INSTALL_DIR) + r"/?(\s|$)")
 TORCH_INSTALL = re.compile(r"pip install\b.*\storch(==|\s|$)")
 RAY_PIN = re.compile(r"ray\[[^\]]*\]==([0-9][0-9.]*)")
-# The job passes these to its own ray.init (spd_ray/pipeline.py, connect_ray); Ray refuses a job
+# The job passes these to its own ray.init (spd_ray/local_ray.py, ray_session); Ray refuses a job
 # runtime_env with the same keys.
 DRIVER_ENV_VARS = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}
 RUNTIME_ENV_FIELDS = {"working_dir", "excludes", "env_vars", "pip", "uv", "py_modules", "conda",

@@ -11,8 +11,11 @@ import re
 import pytest
 
 from jobs import spd
-from spd_ray import artifacts, console, pipeline
+from spd_ray import artifacts, console
 from spd_ray.config import load_config
+from spd_ray.pipeline import PipelineResult, RoundResult
+from spd_ray.stages.evaluate import EvalResult
+from spd_ray.stages.finetune import training_step
 
 
 def test_a_stage_prints_a_line_as_it_starts_and_one_as_it_ends(capsys):
@@ -148,14 +151,13 @@ def test_verbose_leaves_the_detail_on_the_console(capfd, tmp_path):
 def _fake_pipeline(cfg, task, run, tracker):
     print("Ray Data progress frame")
     console.log("a stage line")
-    return {"eval": {"base": {"math/test/accuracy": 0.5}, "spd": {"math/test/accuracy": 0.75}},
-            "corpus": {}, "subspaces": {}}
+    return PipelineResult(EvalResult({"math/test/accuracy": 0.5}),
+                          [RoundResult(1, evaluation=EvalResult({"math/test/accuracy": 0.75}))])
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_job_sends_the_detail_to_its_driver_log_unless_verbose(capfd, tmp_path, monkeypatch, verbose):
-    monkeypatch.setattr(spd, "ray_connection", lambda cfg: contextlib.nullcontext())
-    monkeypatch.setattr(spd, "ray_logs", lambda: "/tmp/ray/session_x/logs")
+    monkeypatch.setattr(spd, "ray_session", lambda run: contextlib.nullcontext("/tmp/ray/session_x/logs"))
     monkeypatch.setattr(spd, "run_pipeline", _fake_pipeline)
     args = [*(["--verbose"] if verbose else []), "evaluation.domains=[math]", "run.wandb.enabled=false",
             f"run.output_dir={tmp_path}", "run.name=v"]
@@ -177,7 +179,7 @@ def test_run_verbose_changes_no_artifact_key(tmp_path):
 
 def test_training_progress_is_read_from_the_loop_or_else_from_the_last_checkpoint(tmp_path, capsys):
     train_dir, progress = tmp_path / "run-finetune", tmp_path / "progress.json"
-    read = pipeline.training_step(train_dir, progress)
+    read = training_step(train_dir, progress)
     assert read() is None  # nothing yet
     train_dir.mkdir()
     (train_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
@@ -205,4 +207,4 @@ def test_the_time_to_go_is_paced_from_the_first_news_not_the_start_up(monkeypatc
 def test_a_progress_file_caught_mid_write_is_no_news(tmp_path):
     progress = tmp_path / "progress.json"
     progress.write_text('{"step": ')
-    assert pipeline.training_step(tmp_path / "run-finetune", progress)() is None
+    assert training_step(tmp_path / "run-finetune", progress)() is None

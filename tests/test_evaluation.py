@@ -159,4 +159,4 @@ def test_bad_scorers_fail_before_any_generation():
     with pytest.raises(ConfigError, match="no capture group"):
         evaluate_model(None, None, bad, EvalConfig())
     with pytest.raises(ConfigError, match="no capture group"):
-        evaluate_on_ray(None, GenerationConfig(), EvalConfig(), bad)
+        evaluate_on_ray(None, EvalConfig(), bad, None, GenerationConfig())

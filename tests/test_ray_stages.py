@@ -19,7 +19,7 @@ from spd_ray.core.subspace import build_subspace
 from spd_ray.data import sampling_rows
 from spd_ray.stages.calibrate import distributed_kv_stats
 from spd_ray.stages.evaluate import evaluate_on_ray
-from spd_ray.stages.generate import generate_dataset
+from spd_ray.stages.generate import Projection, generate_dataset
 from spd_ray.tasks.testbed import make_split
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_stage1_two_workers_equal_one_process(local_ray, cfg, testbed_tokenizer,
     layers = resolve_layers(testbed_model, None)
     local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)
     cfg.calibration.num_workers = 2
-    summed, loss, nodes = distributed_kv_stats(cfg, batches, layers)
+    summed, loss, nodes = distributed_kv_stats(cfg.model, cfg.calibration, batches, layers)
     assert len(nodes) == 1  # one local node
     assert loss == pytest.approx(local_loss, rel=1e-5)
     a, b = build_subspace(local), build_subspace(summed)
@@ -69,8 +69,8 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
 
     def run(replicas: int, apply: str):
         g = dataclasses.replace(gen, replicas_min=replicas, replicas_max=replicas)
-        out = generate_dataset(ray.data.from_items(rows), cfg.model, g, subspace_dir=tmp_path / "subspace",
-                               apply=apply).take_all()
+        projection = Projection(str(tmp_path / "subspace"), apply=apply)
+        out = generate_dataset(ray.data.from_items(rows), cfg.model, g, projection=projection).take_all()
         return {r["id"]: r["completion"] for r in out}
 
     one, two = run(1, "fold"), run(2, "fold")
@@ -119,12 +119,12 @@ def _kill_soon(cmdline: bytes, after_s: float = 0.0) -> list[int]:
     return killed
 
 
-def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer):
+def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbed_tokenizer, tmp_path):
     from spd_ray.tasks.evaluation import evaluate_model
 
     splits = {"math/test": make_split("math", "test", 8), "code/test": make_split("code", "test", 4)}
     ev = dataclasses.replace(cfg.evaluation, max_new_tokens=32, batch_size=4)
-    on_ray = evaluate_on_ray(cfg.model, cfg.generation, ev, splits)
+    on_ray = evaluate_on_ray(cfg.model, ev, splits, tmp_path / "eval.json", cfg.generation).metrics
     assert on_ray == pytest.approx(evaluate_model(testbed_model, testbed_tokenizer, splits, ev), rel=1e-4)
 
 
@@ -140,8 +140,8 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
                                      [it.correctness_spans() for it in items], batch_size=8, max_length=256)
     stats, _ = accumulate_kv_gradient_stats(testbed_model, batches, resolve_layers(testbed_model, None))
     build_subspace(stats).save(tmp_path / "subspace")
-    out = ray.get(save_folded_checkpoint.remote(cfg.model, str(tmp_path / "subspace"), "both",
-                                                str(tmp_path / "folded")))
+    projection = Projection(str(tmp_path / "subspace"))
+    out = ray.get(save_folded_checkpoint.remote(cfg.model, projection, str(tmp_path / "folded")))
     folded = AutoModelForCausalLM.from_pretrained(out)
     enc = testbed_tokenizer([items[0].prompt], return_tensors="pt")
     with torch.no_grad(), projection_hooks(testbed_model, CapabilitySubspace.load(tmp_path / "subspace")):
@@ -150,13 +150,13 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
 
     vllm = dataclasses.replace(cfg.generation, backend="vllm")
     with pytest.raises(ValueError, match="folded_checkpoint"):
-        generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm, subspace_dir=tmp_path)
+        generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm, projection=projection)
     try:
         import vllm as _  # noqa: F401
     except ImportError:  # here (no vLLM): the actor's error says what to install
         with pytest.raises(Exception, match="pip install vllm"):
             generate_dataset(ray.data.from_items([{"prompt": "x", "seed": 1}]), cfg.model, vllm,
-                             subspace_dir=tmp_path, folded_checkpoint=out).take_all()
+                             projection=projection, folded_checkpoint=out).take_all()
 
 
 @pytest.mark.faults
@@ -170,7 +170,7 @@ def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(loca
     killed = _kill_soon(b"ray::CalibrationWorker.accumulate")
     c = dataclasses.replace(cfg, calibration=dataclasses.replace(cfg.calibration, num_workers=2, max_failures=2))
     start = time.monotonic()
-    summed, _, _ = distributed_kv_stats(c, batches, layers)
+    summed, _, _ = distributed_kv_stats(c.model, c.calibration, batches, layers)
     print(f"faults: a calibration worker killed, stage 1 took {time.monotonic() - start:.0f} s")
     assert killed and "a calibration worker was lost" in capfd.readouterr().out
     for key in local:

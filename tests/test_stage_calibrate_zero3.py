@@ -28,7 +28,8 @@ def _cfg(path: str, **calibration) -> SPDConfig:
 ])
 def test_settings_that_cannot_work_fail_before_any_worker(testbed_model_path, setting, match):
     with pytest.raises(ValueError, match=match):
-        distributed_kv_stats(_cfg(testbed_model_path, **setting), [{}], [0])
+        cfg = _cfg(testbed_model_path, **setting)
+        distributed_kv_stats(cfg.model, cfg.calibration, [{}], [0])
 
 
 @pytest.mark.slow
@@ -45,8 +46,9 @@ def test_zero3_two_workers_uneven_shards_equal_one_process(testbed_model_path, t
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         info: list = []
+        cfg = _cfg(testbed_model_path)
         summed, loss, nodes = distributed_kv_stats(
-            _cfg(testbed_model_path), batches, layers, worker_info=info,
+            cfg.model, cfg.calibration, batches, layers, worker_info=info,
             ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     finally:
         ray.shutdown()

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from spd_ray.config import TESTBED_MODEL, FinetuneConfig
+from spd_ray.config import TESTBED_MODEL, FinetuneConfig, ModelConfig
 from spd_ray.core.recipe import optimizer_and_schedule
 from spd_ray.stages import finetune
 from spd_ray.stages.deepspeed import CHECKPOINT_TAG, resolve_precision
@@ -47,10 +47,12 @@ def _cfg(**kw) -> FinetuneConfig:
 
 
 def _run(cfg, rows, tmp: Path, name: str, **kw):
-    out = finetune_on_ray(cfg, str(TESTBED_MODEL), ray.data.from_items(rows), tmp / f"{name}-model",
-                          run_name=name, storage_path=str(tmp / "storage"),
-                          ds_overrides=PARTITION_ALL, **kw)
-    return Path(out)
+    """The fine-tuned model's folder, and the history finetune_on_ray returned."""
+    out = tmp / f"{name}-model"
+    history = finetune_on_ray(ModelConfig(str(TESTBED_MODEL)), cfg, ray.data.from_items(rows), out,
+                              run_name=name, storage_path=str(tmp / "storage"),
+                              ds_overrides=PARTITION_ALL, **kw)
+    return out, history
 
 
 def _summary(out: Path) -> dict:
@@ -80,13 +82,12 @@ def _checkpoint_weights(out: Path, **kw) -> dict:
 @pytest.fixture(scope="module")
 def full_run(local_ray, dataset_rows, tmp_path_factory):
     """One full fine-tuning ZeRO-3 job, shared by the partitioning and the export tests, and the
-    uninterrupted run the fault test's run must equal: its output, the on_metrics calls, seconds."""
+    uninterrupted run the fault test's run must equal: its output, the history returned, seconds."""
     import time
 
     tmp = tmp_path_factory.mktemp("full")
-    seen: list[dict] = []
     start = time.monotonic()
-    out = _run(_cfg(), dataset_rows, tmp, "full", on_metrics=seen.append)
+    out, seen = _run(_cfg(), dataset_rows, tmp, "full")
     return out, seen, time.monotonic() - start
 
 
@@ -150,7 +151,7 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
     rows = dataset_rows + [{**dataset_rows[0], "id": "extra"}]
     cfg = _cfg(method="lora", lora_r=4, lora_alpha=8, lr=1e-2, epochs=1.0, batch_size=3,
                grad_accum=2, gradient_checkpointing=True)
-    merged = _run(cfg, rows, tmp_path, "merged")
+    merged, _ = _run(cfg, rows, tmp_path, "merged")
     assert _summary(merged)["plan"] == {"rows_per_rank": 8, "micro_per_epoch": 3,
                                         "steps_per_epoch": 1, "total_steps": 1, "n_epochs": 1}
     assert [h["step"] for h in _history(merged)] == [1]
@@ -160,8 +161,8 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
     changed = [k for k in base if not torch.equal(weights[k], base[k])]
     assert changed and all(".self_attn." in k for k in changed)  # only the LoRA targets moved
 
-    adapter = _run(dataclasses.replace(cfg, export="adapter", gradient_checkpointing=False), rows,
-                   tmp_path, "adapter")
+    adapter, _ = _run(dataclasses.replace(cfg, export="adapter", gradient_checkpointing=False), rows,
+                      tmp_path, "adapter")
     assert (adapter / "adapter_config.json").exists()
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(TESTBED_MODEL), dtype=torch.float32), str(adapter))
@@ -215,7 +216,7 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_exact_step_and_ends_as_an_unin
     thread = threading.Thread(target=kill_after_a_step_checkpoint, daemon=True)
     thread.start()
     # the rows arrive in another order: the data order is the seed's and the world size's alone
-    cut = _run(cfg, dataset_rows[::-1], tmp_path, "cut")
+    cut, _ = _run(cfg, dataset_rows[::-1], tmp_path, "cut")
     print(f"faults: training worker killed at step {killed}, uninterrupted {t_whole:.0f} s, "
           f"with the kill {time.monotonic() - start:.0f} s")
     thread.join()

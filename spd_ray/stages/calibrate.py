@@ -19,17 +19,67 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from spd_ray import console
-from spd_ray.config import SPDConfig
+from spd_ray import console, data
+from spd_ray.config import CalibrationConfig, ModelConfig, SubspaceConfig
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
-from spd_ray.core.modeling import load_model
-from spd_ray.core.subspace import SufficientStats
+from spd_ray.core.modeling import load_model, load_tokenizer, num_layers, resolve_layers
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import (
+    CapabilitySubspace,
+    SufficientStats,
+    build_subspace,
+    random_subspace,
+)
 from spd_ray.stages.deepspeed import DeepSpeedStrategy, deepspeed_config, resolve_precision
+
+
+@dataclass
+class SubspaceResult:
+    """Stage 1's outcome: the capability subspace saved in `path`, with its figures."""
+    path: Path
+    subspace: CapabilitySubspace
+
+    @classmethod
+    def load(cls, path: Path) -> SubspaceResult:
+        return cls(Path(path), CapabilitySubspace.load(path))
+
+    def summary(self) -> str:
+        sub = self.subspace
+        return ", ".join(f"L{layer}.{kind} rank {b.shape[1]} energy {sub.energy[(layer, kind)]:.3f}"
+                         for (layer, kind), b in sorted(sub.bases.items()))
+
+
+def capability_subspace(model: ModelConfig, calibration: CalibrationConfig,
+                        subspace: SubspaceConfig, examples: Sequence, loss: str,
+                        out: Path) -> SubspaceResult:
+    """Stage 1 (paper Eqs. 6-10): the calibration `examples` (`tasks.item.Item`s) tokenized with
+    their correctness spans under `loss` (correctness, or full: the Table 5 ablation), their K/V
+    gradient statistics summed over `calibration.num_workers` Ray workers, and the capability
+    subspace computed once from the sum and saved in `out` (`subspace.kind=random`: random
+    directions of the same ranks, the ablation)."""
+    batches, skipped = calibration_batches(
+        load_tokenizer(model.path, model.trust_remote_code), [it.text for it in examples],
+        [it.correctness_spans(loss) for it in examples], batch_size=calibration.batch_size,
+        max_length=calibration.max_length, task=examples[0].domain if examples else "")
+    layers = resolve_layers(num_layers(model.path, model.trust_remote_code), calibration.layers)
+    stats, mean_loss, nodes = distributed_kv_stats(model, calibration, batches, layers)
+    result = build_subspace(stats, rank_mode=subspace.rank_mode, rank=subspace.rank,
+                            energy=subspace.energy, center=subspace.center, meta={
+                                "model": model.path, "layers": layers, "calibration_loss": loss,
+                                "n_calibration": len(examples) - skipped, "skipped": skipped,
+                                "calibration_hash": data.fingerprint([it.text for it in examples]),
+                                "mean_calibration_loss": mean_loss, "worker_nodes": nodes})
+    if subspace.kind == "random":  # the ablation: same ranks, random directions
+        result = random_subspace(result, subspace.random_seed)
+    result.save(out)
+    return SubspaceResult(Path(out), result)
 
 
 def _examples(batches: list[dict]) -> int:
@@ -41,11 +91,10 @@ class CalibrationWorker:
     """One shard of stage 1: a full model replica, or (ZeRO-3) one rank's partition after
     `join_zero3`."""
 
-    def __init__(self, cfg: SPDConfig):
-        m = cfg.model
-        self.cfg, self.ds = cfg, None
-        if cfg.calibration.zero_stage == 0:
-            self.model = load_model(m.path, m.dtype, m.device, m.trust_remote_code)
+    def __init__(self, model: ModelConfig, calibration: CalibrationConfig):
+        self.model_cfg, self.calibration, self.ds = model, calibration, None
+        if calibration.zero_stage == 0:
+            self.model = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
 
     def free_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it: the process group's rendezvous."""
@@ -59,9 +108,9 @@ class CalibrationWorker:
         # the launcher's environment contract; LOCAL_RANK 0: Ray shows each actor only its GPU
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0")
-        self.ds = DeepSpeedStrategy(ds_config, gpu=self.cfg.calibration.gpus_per_worker > 0)
+        self.ds = DeepSpeedStrategy(ds_config, gpu=self.calibration.gpus_per_worker > 0)
         self.ds.setup_distributed()
-        m = self.cfg.model
+        m = self.model_cfg
         model = self.ds.load_model(m.path, m.trust_remote_code).eval()
         model.requires_grad_(False)  # activation gradients only: no parameter gradients
         self.model = self.ds.prepare(model).module
@@ -88,9 +137,8 @@ class CalibrationWorker:
         return ({key: s.to_dict() for key, s in stats.items()}, loss_sum, _examples(batches), node)
 
 
-def _check_zero_stage(cfg: SPDConfig) -> None:
+def _check_zero_stage(m: ModelConfig, c: CalibrationConfig) -> None:
     """Settings that cannot work, refused before any worker starts."""
-    c, m = cfg.calibration, cfg.model
     if c.zero_stage not in (0, 3):
         raise ValueError(f"calibration.zero_stage={c.zero_stage}; valid values: 0 (a model replica "
                          "per worker), 3 (one ZeRO-3-partitioned model over the workers)")
@@ -107,17 +155,19 @@ def _check_zero_stage(cfg: SPDConfig) -> None:
                          "GPU when they have one, on CPU otherwise; set model.device=auto")
 
 
-def zero3_config(cfg: SPDConfig, world: int, overrides: dict | None = None) -> dict:
+def zero3_config(model: ModelConfig, calibration: CalibrationConfig, world: int,
+                 overrides: dict | None = None) -> dict:
     """The DeepSpeed config of ZeRO-3 calibration: micro-batches of `calibration.batch_size`
     (inert, as are the other batch fields, without an optimizer) in the precision of
     `model.dtype` on the workers' devices (`resolve_precision`)."""
-    dtype = resolve_precision(cfg.model.dtype, gpu=cfg.calibration.gpus_per_worker > 0)
+    dtype = resolve_precision(model.dtype, gpu=calibration.gpus_per_worker > 0)
     return deepspeed_config(zero_stage=3, world_size=world,
-                            micro_batch_size=cfg.calibration.batch_size, dtype=dtype,
+                            micro_batch_size=calibration.batch_size, dtype=dtype,
                             overrides=overrides)
 
 
-def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int], *,
+def distributed_kv_stats(model: ModelConfig, calibration: CalibrationConfig, batches: list[dict],
+                         layers: list[int], *,
                          ds_overrides: dict | None = None, worker_info: list | None = None):
     """Summed statistics over `calibration.num_workers` Ray workers, the mean loss, and the
     nodes the workers ran on. A worker (or its node) lost midway fails the whole attempt, which
@@ -127,24 +177,24 @@ def distributed_kv_stats(cfg: SPDConfig, batches: list[dict], layers: list[int],
     ZeRO-3 only: `ds_overrides` is merged into the DeepSpeed config (e.g.
     `{"zero_optimization": {"stage3_param_persistence_threshold": 0}}` to partition a tiny
     model); `worker_info`, when given, receives one dict per rank (node, partition counts)."""
-    for attempt in range(cfg.calibration.max_failures + 1):
+    tries = calibration.max_failures + 1
+    for attempt in range(tries):
         try:
-            return _kv_stats_once(cfg, batches, layers, ds_overrides, worker_info)
+            return _kv_stats_once(model, calibration, batches, layers, ds_overrides, worker_info)
         except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
-            if attempt == cfg.calibration.max_failures:
+            if attempt == tries - 1:
                 raise
             console.warn(f"stage 1: a calibration worker was lost ({type(err).__name__}); "
-                         f"attempt {attempt + 2} of {cfg.calibration.max_failures + 1}")
+                         f"attempt {attempt + 2} of {tries}")
             if worker_info is not None:
                 worker_info.clear()
 
 
-def _kv_stats_once(cfg: SPDConfig, batches: list[dict], layers: list[int], ds_overrides: dict | None,
-                   worker_info: list | None):
-    _check_zero_stage(cfg)
+def _kv_stats_once(model: ModelConfig, c: CalibrationConfig, batches: list[dict], layers: list[int],
+                   ds_overrides: dict | None, worker_info: list | None):
+    _check_zero_stage(model, c)
     if not batches:
         raise ValueError("no calibration batches: stage 1 needs at least one labeled example")
-    c = cfg.calibration
     zero3 = c.zero_stage == 3
     # a ZeRO-3 group keeps its size (it holds the model); replicas beyond the batches are idle
     n_workers = max(1, c.num_workers if zero3 else min(c.num_workers, len(batches)))
@@ -160,12 +210,12 @@ def _kv_stats_once(cfg: SPDConfig, batches: list[dict], layers: list[int], ds_ov
         workers = [CalibrationWorker.options(
             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-        ).remote(cfg) for i in range(n_workers)]
+        ).remote(model, c) for i in range(n_workers)]
         shards = [batches[i::n_workers] for i in range(n_workers)]
         padding = [[] for _ in shards]
         if zero3:
             host, port = ray.get(workers[0].free_address.remote())
-            ds_config = zero3_config(cfg, n_workers, ds_overrides)
+            ds_config = zero3_config(model, c, n_workers, ds_overrides)
             info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config)
                             for rank, w in enumerate(workers)])
             if worker_info is not None:

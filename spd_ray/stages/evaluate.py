@@ -1,5 +1,5 @@
 """Evaluation on Ray: greedy completions from stage 2's generation actors, scored on the driver,
-and the NLL of reference answers as Ray tasks.
+and the NLL of reference answers as Ray tasks; and the raw corpus's accuracy (paper Table 3).
 
 The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
 """
@@ -7,52 +7,105 @@ The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHO
 from __future__ import annotations
 
 import dataclasses
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from spd_ray import console
-from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig, SubspaceConfig
+from spd_ray import console, data
+from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
 from spd_ray.core.modeling import load_tokenizer
-from spd_ray.stages.generate import generate_dataset, load_projected
+from spd_ray.stages.generate import Projection, generate_dataset, load_projected
 from spd_ray.tasks.evaluation import (
     accuracy_splits,
     check_scorers,
     nll_splits,
     reference_nll,
+    score,
     split_metrics,
 )
 from spd_ray.tasks.item import Item
 
 
+@dataclass
+class EvalResult:
+    """An evaluation: metric name (`<split>/accuracy`, `<split>/nll`) -> value, saved as JSON."""
+    metrics: dict[str, float]
+
+    @classmethod
+    def load(cls, path: Path) -> EvalResult:
+        return cls(json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        """Each split's accuracy on one line, with its reference NLL where there is one."""
+        parts: dict[str, list[str]] = {}
+        for key, value in self.metrics.items():
+            split, _, kind = key.rpartition("/")
+            parts.setdefault(split, []).append(f"{value:.3f}" if kind == "accuracy" else f"{kind} {value:.3f}")
+        return ", ".join(f"{split} {' '.join(vals)}" for split, vals in parts.items())
+
+
 # a pure function of its arguments: a lost worker or node reruns it elsewhere
 @ray.remote(max_retries=3)
-def _reference_nll(model: ModelConfig, items: list, batch_size: int, subspace_dir: str | None,
-                   mode: str) -> float:
-    net = load_projected(model, subspace_dir, mode)
+def _reference_nll(model: ModelConfig, items: list, batch_size: int,
+                   projection: Projection | None) -> float:
+    net = load_projected(model, projection)
     return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
 
 
-def evaluate_on_ray(model: ModelConfig, gen: GenerationConfig, ev: EvalConfig,
-                    splits: dict[str, list[Item]], subspace_dir: str | Path | None = None,
-                    mode: str = SubspaceConfig.mode) -> dict[str, float]:
-    """Greedy completions from the generation actors, scored on the driver. Projection off,
-    unless `subspace_dir` is given (the inference-only baseline). The scorers are checked first
-    (`check_scorers`): a bad one fails before any generation."""
+def evaluate_on_ray(model: ModelConfig, ev: EvalConfig, splits: dict[str, list[Item]], out: Path,
+                    gen: GenerationConfig, projection: Projection | None = None) -> EvalResult:
+    """Greedy completions of `model` from the generation actors (`gen`'s backend and replicas),
+    scored on the driver, saved in `out`. Projection off, unless `projection` is given (the
+    inference-only baseline). The scorers are checked first (`check_scorers`): a bad one fails
+    before any generation."""
     check_scorers(splits)
-    subspace_dir = None if subspace_dir is None else str(subspace_dir)
     scored = accuracy_splits(splits)  # NLL-only splits need no completions
     rows = [{"id": f"{name}#{i}", "prompt": it.prompt}
             for name in scored for i, it in enumerate(splits[name])]
     greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
     done = []
     if rows:
-        ds = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True, subspace_dir=subspace_dir,
-                              mode=mode, max_new_tokens=ev.max_new_tokens)
+        ds = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True,
+                              projection=projection, max_new_tokens=ev.max_new_tokens)
         with console.progress("generating", len(rows), unit="completions") as bar:
             done = list(bar.count(ds.iter_rows()))
     by_id = {r["id"]: r["completion"] for r in done}
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
-           .remote(model, splits[name], ev.batch_size, subspace_dir, mode) for name in nll_splits(splits)}
-    return split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev)
+           .remote(model, splits[name], ev.batch_size, projection) for name in nll_splits(splits)}
+    result = EvalResult(split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev))
+    Path(out).write_text(json.dumps(result.metrics, indent=1))
+    return result
+
+
+@dataclass
+class CorpusQuality:
+    """How often the raw corpus is right before any training (paper Table 3): `accuracy` is None
+    where the prompts come without answers (task.source=files)."""
+    accuracy: float | None
+    n: int
+    mean_chars: float
+
+    @classmethod
+    def load(cls, path: Path) -> CorpusQuality:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        if self.accuracy is None:
+            return "no answers to score it by"
+        return f"raw corpus accuracy {self.accuracy:.3f} (a diagnostic: nothing is filtered)"
+
+
+def corpus_quality(train_items: list[Item], generations: Path, ev: EvalConfig, out: Path) -> CorpusQuality:
+    """Stage 2's corpus scored against the training prompts' answers, saved in `out`: a
+    diagnostic, the only use of those answers; nothing is filtered by it."""
+    rows = data.read_corpus(generations).select(["id", "completion"]).to_pylist()
+    items = [train_items[int(r["id"].split("-")[0])] for r in rows]
+    accuracy = None
+    if items and items[0].metric:
+        accuracy = sum(score(items, [r["completion"] for r in rows], ev)) / len(rows)
+    result = CorpusQuality(accuracy, len(rows), sum(len(r["completion"]) for r in rows) / max(1, len(rows)))
+    Path(out).write_text(json.dumps(dataclasses.asdict(result)))
+    return result

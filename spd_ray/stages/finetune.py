@@ -33,12 +33,12 @@ Metrics: rank 0 keeps one entry per optimizer step (step, epoch, loss averaged o
 used for the step, grad_norm, tokens = non-pad tokens summed over ranks, tokens_per_s) and
 puts the whole history (carried over resumes) in the metrics of every checkpoint it reports.
 The driver reads it from the final `Result.metrics`, writes `train_history.jsonl` and
-`train_summary.json` into `output_dir`, and calls `on_metrics(entry)` per step AFTER training
-(a callback cannot run inside the workers). Only rank 0 prints.
+`train_summary.json` into `output_dir`, and returns it (`FinetuneResult.history`: the pipeline
+sends it to W&B). Only rank 0 prints.
 
 Export: every rank takes part in gathering the weights (`consolidated_state_dict`: ZeRO-3's
 `_zero3_consolidated_16bit_state_dict`, otherwise the module's own state dict); rank 0 loads
-them into a plain (non-ZeRO) model built from `model_path` with the same LoRA, then saves a
+them into a plain (non-ZeRO) model built from `model.path` with the same LoRA, then saves a
 merged HF model (`export=merged`) or the peft adapter (`export=adapter`) into `output_dir`,
 with the tokenizer. `output_dir` must be on
 storage that rank 0 and the driver share (it is on a single node, or with NFS).
@@ -50,11 +50,14 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 
-from spd_ray.config import FinetuneConfig
+from spd_ray import console
+from spd_ray.config import FinetuneConfig, ModelConfig
 from spd_ray.stages.deepspeed import DeepSpeedStrategy, deepspeed_config, resolve_precision
 
 HISTORY_FILE = "train_history.jsonl"
@@ -109,24 +112,24 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: Path, dtype) -> None:
+def _export(cfg: FinetuneConfig, model: ModelConfig, state_dict: dict, output_dir: Path, dtype) -> None:
     """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter."""
     from spd_ray.core.modeling import from_pretrained, load_tokenizer
     from spd_ray.core.recipe import finished_model, prepare_model
 
-    model = prepare_model(from_pretrained(model_path, dtype), cfg)
-    expected = model.state_dict()
+    net = prepare_model(from_pretrained(model.path, dtype, model.trust_remote_code), cfg)
+    expected = net.state_dict()
     bad = [k for k, v in state_dict.items()
            if k in expected and v.numel() != expected[k].numel()]
     if bad:  # the classic ZeRO-3 export bug: partitioned (size-0) tensors saved as weights
         raise RuntimeError(f"consolidated weights have wrong sizes (partitioned?): {bad[:5]}")
-    model.load_state_dict(state_dict, strict=True)
+    net.load_state_dict(state_dict, strict=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.method == "lora" and cfg.export == "adapter":
-        model.save_pretrained(str(output_dir))  # adapter_config.json + adapter weights
+        net.save_pretrained(str(output_dir))  # adapter_config.json + adapter weights
     else:
-        finished_model(model).save_pretrained(str(output_dir))
-    load_tokenizer(model_path).save_pretrained(str(output_dir))
+        finished_model(net).save_pretrained(str(output_dir))
+    load_tokenizer(model.path, model.trust_remote_code).save_pretrained(str(output_dir))
 
 
 def _row_order(row: dict) -> tuple:
@@ -147,7 +150,7 @@ class FinetuneRecipe:
         from spd_ray.core.modeling import load_tokenizer
 
         self.cfg = cfg = FinetuneConfig(**config["finetune"])
-        self.model_path, self.output_dir = config["model_path"], Path(config["output_dir"])
+        self.model, self.output_dir = ModelConfig(**config["model"]), Path(config["output_dir"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.plan = epoch_plan(int(config["n_rows"]), self.world, cfg)
@@ -157,7 +160,7 @@ class FinetuneRecipe:
         self._setup_engine()
         self.say(f"ZeRO-{cfg.zero_stage} on {self.world} workers: {self.ds.partition_counts()}; "
                  f"plan {self.plan}")
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model.path, self.model.trust_remote_code)
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
         self.nodes = self.ds.all_gather_object(ray.get_runtime_context().get_node_id())
@@ -175,7 +178,7 @@ class FinetuneRecipe:
         from spd_ray.core.recipe import optimizer_and_schedule, prepare_model
 
         torch.manual_seed(self.cfg.seed)
-        model = self.ds.load_model(self.model_path)
+        model = self.ds.load_model(self.model.path, self.model.trust_remote_code)
         model.config.use_cache = False
         if self.cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
@@ -298,7 +301,7 @@ class FinetuneRecipe:
         state_dict = self.ds.consolidated_state_dict()
         self.ds.close()
         if self.rank == 0:
-            _export(self.cfg, self.model_path, state_dict, self.output_dir, self.ds.dtype)
+            _export(self.cfg, self.model, state_dict, self.output_dir, self.ds.dtype)
             self.say(f"exported ({self.cfg.method}, {self.cfg.export}) to {self.output_dir}")
 
 
@@ -343,19 +346,18 @@ def _save_results(result, output_dir: Path, n_rows: int, plan: dict) -> list[dic
     return history
 
 
-def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: Path | str,
-                    run_name: str, storage_path: str, on_metrics=None, *,
-                    dtype: str = "auto", wandb_run_id: str | None = None,
-                    ds_overrides: dict | None = None, progress_file: str | Path | None = None) -> str:
-    """Fine-tune `model_path` on the `prompt`/`completion` rows of `dataset` with Ray Train +
-    DeepSpeed; returns `output_dir`, a folder that loads with `from_pretrained` (export=merged)
-    or `PeftModel.from_pretrained(base, output_dir)` (LoRA, export=adapter).
+def finetune_on_ray(model: ModelConfig, cfg: FinetuneConfig, dataset, output_dir: Path | str,
+                    run_name: str, storage_path: str, *, wandb_run_id: str | None = None,
+                    ds_overrides: dict | None = None, progress_file: str | Path | None = None) -> list[dict]:
+    """Fine-tune `model` on the `prompt`/`completion` rows of `dataset` with Ray Train +
+    DeepSpeed into `output_dir`, a folder that loads with `from_pretrained` (export=merged) or
+    `PeftModel.from_pretrained(base, output_dir)` (LoRA, export=adapter); returns the history
+    (one entry per optimizer step).
 
     Same `run_name` + `storage_path` as an interrupted call: resumes from its last checkpoint.
-    `on_metrics(entry)` is called on the driver for every optimizer step after training.
-    `dtype` is the run's `model.dtype` (see `resolve_precision`: auto = bf16 on GPU, fp32 on
-    CPU); `ds_overrides` is merged into the DeepSpeed config. Rank 0 writes each optimizer step
-    to `progress_file` (JSON `{"step", "total_steps"}`, for the driver's progress bar).
+    The precision is `model.dtype` (see `resolve_precision`: auto = bf16 on GPU, fp32 on CPU);
+    `ds_overrides` is merged into the DeepSpeed config. Rank 0 writes each optimizer step to
+    `progress_file` (JSON `{"step", "total_steps"}`, for the driver's progress bar).
 
     The driver materializes the corpus once in the object store (text: megabytes even for the
     paper's largest runs): it counts the rows for the schedule, and each worker, which reads the
@@ -365,15 +367,15 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
 
     from spd_ray.core.modeling import load_tokenizer
 
-    load_tokenizer(model_path)  # fails fast (and clearly) on a wrong path
-    if Path(model_path).expanduser().is_dir():
-        model_path = str(Path(model_path).expanduser().resolve())
+    load_tokenizer(model.path, model.trust_remote_code)  # fails fast (and clearly) on a wrong path
+    if Path(model.path).expanduser().is_dir():
+        model = dataclasses.replace(model, path=str(Path(model.path).expanduser().resolve()))
     dataset = _training_rows(dataset)
     n_rows = dataset.count()
     plan = epoch_plan(n_rows, cfg.num_workers, cfg)  # errors here, not in the workers
-    ds_config = training_deepspeed_config(cfg, resolve_precision(dtype, cfg.use_gpu), ds_overrides)
+    ds_config = training_deepspeed_config(cfg, resolve_precision(model.dtype, cfg.use_gpu), ds_overrides)
     output_dir = Path(output_dir).expanduser().resolve()
-    loop_config = {"finetune": dataclasses.asdict(cfg), "model_path": model_path,
+    loop_config = {"finetune": dataclasses.asdict(cfg), "model": dataclasses.asdict(model),
                    "output_dir": str(output_dir), "n_rows": n_rows, "deepspeed": ds_config,
                    "wandb_run_id": wandb_run_id, "progress_file": progress_file and str(progress_file)}
     trainer = TorchTrainer(
@@ -389,8 +391,74 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads it all (the loop splits)
     )
-    history = _save_results(trainer.fit(), output_dir, n_rows, plan)
-    if on_metrics is not None:
-        for entry in history:
-            on_metrics(entry)
-    return str(output_dir)
+    return _save_results(trainer.fit(), output_dir, n_rows, plan)
+
+
+@dataclass
+class FinetuneResult:
+    """Stage 3's outcome: the fine-tuned model in `path` and its per-step history."""
+    path: Path
+    history: list[dict]
+
+    @classmethod
+    def load(cls, path: Path) -> FinetuneResult:
+        lines = (Path(path) / HISTORY_FILE).read_text().splitlines()
+        return cls(Path(path), [json.loads(line) for line in lines if line])
+
+    def summary(self) -> str:
+        if not self.history:
+            return ""
+        steps = self.history[-1]["step"]
+        return (f"{steps} step{'' if steps == 1 else 's'}, "
+                f"loss {self.history[0]['loss']:.4f} -> {self.history[-1]['loss']:.4f}")
+
+
+def distill(model: ModelConfig, cfg: FinetuneConfig, generations: Path, n_rows: int, out: Path,
+            resume_dir: Path, *, run_name: str, wandb_run_id: str | None = None) -> FinetuneResult:
+    """Stage 3 (paper Eq. 14): the ORIGINAL `model` (round k of iterated SPD: round k-1's)
+    fine-tuned on prompt + completion of stage 2's kept rows (`n_rows` of them), into `out`;
+    Ray Train's checkpoints in `resume_dir`, from which a rerun resumes at the exact step (the
+    console says where). The bar follows the optimizer steps (`training_step`)."""
+    from spd_ray import data
+
+    total = epoch_plan(n_rows, cfg.num_workers, cfg)["total_steps"]
+    progress_file = resume_dir / "progress.json"
+    progress_file.unlink(missing_ok=True)  # a killed run's: the checkpoint says where training resumes
+    read = training_step(resume_dir / run_name, progress_file)
+    done = read() or 0
+    if done:
+        console.echo(f"  stage 3: resuming at step {done} of {total} (from {resume_dir})")
+    with console.progress("training", total, done=done, unit="steps") as bar:
+        bar.poll(read)
+        history = finetune_on_ray(model, cfg, ray.data.from_arrow(data.read_corpus(generations)),
+                                  out, run_name, str(resume_dir), wandb_run_id=wandb_run_id,
+                                  progress_file=progress_file)
+    return FinetuneResult(Path(out), history)
+
+
+def training_step(train_dir: Path, progress_file: Path):
+    """A reader of stage 3's latest optimizer step (None while there is none): the step rank 0
+    writes to `progress_file` after each optimizer step (when the loop does), else that of the
+    latest checkpoint Ray Train has recorded in `train_dir`. A step lower than the last one read
+    means the worker group was restarted from a checkpoint: a warning says so."""
+    last = [0]
+
+    def read() -> int | None:
+        step = None
+        try:
+            if progress_file.exists():
+                step = int(json.loads(progress_file.read_text())["step"])
+            else:
+                snapshot = train_dir / "checkpoint_manager_snapshot.json"  # Ray Train's own record
+                if snapshot.exists():
+                    step = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # caught mid-write, or not (yet) the format
+            return None
+        if step is not None:
+            if step < last[0]:
+                console.warn(f"stage 3: training went back from step {last[0]} to {step}: the worker "
+                             "group was restarted from its last checkpoint (the driver log says why)")
+            last[0] = step
+        return step
+
+    return read
