@@ -6,9 +6,11 @@ Layers, each importing only those before it:
   recipe;
 - `spd_ray.tasks`: the examples (`tasks.item`), their sources (testbed, hub) and scoring, with the
   code sandbox;
-- `spd_ray.stages`: stages 1-3 and evaluation on Ray;
+- `spd_ray.stages`: stages 1-3 and evaluation on Ray, each one driver of the same shape,
+  `(ModelConfig, its config section, its inputs, out) -> a small result dataclass`;
 - `spd_ray.pipeline`: the run in the paper's order (jobs/spd.py is its entry point).
-Beside them: `config`, `artifacts`, `data`, `tracking`, `report`; and `api`, SPD as functions for
+Beside them: `config`, `artifacts`, `data`, `tracking`, `report`, `local_ray` (the job's Ray
+session); and `api`, SPD as functions for
 a training stack of your own, exported here (`spd_ray.extract_subspace`, ...).
 """
 

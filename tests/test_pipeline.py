@@ -225,6 +225,7 @@ def test_a_driver_killed_in_stage2_and_in_stage3_loses_only_unfinished_work(tmp_
     summary = json.loads((run / "model" / "train_summary.json").read_text())
     history = [json.loads(line) for line in (run / "model" / "train_history.jsonl").read_text().splitlines()]
     assert 0 < summary["start_step"] < summary["total_steps"] and summary["finished"]  # resumed mid-epoch
+    assert f"stage 3: resuming at step {summary['start_step']} of {summary['total_steps']}" in last.stdout
     assert [h["step"] for h in history] == list(range(1, summary["total_steps"] + 1))  # none lost or twice
     assert (run / "eval_spd.json").exists()
     print(f"faults: stage 2 cut after {t_cut2:.0f} s ({len(before)} parts kept), stage 3 cut after "
