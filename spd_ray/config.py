@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses, loaded from YAML, overridden with dotted `key=value`.
 
-Defaults are the paper's (SPD_METHOD.md); `configs/*.yaml` override them per experiment.
+Defaults are the paper's (docs/method.md); `configs/*.yaml` override them per experiment.
 Unknown keys and wrong types are errors that name the key and list the valid ones.
 """
 
@@ -38,7 +38,7 @@ class ModelConfig:
 
 
 # The paper's benchmarks on the Hugging Face hub: benchmark -> "name" or "name:config"
-# (SPD_METHOD.md, Benchmarks). MMLU's `all` config holds auxiliary_train as a flat split (its
+# (docs/method.md, "Evaluation"). MMLU's `all` config holds auxiliary_train as a flat split (its
 # `auxiliary_train` config nests each row under a `train` column); BBH has a config per subtask.
 HUB_DATASETS = {
     "gsm8k": "openai/gsm8k:main",
@@ -440,7 +440,8 @@ class MethodSpec:
 
 
 def _paper_methods() -> list[MethodSpec]:
-    """The paper's baselines and ablations (SPD_METHOD.md), plus iterated SPD."""
+    """The paper's baselines and ablations, plus iterated SPD (docs/method.md, "Baselines and
+    ablations")."""
     unprojected = "generation.project=false"
     return [
         MethodSpec("base", train=False),

@@ -1,4 +1,5 @@
-"""Loading models and finding the K/V projections that SPD hooks (SPD_METHOD.md steps 2 and 6).
+"""Loading models and finding the K/V projections that SPD hooks (docs/method.md,
+"Where the gradients are taken" and "Projection and folding").
 
 SPD works on the OUTPUT of each target layer's `k_proj` / `v_proj` Linear: before RoPE, before
 any k-norm, before the head reshape. Models with a fused QKV Linear are not supported yet.

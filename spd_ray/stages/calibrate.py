@@ -1,6 +1,6 @@
 """Stage 1 on Ray: the calibration batches are sharded over workers; each worker returns the
 sufficient statistics of its shard, the driver sums them and computes the capability subspace
-once (the sum is exact: SPD_METHOD.md step 4).
+once (the sum is exact: docs/method.md, "Sufficient statistics").
 
 `calibration.zero_stage`: 0 gives every worker a full replica; 3 (models too large for one
 device) makes the workers one torch.distributed group (gloo on CPU, NCCL with one GPU each) that

@@ -1,7 +1,8 @@
 """Evaluation on Ray: greedy completions from stage 2's generation actors, scored on the driver,
 and the NLL of reference answers as Ray tasks; and the raw corpus's accuracy (paper Table 3).
 
-The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
+The paper evaluates with greedy decoding, projection off, raw prompts (docs/method.md,
+"Evaluation").
 """
 
 from __future__ import annotations

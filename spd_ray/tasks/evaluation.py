@@ -1,6 +1,7 @@
 """Evaluation: greedy completions scored by each item's metric, and the NLL of reference answers.
 
-The paper evaluates with greedy decoding, projection off, raw prompts (SPD_METHOD.md step 9).
+The paper evaluates with greedy decoding, projection off, raw prompts (docs/method.md,
+"Evaluation").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's benchmarks (SPD_METHOD.md, Benchmarks) as testbed Items, through `datasets`.
+"""The paper's benchmarks (docs/method.md, "Evaluation") as testbed Items, through `datasets`.
 
 Per domain: calibration examples and training prompts (disjoint) from one pool shuffled with
 `task.seed`, then the evaluation splits.

@@ -1,6 +1,6 @@
 """The embedded testbed: synthetic tasks in the paper's three capability domains.
 
-Each domain mirrors a paper benchmark's format (SPD_METHOD.md, Table 6):
+Each domain mirrors a paper benchmark's format (docs/method.md, "Correctness tokens"):
 - math (GSM8K): `Question: ...\nAnswer: <solution>\n#### <number>`; transfer is SVAMP-like
   (the same arithmetic in other wordings);
 - mcq (MMLU): `Question: ...\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer: <letter>`; transfer is
