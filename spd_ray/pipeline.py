@@ -142,9 +142,10 @@ def subspace_stage(cfg: SPDConfig, run: artifacts.RunDir, task: Task, at: str, t
 
 
 def generation_stage(cfg: SPDConfig, run: artifacts.RunDir, task: Task, projection: Projection | None,
-                     at: str, tracker: Tracker, inputs: list[str]) -> tuple[Path, CorpusQuality]:
+                     at: str, tracker: Tracker, inputs: list[str]
+                     ) -> tuple[GenerationResult, CorpusQuality]:
     """Stage 2 and the raw corpus's quality (paper Table 3), as artifacts and a stage of the
-    console: the generations folder and the corpus's quality."""
+    console."""
     kind = "projected" if projection else "unprojected"
     n_rows = len(task.train_prompts) * cfg.generation.n_samples
     made = None
@@ -164,20 +165,19 @@ def generation_stage(cfg: SPDConfig, run: artifacts.RunDir, task: Task, projecti
                 corpus_quality(task.train_items, result.path, cfg.evaluation, quality.path)
         corpus = CorpusQuality.load(quality.path)
         st.summary = f"{result.summary()}; {corpus.summary()}"
-    return result.path, corpus
+    return result, corpus
 
 
-def distillation_stage(cfg: SPDConfig, run: artifacts.RunDir, generations: Path, at: str,
-                       tracker: Tracker, inputs: list[str]) -> FinetuneResult:
+def distillation_stage(cfg: SPDConfig, run: artifacts.RunDir, generations: GenerationResult,
+                       at: str, tracker: Tracker, inputs: list[str]) -> FinetuneResult:
     """Stage 3 as an artifact and a stage of the console."""
-    ft = cfg.finetune
-    n_rows = data.read_corpus(generations).num_rows
+    ft, n_rows = cfg.finetune, generations.kept
     made = None
     with console.stage("stage 3", f"fine-tuning ({ft.method}, ZeRO-{ft.zero_stage}) on {ft.num_workers} "
                        f"workers, {n_rows} rows x {ft.epochs:g} epoch{'' if ft.epochs == 1 else 's'}") as st:
         with run.stage(at + "model", cfg, inputs=inputs) as art:
             if art.todo:
-                made = distill(cfg.model, ft, generations, n_rows, art.path,
+                made = distill(cfg.model, ft, generations.path, n_rows, art.path,
                                run.resume_dir(at + "model", cfg, inputs),
                                run_name=f"{cfg.run.name}-finetune", wandb_run_id=tracker.run_id)
                 for entry in made.history:
