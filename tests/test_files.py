@@ -353,18 +353,18 @@ def test_check_task_exits_2_on_bad_input(tmp_path, capsys):
 
 
 def test_the_pre_run_check_knows_a_files_task_runs_model_code(tmp_path, monkeypatch):
-    from spd_ray import pipeline
+    from spd_ray import checks
     from spd_ray.tasks.sandbox import SandboxUnavailable
 
     def unavailable():
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
 
-    monkeypatch.setattr(pipeline, "require_isolation", unavailable)
-    pipeline.check(config(tmp_path))  # an exact-match task runs no code
+    monkeypatch.setattr(checks, "require_isolation", unavailable)
+    checks.check(config(tmp_path))  # an exact-match task runs no code
     with pytest.raises(ConfigError, match="bubblewrap"):  # an asserts split would run the model's programs
-        pipeline.check(config(tmp_path, "task.files.scorer=asserts"))
+        checks.check(config(tmp_path, "task.files.scorer=asserts"))
     with pytest.raises(ConfigError, match="evaluation.domains=.*does not apply to task.source=files"):
-        pipeline.check(config(tmp_path, "evaluation.domains=[math]"))
+        checks.check(config(tmp_path, "evaluation.domains=[math]"))
 
 
 def test_a_file_edited_in_place_changes_the_fingerprint_of_its_part_only(tmp_path):

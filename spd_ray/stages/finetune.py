@@ -68,9 +68,13 @@ def training_deepspeed_config(cfg: FinetuneConfig, dtype: torch.dtype,
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"finetune.zero_stage={cfg.zero_stage}; valid values: 0, 1, 2, 3")
     if cfg.offload_params and cfg.zero_stage != 3:
-        raise ValueError("finetune.offload_params needs finetune.zero_stage=3")
+        raise ValueError(f"finetune.offload_params=true needs finetune.zero_stage=3 (only ZeRO-3 "
+                         f"partitions the parameters), not {cfg.zero_stage}: set "
+                         "finetune.zero_stage=3 or finetune.offload_params=false")
     if cfg.offload_optimizer and cfg.zero_stage == 0:
-        raise ValueError("finetune.offload_optimizer needs finetune.zero_stage >= 1")
+        raise ValueError("finetune.offload_optimizer=true needs finetune.zero_stage >= 1 (ZeRO "
+                         "partitions the optimizer state it offloads): set finetune.zero_stage=1, "
+                         "2 or 3, or finetune.offload_optimizer=false")
     return deepspeed_config(zero_stage=cfg.zero_stage, world_size=cfg.num_workers,
                             micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                             max_grad_norm=cfg.max_grad_norm, dtype=dtype,
@@ -109,12 +113,14 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: Path, dtype) -> None:
-    """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter."""
+def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: Path, dtype,
+            trust_remote_code: bool = False) -> None:
+    """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter
+    (a model with its own code: with that code, which save_pretrained copies)."""
     from spd_ray.core.modeling import from_pretrained, load_tokenizer
     from spd_ray.core.recipe import finished_model, prepare_model
 
-    model = prepare_model(from_pretrained(model_path, dtype), cfg)
+    model = prepare_model(from_pretrained(model_path, dtype, trust_remote_code), cfg)
     expected = model.state_dict()
     bad = [k for k, v in state_dict.items()
            if k in expected and v.numel() != expected[k].numel()]
@@ -126,7 +132,7 @@ def _export(cfg: FinetuneConfig, model_path: str, state_dict: dict, output_dir: 
         model.save_pretrained(str(output_dir))  # adapter_config.json + adapter weights
     else:
         finished_model(model).save_pretrained(str(output_dir))
-    load_tokenizer(model_path).save_pretrained(str(output_dir))
+    load_tokenizer(model_path, trust_remote_code).save_pretrained(str(output_dir))
 
 
 def _row_order(row: dict) -> tuple:
@@ -148,6 +154,7 @@ class FinetuneRecipe:
 
         self.cfg = cfg = FinetuneConfig(**config["finetune"])
         self.model_path, self.output_dir = config["model_path"], Path(config["output_dir"])
+        self.trust_remote_code = bool(config.get("trust_remote_code"))  # model.trust_remote_code
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.plan = epoch_plan(int(config["n_rows"]), self.world, cfg)
@@ -157,7 +164,7 @@ class FinetuneRecipe:
         self._setup_engine()
         self.say(f"ZeRO-{cfg.zero_stage} on {self.world} workers: {self.ds.partition_counts()}; "
                  f"plan {self.plan}")
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
         self.nodes = self.ds.all_gather_object(ray.get_runtime_context().get_node_id())
@@ -175,7 +182,7 @@ class FinetuneRecipe:
         from spd_ray.core.recipe import optimizer_and_schedule, prepare_model
 
         torch.manual_seed(self.cfg.seed)
-        model = self.ds.load_model(self.model_path)
+        model = self.ds.load_model(self.model_path, self.trust_remote_code)
         model.config.use_cache = False
         if self.cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
@@ -298,7 +305,8 @@ class FinetuneRecipe:
         state_dict = self.ds.consolidated_state_dict()
         self.ds.close()
         if self.rank == 0:
-            _export(self.cfg, self.model_path, state_dict, self.output_dir, self.ds.dtype)
+            _export(self.cfg, self.model_path, state_dict, self.output_dir, self.ds.dtype,
+                    self.trust_remote_code)
             self.say(f"exported ({self.cfg.method}, {self.cfg.export}) to {self.output_dir}")
 
 
@@ -346,7 +354,8 @@ def _save_results(result, output_dir: Path, n_rows: int, plan: dict) -> list[dic
 def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: Path | str,
                     run_name: str, storage_path: str, on_metrics=None, *,
                     dtype: str = "auto", wandb_run_id: str | None = None,
-                    ds_overrides: dict | None = None, progress_file: str | Path | None = None) -> str:
+                    ds_overrides: dict | None = None, progress_file: str | Path | None = None,
+                    trust_remote_code: bool = False) -> str:
     """Fine-tune `model_path` on the `prompt`/`completion` rows of `dataset` with Ray Train +
     DeepSpeed; returns `output_dir`, a folder that loads with `from_pretrained` (export=merged)
     or `PeftModel.from_pretrained(base, output_dir)` (LoRA, export=adapter).
@@ -354,8 +363,10 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     Same `run_name` + `storage_path` as an interrupted call: resumes from its last checkpoint.
     `on_metrics(entry)` is called on the driver for every optimizer step after training.
     `dtype` is the run's `model.dtype` (see `resolve_precision`: auto = bf16 on GPU, fp32 on
-    CPU); `ds_overrides` is merged into the DeepSpeed config. Rank 0 writes each optimizer step
-    to `progress_file` (JSON `{"step", "total_steps"}`, for the driver's progress bar).
+    CPU); `trust_remote_code` is the run's `model.trust_remote_code` (a model with its own
+    code: every load, the export's too); `ds_overrides` is merged into the DeepSpeed config.
+    Rank 0 writes each optimizer step to `progress_file` (JSON `{"step", "total_steps"}`, for
+    the driver's progress bar).
 
     The driver materializes the corpus once in the object store (text: megabytes even for the
     paper's largest runs): it counts the rows for the schedule, and each worker, which reads the
@@ -365,7 +376,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
 
     from spd_ray.core.modeling import load_tokenizer
 
-    load_tokenizer(model_path)  # fails fast (and clearly) on a wrong path
+    load_tokenizer(model_path, trust_remote_code)  # fails fast (and clearly) on a wrong path
     if Path(model_path).expanduser().is_dir():
         model_path = str(Path(model_path).expanduser().resolve())
     dataset = _training_rows(dataset)
@@ -374,6 +385,7 @@ def finetune_on_ray(cfg: FinetuneConfig, model_path: str, dataset, output_dir: P
     ds_config = training_deepspeed_config(cfg, resolve_precision(dtype, cfg.use_gpu), ds_overrides)
     output_dir = Path(output_dir).expanduser().resolve()
     loop_config = {"finetune": dataclasses.asdict(cfg), "model_path": model_path,
+                   "trust_remote_code": trust_remote_code,
                    "output_dir": str(output_dir), "n_rows": n_rows, "deepspeed": ds_config,
                    "wandb_run_id": wandb_run_id, "progress_file": progress_file and str(progress_file)}
     trainer = TorchTrainer(
