@@ -28,14 +28,22 @@ def check(cfg: SPDConfig) -> None:
 
 
 def check_model(cfg: SPDConfig) -> None:
-    """The model folder (or hub id) exists and its tokenizer loads: a wrong path fails here."""
+    """The model folder (or hub id) exists and its tokenizer and config load: a wrong path, or
+    a model with code of its own without model.trust_remote_code, fails here."""
     m = cfg.model
     try:
         load_tokenizer(m.path, m.trust_remote_code)
+        num_layers(m.path, m.trust_remote_code)
     except FileNotFoundError:
         raise ConfigError(f"model.path={m.path}: no such folder; set model.path=<a local HF "
                           "folder> or a hub id (with the hub reachable: HF_HUB_OFFLINE=0)"
                           ) from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):  # transformers' refusal names the argument
+            raise
+        raise ConfigError(f"model.path={m.path}: the model comes with code of its own, which "
+                          "runs only with model.trust_remote_code=true: set it if you trust that "
+                          "code, or choose another model") from None
 
 
 def check_output_dir(cfg: SPDConfig) -> None:
