@@ -149,3 +149,19 @@ def test_a_files_task_short_of_rows_says_how_many_were_used_of_how_many_asked(ca
         "asked (task.n_calibration): the file holds no more",
         f"warning: {data}/test.jsonl (task.files.eval.test): using all {len(TEST)} rows of the 5 "
         "asked (task.n_eval_splits['units/test']): the file holds no more"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "is empty (or only comments)"),
+    ("name: ..\n", "error: name='..': it names one folder in output_dir"),
+])
+def test_a_comparison_with_a_bad_name_or_an_empty_file_fails_alike(capfd, parent, text, words):
+    from jobs import compare
+
+    path = parent / "compare.yaml"
+    path.write_text(text + f"output_dir: {parent}/out\n" * bool(text))
+    before = snapshot(parent.parent)
+    assert compare.main(["--config", str(path)]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+    assert snapshot(parent.parent) == before
