@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console, report  # noqa: E402
+from spd_ray.checks import check  # noqa: E402
 from spd_ray.config import (  # noqa: E402
     CompareConfig,
     ConfigError,
@@ -37,7 +38,6 @@ from spd_ray.config import (  # noqa: E402
 )
 from spd_ray.core.modeling import load_tokenizer  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
-from spd_ray.checks import check  # noqa: E402
 from spd_ray.pipeline import ray_connection, ray_logs, run_pipeline, stage1_subspace  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
