@@ -7,6 +7,7 @@ a running cluster (GPU counts, storage shared across nodes) is checked once it r
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def check_output_dir(cfg: SPDConfig) -> None:
                           f"({type(err).__name__}: {err.strerror or err}); {fix}") from None
     finally:
         for path in made:
-            if path.is_dir():
+            with contextlib.suppress(OSError):  # another run's files in it meanwhile: it stays
                 path.rmdir()
     if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
         raise ConfigError(f"{cfg.run_dir} (run.output_dir/run.name) is a file, not a run folder; "

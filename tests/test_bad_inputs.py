@@ -52,8 +52,8 @@ def fails(capfd, args: list[str], where: Path, console: list[str] | None = None)
 def test_a_run_name_is_one_folder_name(capfd, parent, name):
     err = fails(capfd, [MATH_ONLY, f"run.output_dir={parent / 'out'}", f"run.name={name}"],
                 parent.parent)
-    assert f"error: run.name={name!r}: it names one folder in run.output_dir, so it may hold only " \
-           "letters, digits, '.', '_' and '-' (and is not . or ..)" in err
+    assert f"error: run.name={name!r}: it names one folder in run.output_dir, so it may hold " \
+           "only letters, digits, '.', '_' and '-' (and is not . or ..)" in err
     assert (parent / "config.yaml").read_text() == "mine: true\n"
 
 
@@ -76,7 +76,8 @@ def test_an_output_dir_that_cannot_be_written_is_named_with_the_fix(capfd, paren
 
 def test_the_output_dir_check_leaves_no_folder_behind(capfd, parent):
     # it creates the folders to try them, then the next check fails: they are gone again
-    err = fails(capfd, [MATH_ONLY, f"run.output_dir={parent}/a/b", "calibration.layers=[9]"], parent)
+    err = fails(capfd, [MATH_ONLY, f"run.output_dir={parent}/a/b", "calibration.layers=[9]"],
+                parent)
     assert "calibration.layers=[9]" in err and not (parent / "a").exists()
 
 
@@ -140,8 +141,9 @@ def test_a_files_task_short_of_rows_says_how_many_were_used_of_how_many_asked(ca
     path = files_task(data)
     # it ends before any Ray (every span cut off), with the label report in the error
     console: list[str] = []
-    err = fails(capfd, ["--config", str(path), f"run.output_dir={parent}/out", "task.n_train_prompts=3",
-                        "task.n_eval_splits={units/test: 5}", "calibration.max_length=8"], parent, console)
+    err = fails(capfd, ["--config", str(path), f"run.output_dir={parent}/out",
+                        "task.n_train_prompts=3", "task.n_eval_splits={units/test: 5}",
+                        "calibration.max_length=8"], parent, console)
     assert f"  {len(CAL)} examples used of the 50 asked (task.n_calibration): the data holds no " \
            "more" in err
     assert console == [  # a warning per part short of rows; train: 3 asked of 4

@@ -75,7 +75,8 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
     spans = task.files.spans
     fields = ["prompt", "answer", *(["answer_spans"] if spans.mode == "explicit" else [])]
     rows = _read(task, "calibration", task.files.calibration, fields, task.n_calibration,
-                 "task.n_calibration", hints={"answer_spans": ", or find the spans by task.files.spans.rule or task.files.spans.regex"})
+                 "task.n_calibration", hints={"answer_spans": ", or find the spans by "
+                                              "task.files.spans.rule or task.files.spans.regex"})
     items = []
     for row in rows:
         answer = row.required("answer", "a calibration example is a prompt with its reference answer")
@@ -223,9 +224,9 @@ def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, aske
         if id_field:
             item_id = row.required("id", "ids name the rows (unset task.files.columns.id to number them)")
             if item_id in first_row:
-                raise TaskDataError(f"{where}: {first_row[item_id]} and {place} both have id {item_id!r}: "
-                                    "ids must be unique within a file; fix one, or unset "
-                                    "task.files.columns.id to number the rows")
+                raise TaskDataError(f"{where}: {first_row[item_id]} and {place} both have id "
+                                    f"{item_id!r}: ids must be unique within a file; fix one, or "
+                                    "unset task.files.columns.id to number the rows")
             first_row[item_id] = place
             row = _Row(f"{where}, {place} (id {item_id!r})", item_id, cells, names)
         rows.append(row)
@@ -245,14 +246,15 @@ def _load(path: str, kind: str, where: str, columns: list[str]) -> datasets.Data
             raise TaskDataError(f"{where}: {bad}; fix or remove that line (JSON Lines: one JSON "
                                 "object per line)") from err
         cause = err.__cause__ or err
-        raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); fix the "
-                            "file (one row per example, at least one), or name its format with "
-                            "task.files.format") from err
+        raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); "
+                            "fix the file (one row per example, at least one), or name its format "
+                            "with task.files.format") from err
 
 
 def _lines(path: str):
     """The file's text lines (fsspec: local or a URL; .gz decompressed)."""
-    return fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace", newline="")
+    return fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace",
+                       newline="")
 
 
 def _bad_json_line(path: str) -> str | None:
