@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spd_ray import artifacts, console, report  # noqa: E402
+from spd_ray.checks import check  # noqa: E402
 from spd_ray.config import (  # noqa: E402
     CompareConfig,
     ConfigError,
@@ -37,7 +38,7 @@ from spd_ray.config import (  # noqa: E402
 )
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
-from spd_ray.pipeline import PipelineResult, check, run_pipeline, subspace_stage  # noqa: E402
+from spd_ray.pipeline import PipelineResult, run_pipeline, subspace_stage  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 

@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key and list the valid one
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,15 +244,16 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False  # precision: model.dtype on these devices (auto: bf16 on GPU)
     placement: Literal["PACK", "SPREAD"] = "PACK"  # Ray Train placement of the workers over nodes
-    zero_stage: int = 3
+    zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = False
     checkpoints_to_keep: int = 2
     # a checkpoint at the end of every epoch, and also every this many optimizer steps and/or
-    # seconds (0: off); a resume continues at the exact step with the same data order
+    # seconds (0: off); a resume continues at the exact step with the same data order. 20 min:
+    # a lost node costs at most that much training (a GSM8K epoch of the paper is ~1,900 steps)
     checkpoint_every_steps: int = 0
-    checkpoint_every_s: float = 0.0
+    checkpoint_every_s: float = 1200.0
     # a lost worker (or node) restarts the worker group from the latest checkpoint, up to this
     # many times; preemptions (spot nodes taken back) are retried without limit
     max_failures: int = 3
@@ -279,6 +281,17 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without an API key
 
 
+FOLDER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_folder_name(key: str, name: str, parent_key: str) -> None:
+    """`name` is one folder of `parent_key`'s: a separator or `..` would write outside it."""
+    if not FOLDER_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{key}={name!r}: it names one folder in {parent_key}, so it may hold "
+                          "only letters, digits, '.', '_' and '-' (and is not . or ..), e.g. "
+                          f"{key}=units-r2; put it elsewhere with {parent_key}")
+
+
 @dataclass
 class RunConfig:
     name: str = "spd"
@@ -290,6 +303,9 @@ class RunConfig:
     # the console shows the stages and the rest goes to runs/<name>/logs/driver.log
     verbose: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        check_folder_name("run.name", self.name, "run.output_dir")
 
 
 @dataclass
@@ -410,9 +426,13 @@ def _parse_override(item: str) -> dict:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML (quote values that hold ': ' or braces): {err}") from err
+    if loaded is None:  # a wrong path or an unsaved editor buffer far more often than intent
+        raise ConfigError(f"config file {path} is empty (or only comments); check the path, or "
+                          "save the file; for all defaults, give it one setting, e.g. `run: {}`")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SPDConfig:
@@ -474,6 +494,9 @@ class CompareConfig:
     # artifact store (relative: to output_dir); default <name>/store. Experiments that name the
     # same store reuse each other's artifacts wherever their configs agree
     store: str | None = None
+
+    def __post_init__(self):
+        check_folder_name("name", self.name, "output_dir")
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CompareConfig:

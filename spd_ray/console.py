@@ -7,9 +7,11 @@ the driver log (runs/<name>/logs/driver.log), file descriptors 1 and 2 point at 
 else the driver process prints lands there in full: Ray, Ray Data, Ray Train, DeepSpeed,
 transformers and W&B output, Python warnings, tracebacks, and the workers' output that Ray
 forwards to the driver (`sys.stdout` and `sys.stderr` are the log too, for writers that are not
-on 1 and 2); the console writes to a copy of the original descriptor 1. `verbose` leaves
-1 and 2 alone: all of that stays on the console, as without a session, and the driver log gets
-the console's own lines.
+on 1 and 2); the console writes to a copy of the original descriptor 1. `datasets`, which
+prints from its first read of a file on (before the log is open), has its progress bars off and
+its log records in the driver log for the session. `verbose` leaves 1 and 2 and `datasets` alone:
+all of that stays on the console, as without a session, and the driver log gets the console's
+own lines.
 
 A progress bar is redrawn in place on a terminal; elsewhere (CI, `> file`, `ray job submit`) it
 prints its state at most at 25, 50 and 75% (and only once it has run for a while), then its final
@@ -137,6 +139,36 @@ def _flush(*streams) -> None:
 _active: _Session | None = None
 
 
+class _ToDriverLog(logging.Handler):
+    """A library's log records into the session's driver log (held until it opens), not the
+    console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if _active is not None:
+                _active.write(self.format(record), console=False)
+        except Exception:  # a log call must never break the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _datasets_to_log() -> Iterator[None]:
+    """`datasets`' progress bars off (the console has its own) and its log records into the
+    driver log, for the session; as they were after it."""
+    from datasets import utils
+
+    logger = utils.logging.get_logger()  # the library's root logger, with its stderr handler
+    saved = (logger.handlers[:], logger.propagate, utils.are_progress_bars_disabled())
+    logger.handlers, logger.propagate = [_ToDriverLog()], False
+    utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        if not saved[2]:
+            utils.enable_progress_bars()
+
+
 class _WarningsOnce(logging.Handler):
     """The `spd_ray` loggers' warnings: each distinct message once on the console, all in the log."""
 
@@ -155,7 +187,8 @@ def session(verbose: bool = False) -> Iterator[None]:
     handler = _WarningsOnce(level=logging.WARNING)
     logging.getLogger("spd_ray").addHandler(handler)
     try:
-        yield
+        with contextlib.nullcontext() if verbose else _datasets_to_log():
+            yield
     except BaseException:
         if _active.log_file is not None:
             _active.write(traceback.format_exc().rstrip(), console=False)

@@ -16,15 +16,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spd_ray import artifacts, console, data, offline_by_default
-from spd_ray.config import ConfigError, SPDConfig
-from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
+from spd_ray import artifacts, checks, console, data, offline_by_default
+from spd_ray.config import SPDConfig
+from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
 from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
 from spd_ray.stages.finetune import FinetuneResult, distill
 from spd_ray.stages.generate import GenerationResult, Projection, self_generate
 from spd_ray.tasks.labels import LabelReport, label_report
-from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
 from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
 
@@ -204,53 +203,12 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
 
 
 def prepare(cfg: SPDConfig) -> tuple[Task, LabelReport]:
-    """Everything that can be wrong before any work: the config (`check`), the task's data
+    """Everything that can be wrong before any work: the config (`checks.check`), the task's data
     (`load_task`: calibration examples, training prompts, evaluation splits) and, where stage 1
     will run, its calibration labels (the report shows what the loss will look at)."""
-    check(cfg)
+    checks.check(cfg)
     task = load_task(cfg)
     labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
     if cfg.generation.project or cfg.evaluation.project:
         labels.require_labels(cfg.task.domain)
     return task, labels
-
-
-def check(cfg: SPDConfig) -> None:
-    """Problems that would surface only after hours of work, reported before any."""
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)  # a wrong model path fails here
-    if cfg.run.rounds < 1:
-        raise ConfigError(f"run.rounds={cfg.run.rounds}: need at least 1 round")
-    if cfg.run.rounds > 1 and cfg.finetune.method == "lora" and cfg.finetune.export != "merged":
-        raise ConfigError("run.rounds > 1 trains each round from the previous round's model, which "
-                          "must be a full model: set finetune.export=merged")
-    if cfg.subspace.rank_mode == "fixed" and cfg.subspace.rank is None:
-        raise ConfigError("subspace.rank_mode=fixed needs subspace.rank (e.g. subspace.rank=16)")
-    width = config_kv_dim(cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.subspace.rank_mode == "fixed" and not 1 <= cfg.subspace.rank <= width:
-        raise ConfigError(f"subspace.rank={cfg.subspace.rank}: the model's k_proj/v_proj outputs have "
-                          f"{width} dimensions, so the rank must be 1..{width}")
-    try:
-        resolve_layers(num_layers(cfg.model.path, cfg.model.trust_remote_code), cfg.calibration.layers)
-    except ValueError as err:
-        raise ConfigError(f"calibration.layers={cfg.calibration.layers}: {err}") from None
-    if cfg.task.n_calibration < 1 and (cfg.generation.project or cfg.evaluation.project):
-        raise ConfigError(f"task.n_calibration={cfg.task.n_calibration}: the capability subspace needs "
-                          "labeled calibration examples (the paper uses 50)")
-    if cfg.task.n_train_prompts < 1:
-        raise ConfigError(f"task.n_train_prompts={cfg.task.n_train_prompts}: self-generation needs "
-                          "training prompts (e.g. task.n_train_prompts=1000)")
-    if cfg.subspace.kind == "random" and not cfg.generation.project:
-        raise ConfigError("subspace.kind=random only matters with generation.project=true")
-    t = cfg.task
-    if t.source == "files" and cfg.evaluation.domains:
-        raise ConfigError(f"evaluation.domains={cfg.evaluation.domains} does not apply to task.source=files: "
-                          "its evaluation splits are task.files.eval; remove evaluation.domains")
-    files_run_code = t.source == "files" and "asserts" in {t.files.scorer_of(split) for split in t.files.eval}
-    if files_run_code or "code" in {t.domain, *(cfg.evaluation.domains or [])}:  # model-written code will run
-        if cfg.evaluation.sandbox == "process":
-            warn_unisolated()
-        else:
-            try:
-                require_isolation()
-            except SandboxUnavailable as err:
-                raise ConfigError(str(err)) from None

@@ -164,7 +164,8 @@ def test_span_modes_label_exactly_these_tokens(tmp_path, testbed_tokenizer, span
 
 
 def test_the_label_report(tmp_path, testbed_tokenizer):
-    cfg = load_config(None, ["task.source=files", "task.domain=units", "calibration.max_length=64"])
+    cfg = load_config(None, ["task.source=files", "task.domain=units", "calibration.max_length=64",
+                             "task.n_calibration=6"])  # the 6 items below: as many as asked
 
     def item(item_id, n, spans, prompt=None):
         return Item(id=item_id, domain="units", split="calibration", prompt=prompt or _prompt(n), answer=_answer(n),
@@ -247,7 +248,7 @@ def test_a_regex_without_a_group_fails_before_any_file_is_read(tmp_path):
 def test_explicit_spans_must_lie_in_the_answer(tmp_path, span, problem):
     cal = [CAL[0], {**CAL[1], "answer_spans": [[1, 3], span]}, CAL[2]]
     msg = error(config(tmp_path, spans={}, cal=cal))
-    assert msg.startswith(f"{tmp_path}/cal.jsonl (task.files.calibration), row 2 (id 'u3'): column "
+    assert msg.startswith(f"{tmp_path}/cal.jsonl (task.files.calibration), line 2 (id 'u3'): column "
                           "'answer_spans' (the correctness spans, [[start, end], ...] into the answer) " + problem)
 
 
@@ -259,31 +260,31 @@ def test_explicit_spans_must_lie_in_the_answer(tmp_path, span, problem):
 def test_explicit_spans_must_be_pairs(tmp_path, cell, problem):
     cal = [{**CAL[0], "answer_spans": cell}, *CAL[1:]]
     msg = error(config(tmp_path, spans={}, cal=cal))
-    assert "row 1 (id 'u2')" in msg and problem in msg
+    assert "line 1 (id 'u2')" in msg and problem in msg
 
 
 @pytest.mark.parametrize("prompt", ["", None, "   "])
 def test_an_empty_prompt(tmp_path, prompt):
     train = [TRAIN[0], {**TRAIN[1], "prompt": prompt}]
     msg = error(config(tmp_path, train=train))
-    assert ("train.jsonl (task.files.train), row 2 (id 'p7'): column 'prompt' (the prompt) is empty: a training "
+    assert ("train.jsonl (task.files.train), line 2 (id 'p7'): column 'prompt' (the prompt) is empty: a training "
             "prompt cannot be empty; fill it in or drop the row") in msg
 
 
 def test_a_calibration_row_without_an_answer(tmp_path):
     msg = error(config(tmp_path, cal=[CAL[0], CAL[1], {**CAL[2], "answer": None}]))
-    assert "cal.jsonl (task.files.calibration), row 3 (id 'u5'): column 'answer' (the reference answer) is empty" in msg
+    assert "cal.jsonl (task.files.calibration), line 3 (id 'u5'): column 'answer' (the reference answer) is empty" in msg
 
 
 def test_an_eval_row_without_its_gold_or_tests(tmp_path):
     msg = error(config(tmp_path, test=[TEST[0], {**TEST[1], "gold": ""}]))
-    assert "test.jsonl (task.files.eval.test), row 2 (id 't12'): column 'gold' (the expected answer) is empty: " \
+    assert "test.jsonl (task.files.eval.test), line 2 (id 't12'): column 'gold' (the expected answer) is empty: " \
            "the exact scorer of split test needs it" in msg
     msg = error(config(tmp_path, "task.files.scorer=asserts", ext=".csv", test=[{**TEST[0], "tests": "assert x"}]))
-    assert "test.csv (task.files.eval.test), row 1 (id 't11'): column 'tests' (the assert lines) holds " \
+    assert "test.csv (task.files.eval.test), line 2 (id 't11'): column 'tests' (the assert lines) holds " \
            "'assert x', not JSON: write [\"assert f(1) == 2\", ...] (in CSV as JSON text)" in msg
     msg = error(config(tmp_path, "task.files.scorer=asserts", test=[{**TEST[0], "tests": []}]))
-    assert "row 1 (id 't11'): column 'tests' (the assert lines) holds []: write a non-empty list" in msg
+    assert "line 1 (id 't11'): column 'tests' (the assert lines) holds []: write a non-empty list" in msg
 
 
 def test_an_empty_file_and_an_unreadable_one(tmp_path):
@@ -291,7 +292,8 @@ def test_an_empty_file_and_an_unreadable_one(tmp_path):
     Path(cfg.task.files.train).write_text("")
     assert f"{tmp_path}/train.jsonl (task.files.train) is empty" in error(cfg)
     Path(cfg.task.files.train).write_text('{"id": "p1", "prompt": "x"}\nnot json\n')
-    assert "train.jsonl (task.files.train): cannot read it as json (" in error(cfg)
+    assert ("train.jsonl (task.files.train): line 2 is not valid JSON (Expecting value, column 1); "
+            "fix or remove that line") in error(cfg)
     Path(cfg.task.files.train).write_text("\n\n")  # no row: datasets refuses it
     assert "cannot read it as json (ValueError: " in error(cfg)
     (tmp_path / "header.csv").write_text("id,prompt\n")
@@ -304,7 +306,7 @@ def test_an_empty_file_and_an_unreadable_one(tmp_path):
 
 def test_duplicated_ids_name_both_rows(tmp_path):
     msg = error(config(tmp_path, cal=[CAL[0], CAL[1], {**CAL[2], "id": "u2"}]))
-    assert "cal.jsonl (task.files.calibration): rows 1 and 3 both have id 'u2': ids must be unique" in msg
+    assert "cal.jsonl (task.files.calibration): line 1 and line 3 both have id 'u2': ids must be unique" in msg
     assert "column 'id' (each row's id) is empty" in error(config(tmp_path, cal=[{**CAL[0], "id": None}]))
 
 
@@ -326,7 +328,8 @@ def test_no_calibration_row_with_a_span_is_an_error_one_is_a_skip(tmp_path, test
 
 def test_check_task_prints_the_summary_and_the_label_report(tmp_path, capsys):
     config(tmp_path)
-    assert check_task.main(["--config", str(tmp_path / "task.yaml"), "task.n_train_prompts=2"]) == 0
+    assert check_task.main(["--config", str(tmp_path / "task.yaml"), "task.n_train_prompts=2",
+                            "task.n_calibration=3", "task.n_eval=2"]) == 0  # no file short of rows
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == ["task units (task.source=files)",
                        f"  calibration       3 rows  from {tmp_path}/cal.jsonl",
@@ -341,7 +344,7 @@ def test_check_task_exits_2_on_bad_input(tmp_path, capsys):
     config(tmp_path, train=[{"id": "p1", "prompt": ""}])
     assert check_task.main(["--config", str(tmp_path / "task.yaml")]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after any progress bar of `datasets`
-    assert last.startswith(f"error: {tmp_path}/train.jsonl (task.files.train), row 1 (id 'p1')")
+    assert last.startswith(f"error: {tmp_path}/train.jsonl (task.files.train), line 1 (id 'p1')")
     # every example's spans cut off by calibration.max_length: the report says so, then the error
     assert check_task.main(["--config", str(tmp_path / "task.yaml"), "calibration.max_length=8",
                             f"task.files.train={tmp_path}/cal.jsonl"]) == 2
@@ -353,18 +356,18 @@ def test_check_task_exits_2_on_bad_input(tmp_path, capsys):
 
 
 def test_the_pre_run_check_knows_a_files_task_runs_model_code(tmp_path, monkeypatch):
-    from spd_ray import pipeline
+    from spd_ray import checks
     from spd_ray.tasks.sandbox import SandboxUnavailable
 
     def unavailable():
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
 
-    monkeypatch.setattr(pipeline, "require_isolation", unavailable)
-    pipeline.check(config(tmp_path))  # an exact-match task runs no code
+    monkeypatch.setattr(checks, "require_isolation", unavailable)
+    checks.check(config(tmp_path))  # an exact-match task runs no code
     with pytest.raises(ConfigError, match="bubblewrap"):  # an asserts split would run the model's programs
-        pipeline.check(config(tmp_path, "task.files.scorer=asserts"))
+        checks.check(config(tmp_path, "task.files.scorer=asserts"))
     with pytest.raises(ConfigError, match="evaluation.domains=.*does not apply to task.source=files"):
-        pipeline.check(config(tmp_path, "evaluation.domains=[math]"))
+        checks.check(config(tmp_path, "evaluation.domains=[math]"))
 
 
 def test_a_file_edited_in_place_changes_the_fingerprint_of_its_part_only(tmp_path):

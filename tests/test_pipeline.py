@@ -167,7 +167,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), f"model.path={tmp_path}/nomodel",
                            f"run.output_dir={tmp_path}"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "model folder not found" in proc.stderr and "nomodel" in proc.stderr
+    assert f"model.path={tmp_path}/nomodel: no such folder; set model.path=" in proc.stderr
 
 
 def _parts(run: Path) -> set[str]:

@@ -159,7 +159,9 @@ def zero3_config(model: ModelConfig, calibration: CalibrationConfig, world: int,
                  overrides: dict | None = None) -> dict:
     """The DeepSpeed config of ZeRO-3 calibration: micro-batches of `calibration.batch_size`
     (inert, as are the other batch fields, without an optimizer) in the precision of
-    `model.dtype` on the workers' devices (`resolve_precision`)."""
+    `model.dtype` on the workers' devices (`resolve_precision`). Settings that cannot work are
+    a ValueError (`_check_zero_stage`): the up-front check builds it dry."""
+    _check_zero_stage(model, calibration)
     dtype = resolve_precision(model.dtype, gpu=calibration.gpus_per_worker > 0)
     return deepspeed_config(zero_stage=3, world_size=world,
                             micro_batch_size=calibration.batch_size, dtype=dtype,

@@ -71,9 +71,13 @@ def training_deepspeed_config(cfg: FinetuneConfig, dtype: torch.dtype,
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"finetune.zero_stage={cfg.zero_stage}; valid values: 0, 1, 2, 3")
     if cfg.offload_params and cfg.zero_stage != 3:
-        raise ValueError("finetune.offload_params needs finetune.zero_stage=3")
+        raise ValueError(f"finetune.offload_params=true needs finetune.zero_stage=3 (only ZeRO-3 "
+                         f"partitions the parameters), not {cfg.zero_stage}: set "
+                         "finetune.zero_stage=3 or finetune.offload_params=false")
     if cfg.offload_optimizer and cfg.zero_stage == 0:
-        raise ValueError("finetune.offload_optimizer needs finetune.zero_stage >= 1")
+        raise ValueError("finetune.offload_optimizer=true needs finetune.zero_stage >= 1 (ZeRO "
+                         "partitions the optimizer state it offloads): set finetune.zero_stage=1, "
+                         "2 or 3, or finetune.offload_optimizer=false")
     return deepspeed_config(zero_stage=cfg.zero_stage, world_size=cfg.num_workers,
                             micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                             max_grad_norm=cfg.max_grad_norm, dtype=dtype,
@@ -113,7 +117,8 @@ def _enable_gradient_checkpointing(model) -> None:
 
 
 def _export(cfg: FinetuneConfig, model: ModelConfig, state_dict: dict, output_dir: Path, dtype) -> None:
-    """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter."""
+    """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter
+    (a model with its own code: with that code, which save_pretrained copies)."""
     from spd_ray.core.modeling import from_pretrained, load_tokenizer
     from spd_ray.core.recipe import finished_model, prepare_model
 

@@ -8,13 +8,15 @@ local or at an fsspec URL (file://, s3://, gs://, hf://), read with `datasets`.
 - train: the prompt column only; no answer column of the training file is ever read;
 - evaluation, one file per split, named "<domain>/<split>": prompt plus what its scorer needs
   (gold, or tests for asserts, or the answer for nll).
-Each file gives its first n rows (task.n_calibration, n_train_prompts, n_eval, n_eval_splits).
-Every problem is found here, before any compute, and reported (`TaskDataError`) with the file,
-the row (1 is the first record) and the fix.
+Each file gives its first n rows (task.n_calibration, n_train_prompts, n_eval, n_eval_splits);
+a file that holds fewer gives all of them, with a warning. Every problem is found here, before
+any compute, and reported (`TaskDataError`) with the file, where in it (JSON Lines and CSV: the
+line of the file, 1-based, as an editor shows it; Parquet: the row, 1 is the first) and the fix.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from typing import Any
 import datasets
 import fsspec
 
+from spd_ray import console
 from spd_ray.config import ColumnsConfig, TaskConfig
 from spd_ray.core.spans import regex_spans, span_regex
 from spd_ray.tasks.item import Item
@@ -62,7 +65,8 @@ def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list
     calibration = _calibration(task, pattern)
     train = [Item(id=row.id, domain=task.domain, split="train", answer="",
                   prompt=row.required("prompt", "a training prompt cannot be empty"))
-             for row in _read(task, "train", files.train, ["prompt"], task.n_train_prompts)]
+             for row in _read(task, "train", files.train, ["prompt"], task.n_train_prompts,
+                              "task.n_train_prompts")]
     splits = {f"{task.domain}/{split}": _eval_split(task, split, path) for split, path in files.eval.items()}
     return calibration, train, splits
 
@@ -71,7 +75,8 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
     spans = task.files.spans
     fields = ["prompt", "answer", *(["answer_spans"] if spans.mode == "explicit" else [])]
     rows = _read(task, "calibration", task.files.calibration, fields, task.n_calibration,
-                 hints={"answer_spans": ", or find the spans by task.files.spans.rule or task.files.spans.regex"})
+                 "task.n_calibration", hints={"answer_spans": ", or find the spans by "
+                                              "task.files.spans.rule or task.files.spans.regex"})
     items = []
     for row in rows:
         answer = row.required("answer", "a calibration example is a prompt with its reference answer")
@@ -94,9 +99,11 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
 def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     scorer = task.files.scorer_of(split)
     need = SCORER_NEEDS.get(scorer, "gold")
-    n = task.n_eval_splits.get(f"{task.domain}/{split}", task.n_eval)
+    name = f"{task.domain}/{split}"
+    n = task.n_eval_splits.get(name, task.n_eval)
+    asked_by = f"task.n_eval_splits[{name!r}]" if name in task.n_eval_splits else "task.n_eval"
     other = f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"
-    rows = _read(task, f"eval.{split}", path, ["prompt", need], n,
+    rows = _read(task, f"eval.{split}", path, ["prompt", need], n, asked_by,
                  optional=("setup",) if need == "tests" else (), hints={need: other})
     items = []
     for row in rows:
@@ -116,7 +123,7 @@ def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
 @dataclass
 class _Row:
     """One row of a task file: its cells by field (for the fields whose column the file has)."""
-    at: str  # where an error points: "<file> (task.files.<key>), row <n> (id <id>)"
+    at: str  # where an error points: "<file> (task.files.<key>), line <n> (id <id>)"
     id: str
     cells: dict[str, Any]
     columns: ColumnsConfig
@@ -186,11 +193,11 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, optional: tuple[str, ...] = (),
-          hints: dict[str, str] | None = None) -> list[_Row]:
-    """The first `n` rows of the file at `path` (config key task.files.<key>), with the columns
-    of `fields` (which it must have), of `optional` where it has them, and the ids. `hints`
-    end the message of a missing column, by field."""
+def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, asked_by: str,
+          optional: tuple[str, ...] = (), hints: dict[str, str] | None = None) -> list[_Row]:
+    """The first `n` rows of the file at `path` (config key task.files.<key>; `n` is the
+    setting `asked_by`'s), with the columns of `fields` (which it must have), of `optional`
+    where it has them, and the ids. `hints` end the message of a missing column, by field."""
     where = f"{path} (task.files.{key})"
     kind = _format(path, task.files.format, where)
     _check_file(path, where)
@@ -198,36 +205,91 @@ def _read(task: TaskConfig, key: str, path: str, fields: list[str], n: int, opti
     hints = {"id": " (the same in every file), or unset it to number the rows", **(hints or {})}
     id_field = ["id"] if names.id is not None else []
     columns = {f: getattr(names, f) for f in [*id_field, *fields, *optional]}
-    # CSV: every cell as written (no numbers parsed, "007" stays), empty cells empty, not NaN
-    extra = {"converters": {c: str for c in columns.values()}, "na_filter": False} if kind == "csv" else {}
-    try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train", **extra)
-    except Exception as err:  # in the reader's words: a malformed file, not this format, or no row
-        cause = err.__cause__ or err
-        raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); fix the "
-                            "file (one row per example, at least one), or name its format with "
-                            "task.files.format") from err
+    ds = _load(path, kind, where, list(columns.values()))
     for field in [*id_field, *fields]:
         if columns[field] not in ds.column_names:
             raise TaskDataError(
                 f"{where} has no column {columns[field]!r} ({HOLDS[field]}); its columns: {ds.column_names}. "
                 f"Name the one that holds it with task.files.columns.{field}=<column>{hints.get(field, '')}")
+    places = _places(path, kind, len(ds))
+    if len(ds) < n:
+        console.warn(f"{where}: using all {len(ds)} rows of the {n} asked ({asked_by}): the file "
+                     "holds no more")
     present = {f: c for f, c in columns.items() if c in ds.column_names}
     ds = ds.select(range(min(n, len(ds)))).select_columns(sorted(set(present.values())))
-    rows, first_row = [], {}  # id -> the row that has it
-    for number, record in enumerate(ds.to_list(), start=1):
+    rows, first_row = [], {}  # id -> where the row that has it is
+    for number, (place, record) in enumerate(zip(places, ds.to_list()), start=1):
         cells = {f: record[c] for f, c in present.items()}
-        row = _Row(f"{where}, row {number}", str(number), cells, names)
+        row = _Row(f"{where}, {place}", str(number), cells, names)
         if id_field:
             item_id = row.required("id", "ids name the rows (unset task.files.columns.id to number them)")
             if item_id in first_row:
-                raise TaskDataError(f"{where}: rows {first_row[item_id]} and {number} both have id {item_id!r}: "
-                                    "ids must be unique within a file; fix one, or unset "
-                                    "task.files.columns.id to number the rows")
-            first_row[item_id] = number
-            row = _Row(f"{where}, row {number} (id {item_id!r})", item_id, cells, names)
+                raise TaskDataError(f"{where}: {first_row[item_id]} and {place} both have id "
+                                    f"{item_id!r}: ids must be unique within a file; fix one, or "
+                                    "unset task.files.columns.id to number the rows")
+            first_row[item_id] = place
+            row = _Row(f"{where}, {place} (id {item_id!r})", item_id, cells, names)
         rows.append(row)
     return rows
+
+
+def _load(path: str, kind: str, where: str, columns: list[str]) -> datasets.Dataset:
+    """The file as a `datasets` table, or an error in the reader's words (for JSON Lines: the
+    line that is not JSON)."""
+    # CSV: every cell as written (no numbers parsed, "007" stays), empty cells empty, not NaN
+    extra = {"converters": {c: str for c in columns}, "na_filter": False} if kind == "csv" else {}
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train", **extra)
+    except Exception as err:  # a malformed file, not this format, or no row
+        bad = _bad_json_line(path) if kind == "json" else None
+        if bad:
+            raise TaskDataError(f"{where}: {bad}; fix or remove that line (JSON Lines: one JSON "
+                                "object per line)") from err
+        cause = err.__cause__ or err
+        raise TaskDataError(f"{where}: cannot read it as {kind} ({type(cause).__name__}: {cause}); "
+                            "fix the file (one row per example, at least one), or name its format "
+                            "with task.files.format") from err
+
+
+def _lines(path: str):
+    """The file's text lines (fsspec: local or a URL; .gz decompressed)."""
+    return fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace",
+                       newline="")
+
+
+def _bad_json_line(path: str) -> str | None:
+    """The first line of a JSON Lines file that is not JSON, in words; None if every one is."""
+    with _lines(path) as f:
+        for number, text in enumerate(f, start=1):
+            if number == 1 and text.lstrip().startswith("["):
+                return None  # a JSON array, not JSON Lines
+            try:
+                if text.strip():
+                    json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno})"
+    return None
+
+
+def _places(path: str, kind: str, n_records: int) -> list[str]:
+    """Where each record is, as a person finds it: the line it starts on (JSON Lines, whose
+    blank lines hold no record; CSV, under its header), else its row number (Parquet, a JSON
+    array)."""
+    starts: list[int] = []
+    if kind == "json":
+        with _lines(path) as f:
+            starts = [number for number, text in enumerate(f, start=1) if text.strip()]
+    elif kind == "csv":
+        with _lines(path) as f:
+            reader, line = csv.reader(f), 1
+            for record in reader:  # a quoted cell may span lines
+                if record:
+                    starts.append(line)
+                line = reader.line_num + 1
+            starts = starts[1:]  # the header
+    if len(starts) == n_records:
+        return [f"line {number}" for number in starts]
+    return [f"row {number}" for number in range(1, n_records + 1)]
 
 
 def _format(path: str, fmt: str, where: str) -> str:

@@ -22,6 +22,7 @@ class LabelReport:
     """The calibration set's labels, in figures and a few rendered examples."""
     spans: str  # where the correctness spans come from
     n_examples: int
+    n_asked: int  # task.n_calibration: more than n_examples where the data holds fewer
     labeled_tokens: list[int]  # per labeled example
     skipped: dict[str, list[str]]  # reason -> ids of the examples skipped for it
     samples: list[tuple[str, str]]  # (id, text with its labeled tokens marked), the first few labeled
@@ -33,6 +34,9 @@ class LabelReport:
     def lines(self) -> list[str]:
         """The report as console lines."""
         out = [f"calibration labels ({self.spans}): {self.n_labeled} of {self.n_examples} examples labeled"]
+        if self.n_examples < self.n_asked:
+            out.append(f"  {self.n_examples} examples used of the {self.n_asked} asked "
+                       "(task.n_calibration): the data holds no more")
         if self.labeled_tokens:
             t = self.labeled_tokens
             out.append(f"  labeled tokens per example: min {min(t)}, median {statistics.median(t):g}, "
@@ -70,8 +74,8 @@ def label_report(cfg: SPDConfig, tokenizer, calibration_items: Sequence[Item],
         labeled_tokens.append(labeled.n_labeled)
         if len(samples) < n_samples:
             samples.append((item.id, mark_labels(item.text, labeled, context=30).replace("\n", "\\n")))
-    return LabelReport(_spans_source(cfg, calibration_items), len(calibration_items), labeled_tokens,
-                       skipped, samples)
+    return LabelReport(_spans_source(cfg, calibration_items), len(calibration_items),
+                       cfg.task.n_calibration, labeled_tokens, skipped, samples)
 
 
 def _spans_source(cfg: SPDConfig, items: Sequence[Item]) -> str:
