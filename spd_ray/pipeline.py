@@ -31,7 +31,7 @@ from spd_ray.local_ray import start_local_ray
 from spd_ray.stages.calibrate import distributed_kv_stats
 from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.stages.finetune import HISTORY_FILE, epoch_plan, finetune_on_ray
-from spd_ray.stages.generate import generate_dataset, save_folded_checkpoint
+from spd_ray.stages.generate import generate_dataset
 from spd_ray.tasks.evaluation import score
 from spd_ray.tasks.labels import LabelReport, label_report
 from spd_ray.tasks.sandbox import SandboxUnavailable, require_isolation, warn_unisolated
@@ -79,12 +79,8 @@ def stage2_generate(cfg: SPDConfig, prompts: list[str], subspace_dir: Path | Non
     if done:
         console.log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
     if todo:
-        folded = None
-        if g.backend == "vllm" and g.project:  # vLLM reads weights from disk: fold them there once
-            folded = ray.get(save_folded_checkpoint.options(num_gpus=g.gpus_per_replica).remote(
-                cfg.model, str(subspace_dir), cfg.subspace.mode, str(out.with_name("folded_model"))))
         ds = generate_dataset(ray.data.from_items(todo), cfg.model, g, subspace_dir=subspace_dir,
-                              mode=cfg.subspace.mode, apply=cfg.subspace.apply, folded_checkpoint=folded)
+                              mode=cfg.subspace.mode, apply=cfg.subspace.apply)
         with console.progress("generating", len(rows), done=len(done), unit="rows") as bar:
             batches = ds.iter_batches(batch_size=g.batch_size, batch_format="pyarrow")
             data.write_parts(bar.count(batches, lambda batch: batch.num_rows), out,
@@ -190,7 +186,8 @@ def training_figures(model_dir: Path) -> str:
 def evaluate(cfg: SPDConfig, model_path: str, splits, out: Path, subspace_dir: Path | None = None) -> None:
     model = dataclasses.replace(cfg.model, path=model_path)
     out.write_text(json.dumps(evaluate_on_ray(model, cfg.generation, cfg.evaluation, splits,
-                                              subspace_dir, cfg.subspace.mode), indent=1))
+                                              subspace_dir, cfg.subspace.mode, cfg.subspace.apply),
+                              indent=1))
 
 
 def scores(metrics: dict[str, float]) -> str:
