@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
 from spd_ray.pipeline import prepare, ray_connection, ray_logs, run_pipeline  # noqa: E402
+from spd_ray.stages.preflight import preflight  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
         with ray_connection(cfg):
+            try:  # what the stages ask of the cluster, before any of them
+                preflight(cfg)
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
             console.echo(f"  Ray logs {ray_logs()}")
             tracker = Tracker(cfg, run.path)
             if tracker.where():
