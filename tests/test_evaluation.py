@@ -67,6 +67,16 @@ def test_reference_nll_in_chunks_of_rows_equals_the_whole_batch(testbed_model, t
     assert chunked == pytest.approx(whole, rel=1e-5, abs=1e-5)
 
 
+def test_gpu_tasks_run_on_single_use_workers():
+    """Ray recycles a task's worker unless max_calls=1 is in the decorator (.options cannot set
+    it): a recycled worker would keep its CUDA memory, and vLLM then refuses that GPU."""
+    from spd_ray.stages.evaluate import _reference_nll
+    from spd_ray.stages.generate import save_folded_checkpoint
+
+    for task in (_reference_nll, save_folded_checkpoint):
+        assert task._default_options["max_calls"] == 1
+
+
 def test_the_scorer_table_is_the_configs():
     assert (*TEXT_SCORERS, "asserts", "nll") == SCORERS
 
