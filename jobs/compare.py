@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             try:  # what every run asks of the cluster, before any of them
                 preflight(*(cfg for *_, cfg in plan))
             except ConfigError as err:
-                print(f"error: {err}", file=sys.stderr)
+                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
                 return 2
             console.echo(f"  Ray logs {ray_logs()}")
             records, subspaces = run_plan(cc, plan, tasks, store, exp)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             try:  # what the stages ask of the cluster, before any of them
                 preflight(cfg)
             except ConfigError as err:
-                print(f"error: {err}", file=sys.stderr)
+                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
                 return 2
             console.echo(f"  Ray logs {ray_logs()}")
             tracker = Tracker(cfg, run.path)

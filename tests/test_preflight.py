@@ -2,6 +2,8 @@
 config check for each problem, and a local Ray (`ray.init(num_gpus=1)` fakes a GPU on CPU) or a
 simulated two-node cluster for what reads the cluster itself."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,15 @@ def test_a_placement_group_that_cannot_be_placed_times_out_with_the_fix(one_gpu_
     batches = [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}] * 2
     with pytest.raises(RuntimeError, match=r"waited 1 s for 2 calibration workers .* set calibration.num_workers=1"):
         distributed_kv_stats(cfg, batches, [0])
+
+
+def test_the_job_stops_at_the_preflight_before_any_stage(tmp_path):
+    """jobs/spd.py on this machine's CPU Ray with a GPU setting: `error:` and exit 2, nothing made."""
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), "generation.gpus_per_replica=1",
+                           f"run.output_dir={tmp_path}", "run.name=gpu", "run.wandb.enabled=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    shown = proc.stdout + proc.stderr  # the console: stderr is the driver log once it is open
+    assert "error: stage 2 and evaluation needs 1 GPUs, the cluster has 0: use the CPU settings" in shown
+    assert "Traceback" not in shown
+    assert not [p.name for p in (tmp_path / "gpu").iterdir() if p.name not in ("logs", "config.yaml")]
