@@ -81,14 +81,13 @@ class Generator:
 BATCH_INVARIANT_CAPABILITY = 80
 
 
-def _batch_invariance() -> bool:
-    """VLLM_BATCH_INVARIANT=1 (unless the user set it) where this GPU has the kernels; whether
-    vLLM runs batch-invariant. NVML answers, so CUDA is not initialized before vLLM starts."""
+def _batch_invariance() -> None:
+    """VLLM_BATCH_INVARIANT=1 (unless the user set it) where this GPU has the kernels, before
+    vLLM reads it. NVML answers, so CUDA is not initialized before vLLM starts."""
     from vllm.platforms import current_platform
 
     if current_platform.has_device_capability(BATCH_INVARIANT_CAPABILITY):
         os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
-    return os.environ.get("VLLM_BATCH_INVARIANT") == "1"
 
 
 class VLLMGenerator:
@@ -100,13 +99,13 @@ class VLLMGenerator:
     the engine's batch unless vLLM runs batch-invariant (`_batch_invariance`: GPUs of compute
     capability 8.0 and newer). Elsewhere a retried block may sample other texts for the same
     seeds: still one per row, which is all stage 2's resume relies on (rows written are kept, the
-    others generated). The HF backend is batch-invariant on CPU; on GPU its kernels can change
-    the last bits of the logits with the batch's padding, so ties may break differently."""
+    others generated). The HF backend is batch-invariant on CPU (tests/test_generation.py); on
+    GPU its kernels may change the last bits of the logits with a batch's padding (untested)."""
 
     def __init__(self, checkpoint: str, model: ModelConfig, gen: GenerationConfig, greedy: bool,
                  max_new_tokens: int):
         try:
-            self.batch_invariant = _batch_invariance()
+            _batch_invariance()
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise ImportError("generation.backend=vllm needs vLLM on the generation nodes "
