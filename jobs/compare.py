@@ -39,6 +39,7 @@ from spd_ray.config import (  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
 from spd_ray.pipeline import PipelineResult, run_pipeline, subspace_stage  # noqa: E402
+from spd_ray.stages.preflight import preflight  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"{len(plan)} runs into {exp}")
         console.echo(f"  driver log {console.log_path()}" + ("" if args.verbose else " (all but these lines)"))
         with ray_session(plan[0][3].run) as ray_logs:
+            try:  # what every run asks of the cluster, before any of them
+                preflight(*(cfg for *_, cfg in plan))
+            except ConfigError as err:
+                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
+                return 2
             console.echo(f"  Ray logs {ray_logs}")
             records, subspaces = run_plan(cc, plan, tasks, store, exp)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"

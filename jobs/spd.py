@@ -36,6 +36,7 @@ from spd_ray import artifacts, console  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
 from spd_ray.pipeline import prepare, run_pipeline  # noqa: E402
+from spd_ray.stages.preflight import preflight  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
 
 
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"run directory {run.path}")
         console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
         with ray_session(cfg.run) as ray_logs:
+            try:  # what the stages ask of the cluster, before any of them
+                preflight(cfg)
+            except ConfigError as err:
+                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
+                return 2
             console.echo(f"  Ray logs {ray_logs}")
             tracker = Tracker(cfg, run.path)
             if tracker.where():

@@ -183,6 +183,9 @@ class CalibrationConfig:
     # parameter gradients, so no optimizer state is ever built)
     zero_stage: Literal[0, 3] = 0
     max_failures: int = 3  # attempts made again on fresh workers when one is lost
+    # how long the workers' placement group may wait for its GPUs/CPUs (an autoscaler adding
+    # nodes takes minutes) before stage 1 stops and says what it asked for
+    placement_timeout_s: float = 900.0
 
 
 # The ways to choose the subspace's rank, and to run model-written code: named, so that the
@@ -217,7 +220,32 @@ class GenerationConfig:
     replicas_min: int = 1  # Ray Data actor pool (autoscales between min and max)
     replicas_max: int = 2
     cpus_per_replica: float = 0.5  # fractional on CPU: a pool that takes every CPU starves the reader
-    gpus_per_replica: float = 0.0
+    gpus_per_replica: float = 0.0  # vllm: a whole number, at least tensor_parallel_size
+    # vllm only. The engine fills its batch from the prompts of one call: give it large blocks
+    vllm_batch_size: int = 2048
+    max_prompt_tokens: int = 1024  # the prompt part of vLLM's context (max_model_len)
+    max_model_len: int | None = None  # None: max_prompt_tokens + the run's max_new_tokens
+    gpu_memory_utilization: float = 0.9  # vLLM's share of its GPU (weights + KV cache)
+    enforce_eager: bool = False  # True: no CUDA graphs (less memory, slower decoding)
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
+
+    def __post_init__(self):
+        if self.backend != "vllm":
+            return
+        if self.gpus_per_replica < max(1, self.tensor_parallel_size) or self.gpus_per_replica % 1:
+            raise ConfigError(
+                f"generation.backend=vllm with generation.gpus_per_replica={self.gpus_per_replica}: "
+                "each vLLM engine takes whole GPUs (gpu_memory_utilization of each), set "
+                f"generation.gpus_per_replica={max(1, self.tensor_parallel_size)} "
+                "(= generation.tensor_parallel_size), or use generation.backend=hf")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"generation.gpu_memory_utilization={self.gpu_memory_utilization}: "
+                              "a fraction of the GPU's memory, in (0, 1], e.g. 0.9")
+
+    def vllm_max_model_len(self, max_new_tokens: int) -> int:
+        """vLLM's context: max_model_len, or the prompt limit plus the tokens to generate
+        (vLLM otherwise takes the model's whole context, 131k tokens for Llama-3.1)."""
+        return self.max_model_len or self.max_prompt_tokens + max_new_tokens
 
 
 @dataclass

@@ -50,7 +50,9 @@ GCP_GPUS = {"g2-standard-4": ("nvidia-l4", 1), "g2-standard-8": ("nvidia-l4", 1)
             "a2-ultragpu-1g": ("nvidia-a100-80gb", 1), "a2-ultragpu-2g": ("nvidia-a100-80gb", 2),
             "a2-ultragpu-4g": ("nvidia-a100-80gb", 4), "a2-ultragpu-8g": ("nvidia-a100-80gb", 8)}
 
-PACKAGE_INSTALL = re.compile(r"pip install\b.*\s-e\s+" + re.escape(INSTALL_DIR) + r"/?(\s|$)")
+# `pip install -e DIR` or `pip install -e "DIR[extras]"`
+PACKAGE_INSTALL = re.compile(r"pip install\b.*\s-e\s+\"?" + re.escape(INSTALL_DIR)
+                             + r"/?(\[(?P<extras>[\w,-]+)\])?\"?(\s|$)")
 TORCH_INSTALL = re.compile(r"pip install\b.*\storch(==|\s|$)")
 RAY_PIN = re.compile(r"ray\[[^\]]*\]==([0-9][0-9.]*)")
 # The job passes these to its own ray.init (spd_ray/local_ray.py, ray_session); Ray refuses a job
@@ -92,6 +94,10 @@ def _install_problems(where: str, commands: list[str], *, gpu: bool) -> list[str
             problems.append(f"{where}: GPU nodes get the CPU build of torch")
         if not gpu and not cpu_index:
             problems.append(f"{where}: the head (no GPU) should take the CPU build of torch")
+    extras = {e for c in commands if (m := PACKAGE_INSTALL.search(c)) for e in (m["extras"] or "").split(",")}
+    if gpu and pkg and "vllm" not in extras:  # generation.backend=vllm imports it on these nodes
+        problems.append(f"{where}: GPU nodes must install the package with its vllm extra "
+                        f"(pip install -e \"{INSTALL_DIR}[vllm]\")")
     pins = {m for c in commands for m in RAY_PIN.findall(c)}
     if len(pins) != 1:
         problems.append(f"{where}: expected one pinned Ray version, got {sorted(pins)}")
@@ -254,6 +260,8 @@ SPD_BREAKAGES = {
     "workers get the CPU torch": lambda c: c.update(worker_setup_commands=[
         x + " --index-url https://download.pytorch.org/whl/cpu" if TORCH_INSTALL.search(x) else x
         for x in c["worker_setup_commands"]]),
+    "workers install the package without vLLM": lambda c: c.update(worker_setup_commands=[
+        x.replace("[vllm]", "") for x in c["worker_setup_commands"]]),
     "repository not mounted": lambda c: c.update(file_mounts={}),
     "no bubblewrap": lambda c: c.update(setup_commands=[x for x in c["setup_commands"] if "bwrap" not in x]),
     ".git copied to the nodes": lambda c: c["rsync_exclude"].remove(".git"),
@@ -437,6 +445,21 @@ RAYJOB_BREAKAGES = {
 
 def test_image_installs_bubblewrap():
     assert re.search(r"^RUN .*apt-get install .*bubblewrap", (CLUSTER / "Dockerfile").read_text(), re.M)
+
+
+def test_gpu_image_installs_the_package_with_vllm():
+    """The image is the GPU nodes' (rayproject/ray:...-gpu): generation.backend=vllm imports vLLM
+    there, pinned as ray[llm] pins it, and the pin agrees with pyproject.toml's extra."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:\S+-gpu", dockerfile, re.M)
+    assert re.search(r'^RUN pip install .*-e "/home/ray/spd-ray\[vllm\]"', dockerfile, re.M)
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    from importlib.metadata import requires
+
+    pinned = [r.split(";")[0].strip() for r in requires("ray") if 'extra == "llm"' in r and r.startswith("vllm")]
+    assert [p.replace("[audio]", "") for p in pinned] == extras["vllm"]
 
 
 def _rayjob_doc(docs):

@@ -66,3 +66,24 @@ def test_the_span_rules_of_the_config_are_the_cores():
     with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not allowed; valid values: "
                                           r"\['final_number', 'answer_letter', 'asserts'\]"):
         load_config(None, ["task.files.spans.rule=bogus"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generation.backend=vllm"], r"gpus_per_replica=0.0: each vLLM engine takes whole GPUs"),
+    (["generation.backend=vllm", "generation.gpus_per_replica=0.5"], r"set generation.gpus_per_replica=1"),
+    (["generation.backend=vllm", "generation.gpus_per_replica=1", "generation.tensor_parallel_size=2"],
+     r"set generation.gpus_per_replica=2"),
+    (["generation.backend=vllm", "generation.gpus_per_replica=1", "generation.gpu_memory_utilization=1.5"],
+     r"in \(0, 1\]"),
+])
+def test_vllm_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_vllm_context_is_the_prompt_limit_plus_the_new_tokens_unless_set():
+    gen = load_config(None, ["generation.backend=vllm", "generation.gpus_per_replica=1"]).generation
+    assert gen.vllm_max_model_len(256) == 1024 + 256
+    gen.max_model_len = 4096
+    assert gen.vllm_max_model_len(256) == 4096
+    load_config(None, ["generation.gpus_per_replica=0.5"])  # fractions are fine on the HF backend

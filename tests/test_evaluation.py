@@ -52,6 +52,31 @@ def test_evaluate_model_reports_every_split(testbed_model, testbed_tokenizer):
         metrics["code/test/nll"], rel=1e-4)
 
 
+def test_reference_nll_in_chunks_of_rows_equals_the_whole_batch(testbed_model, testbed_tokenizer):
+    items = make_split("code", "test", 6)
+    calls = []
+    hook = testbed_model.register_forward_hook(lambda module, args, out: calls.append(out.logits.shape[0]))
+    try:
+        whole = reference_nll(testbed_model, testbed_tokenizer, items, batch_size=6)
+        assert calls == [6]
+        calls.clear()
+        chunked = reference_nll(testbed_model, testbed_tokenizer, items, batch_size=6, max_logits=1)
+    finally:
+        hook.remove()
+    assert calls == [1] * 6  # a logits budget below one row's: one row per forward
+    assert chunked == pytest.approx(whole, rel=1e-5, abs=1e-5)
+
+
+def test_gpu_tasks_run_on_single_use_workers():
+    """Ray recycles a task's worker unless max_calls=1 is in the decorator (.options cannot set
+    it): a recycled worker would keep its CUDA memory, and vLLM then refuses that GPU."""
+    from spd_ray.stages.evaluate import _reference_nll
+    from spd_ray.stages.generate import save_folded_checkpoint
+
+    for task in (_reference_nll, save_folded_checkpoint):
+        assert task._default_options["max_calls"] == 1
+
+
 def test_the_scorer_table_is_the_configs():
     assert (*TEXT_SCORERS, "asserts", "nll") == SCORERS
 

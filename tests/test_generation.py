@@ -35,3 +35,27 @@ def test_top_k_and_top_p_filters():
     kept = torch.isfinite(_filter_logits(logits, 0, 0.7))[0].tolist()
     assert kept == [True, True, False, False] and probs[0] < 0.7
     assert torch.isfinite(_filter_logits(logits, 0, 0.5))[0].tolist() == [True, False, False, False]
+
+
+def test_stops_at_every_eos_id_of_the_generation_config(testbed_model, testbed_tokenizer):
+    """A model whose generation config lists two EOS ids (as Qwen2.5-Instruct's does) ends a
+    completion at either, as HF `generate` (and vLLM) do, not only at the tokenizer's."""
+    import copy
+
+    tok = testbed_tokenizer
+    prompt = "Question: Tom has 3 pens. Tom buys 4 more. How many pens does Tom have now?\nAnswer:"
+    enc = tok(prompt, return_tensors="pt")
+    free = testbed_model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = free[0, enc["input_ids"].shape[1]:].tolist()
+    # a token of the free completion, the first of its kind after two others, becomes an EOS id
+    at = next(i for i, t in enumerate(new) if i >= 2 and t not in new[:i])
+    stop = new[at]
+    assert stop != tok.eos_token_id and tok.eos_token_id not in new[:at]
+    model = copy.deepcopy(testbed_model)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    ours = generate(model, tok, [prompt, "Question: Which number is the largest?"], max_new_tokens=12)[0]
+    assert ours == tok.decode(new[:at], skip_special_tokens=True)
+    ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert ref[0, enc["input_ids"].shape[1]:].tolist() == new[:at + 1]  # HF ends there too (keeping it)
+    # the unchanged model does not stop there
+    assert generate(testbed_model, tok, [prompt], max_new_tokens=12)[0] != ours

@@ -129,34 +129,40 @@ def test_evaluation_through_the_actor_pool(local_ray, cfg, testbed_model, testbe
 
 
 def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, testbed_model, testbed_tokenizer):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from spd_ray.core.projection import projection_hooks
     from spd_ray.core.subspace import CapabilitySubspace
-    from spd_ray.stages.generate import save_folded_checkpoint
+    from spd_ray.stages.generate import FOLD_STAMP, VLLMGenerator, folded_checkpoint
 
     items = make_split("math", "calibration", 8)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
                                      [it.correctness_spans() for it in items], batch_size=8, max_length=256)
     stats, _ = accumulate_kv_gradient_stats(testbed_model, batches, resolve_layers(testbed_model, None))
-    build_subspace(stats).save(tmp_path / "subspace")
-    projection = Projection(str(tmp_path / "subspace"))
-    out = ray.get(save_folded_checkpoint.remote(cfg.model, projection, str(tmp_path / "folded")))
+    subspace = tmp_path / "subspace"
+    build_subspace(stats).save(subspace)
+    fp32 = dataclasses.replace(cfg.model, dtype="float32")
+    out = folded_checkpoint(fp32, Projection(str(subspace)))
     folded = AutoModelForCausalLM.from_pretrained(out)
     enc = testbed_tokenizer([items[0].prompt], return_tensors="pt")
-    with torch.no_grad(), projection_hooks(testbed_model, CapabilitySubspace.load(tmp_path / "subspace")):
+    with torch.no_grad(), projection_hooks(testbed_model, CapabilitySubspace.load(subspace)):
         hooked = testbed_model(**enc).logits
     torch.testing.assert_close(folded(**enc).logits, hooked, atol=1e-4, rtol=1e-4)
+    made = (Path(out) / FOLD_STAMP).stat().st_mtime_ns
+    assert folded_checkpoint(fp32, Projection(str(subspace))) == out  # reused, not redone
+    assert (Path(out) / FOLD_STAMP).stat().st_mtime_ns == made
 
-    vllm = dataclasses.replace(cfg.generation, backend="vllm")
-    with pytest.raises(ValueError, match="folded_checkpoint"):
-        generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm, projection=projection)
+    # backend=vllm with a subspace (stage 2, and evaluation's inference-only arm): generate_dataset
+    # folds beside the subspace itself, in the dtype vLLM runs (auto: bfloat16 on its GPU)
+    vllm = dataclasses.replace(cfg.generation, backend="vllm", gpus_per_replica=1)
+    generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm,
+                     projection=Projection(str(subspace)))
+    assert AutoConfig.from_pretrained(tmp_path / "subspace.folded-both").dtype == torch.bfloat16
     try:
         import vllm as _  # noqa: F401
-    except ImportError:  # here (no vLLM): the actor's error says what to install
-        with pytest.raises(Exception, match="pip install vllm"):
-            generate_dataset(ray.data.from_items([{"prompt": "x", "seed": 1}]), cfg.model, vllm,
-                             projection=projection, folded_checkpoint=out).take_all()
+    except ImportError:  # here (no vLLM): the replica's error says what to install
+        with pytest.raises(ImportError, match=r"spd-ray\[vllm\]"):
+            VLLMGenerator(out, cfg.model, vllm, greedy=True, max_new_tokens=4)
 
 
 @pytest.mark.faults

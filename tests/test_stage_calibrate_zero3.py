@@ -9,7 +9,7 @@ from spd_ray.core.gradients import accumulate_kv_gradient_stats
 from spd_ray.core.modeling import resolve_layers
 from spd_ray.core.spans import calibration_batches
 from spd_ray.core.subspace import build_subspace
-from spd_ray.stages.calibrate import distributed_kv_stats
+from spd_ray.stages.calibrate import distributed_kv_stats, shared_devices
 from spd_ray.tasks.testbed import make_split
 
 
@@ -19,6 +19,15 @@ def _cfg(path: str, **calibration) -> SPDConfig:
     for k, v in {"zero_stage": 3, "num_workers": 2, **calibration}.items():
         setattr(cfg.calibration, k, v)
     return cfg
+
+
+def test_ranks_on_one_node_see_each_others_gpus():
+    """As Ray Train does (NCCL peer-to-peer within a node): each rank sees its node's GPUs of the
+    group, and its LOCAL_RANK points at its own; ranks without a GPU keep Ray's environment."""
+    placements = [("a", ["3"]), ("b", ["0"]), ("a", ["1"]), ("a", ["10"]), ("b", ["2"])]
+    assert shared_devices(placements) == [("1,3,10", 1), ("0,2", 0), ("1,3,10", 0), ("1,3,10", 2),
+                                          ("0,2", 1)]
+    assert shared_devices([("a", []), ("a", [])]) == [(None, 0), (None, 0)]
 
 
 @pytest.mark.parametrize("setting, match", [

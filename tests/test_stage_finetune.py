@@ -110,6 +110,19 @@ def test_deepspeed_config_is_concrete():
         finetune.training_deepspeed_config(_cfg(zero_stage=2, offload_params=True), fp32)
 
 
+def test_overlap_comm_is_deepspeeds_own_default():
+    """Not forced off: DeepSpeed turns it on for ZeRO-3 (and off for 1 and 2) by itself."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fp32 = resolve_precision("auto", gpu=False)
+    for stage, overlap in [(3, True), (2, False)]:
+        zero = finetune.training_deepspeed_config(_cfg(zero_stage=stage), fp32)["zero_optimization"]
+        assert "overlap_comm" not in zero and DeepSpeedZeroConfig(**zero).overlap_comm is overlap
+
+
 def test_zero3_really_partitions(full_run):
     out, *_ = full_run
     s = _summary(out)

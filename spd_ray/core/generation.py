@@ -46,8 +46,8 @@ def generate(
     if temperature > 0 and seeds is None:
         raise ValueError("sampling (temperature > 0) needs one seed per prompt")
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     tokenizer.padding_side = "left"
     # Similar lengths share a batch (less padding); results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -66,8 +66,23 @@ def generate(
     return out
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and each of the model's generation
+    config (an int or a list; Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>), where HF
+    `generate` and vLLM stop too."""
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = [i for i in [tokenizer.eos_token_id, *listed] if i is not None]
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config has an EOS "
+                         "token: a completion would never end before max_new_tokens")
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 def _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k, gens, eos, pad):
     batch = ids.shape[0]
+    eos = torch.tensor(eos, device=ids.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     result = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     cache, next_pos = result.past_key_values, position_ids[:, -1:] + 1
@@ -83,10 +98,11 @@ def _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k, gens, e
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        ended = torch.isin(nxt, eos)
         for r in range(batch):
-            if not done[r] and nxt[r].item() != eos:
+            if not done[r] and not ended[r]:
                 tokens[r].append(nxt[r].item())
-        done |= nxt == eos
+        done |= ended
         if bool(done.all()):
             break
         mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)

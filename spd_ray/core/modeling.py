@@ -129,7 +129,8 @@ def _from_hub(loader, source: str, **kwargs):
         raise OSError(f"cannot load {source!r}: {why}; pass a local model folder instead") from e
 
 
-def _device(device: str) -> torch.device:
+def torch_device(device: str) -> torch.device:
+    """The torch device of a config's `model.device`: auto = cuda where there is one."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -138,7 +139,7 @@ def _device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: str = "auto") -> torch.dtype:
     """The torch dtype of a config's `model.dtype`: auto = bfloat16 on CUDA, float32 on CPU."""
     if dtype == "auto":
-        return torch.bfloat16 if _device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if torch_device(device).type == "cuda" else torch.float32
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
@@ -162,7 +163,7 @@ def load_model(
 ):
     """A causal LM in eval mode; dtype auto = bfloat16 on CUDA, float32 on CPU."""
     model = from_pretrained(path, resolve_dtype(dtype, device), trust_remote_code)
-    return model.to(_device(device)).eval()
+    return model.to(torch_device(device)).eval()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -74,11 +74,13 @@ def projection_hooks(model, subspace: CapabilitySubspace,
 
 
 @torch.no_grad()
-def fold_projection(model, subspace: CapabilitySubspace, mode: str = SubspaceConfig.mode):
-    """A deep copy whose k_proj / v_proj have W <- P W and b <- P b; the original is untouched."""
+def fold_projection(model, subspace: CapabilitySubspace, mode: str = SubspaceConfig.mode,
+                    inplace: bool = False):
+    """A deep copy whose k_proj / v_proj have W <- P W and b <- P b; the original is untouched
+    (`inplace`: `model` itself is folded and returned, for a model loaded only to be folded)."""
     targets = _targets(model, subspace, mode)  # checks before the (possibly large) copy
     names = {id(m): name for name, m in model.named_modules()}
-    folded = copy.deepcopy(model)
+    folded = model if inplace else copy.deepcopy(model)
     for module, p in targets:
         dst = folded.get_submodule(names[id(module)])
         if not isinstance(dst, torch.nn.Linear):

@@ -2,9 +2,10 @@
 sufficient statistics of its shard, the driver sums them and computes the capability subspace
 once (the sum is exact: docs/method.md, "Sufficient statistics").
 
-`calibration.zero_stage`: 0 gives every worker a full replica; 3 (models too large for one
-device) makes the workers one torch.distributed group (gloo on CPU, NCCL with one GPU each) that
-holds one ZeRO-3-partitioned model. Rank 0 offers its node IP and a free port as rendezvous, as
+`calibration.zero_stage`: 0 gives every worker a full replica (spread over nodes); 3 (models too
+large for one device) makes the workers one torch.distributed group (gloo on CPU, NCCL with one
+GPU each, packed onto as few nodes as hold them, each rank seeing its node's GPUs of the group)
+that holds one ZeRO-3-partitioned model. Rank 0 offers its node IP and a free port as rendezvous, as
 Ray Train's torch backend does; plain actors rather than a TorchTrainer, because statistics come
 back as return values (Train returns only reported metrics and checkpoints) and the placement
 group is shared with the replica path. Each rank's DeepSpeed is a `DeepSpeedStrategy`
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -102,12 +104,22 @@ class CalibrationWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join_zero3(self, host: str, port: int, rank: int, world: int, ds_config: dict) -> dict:
+    def devices(self) -> tuple[str, list[str]]:
+        """This worker's node and the ids of the GPUs Ray gave it."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
+
+    def join_zero3(self, host: str, port: int, rank: int, world: int, ds_config: dict,
+                   visible: str | None = None, local_rank: int = 0) -> dict:
         """Join the process group and load this rank's partition of the model (every rank at
-        once); returns the rank, its node and its partition counts."""
-        # the launcher's environment contract; LOCAL_RANK 0: Ray shows each actor only its GPU
+        once); returns the rank, its node and its partition counts. `visible`, `local_rank`:
+        the node's shared GPUs and this rank's among them (`shared_devices`)."""
+        # the launcher's environment contract
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0")
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        if visible is not None:  # before CUDA starts in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+            torch.cuda.set_device(local_rank)  # NCCL's communicator takes the current device
         self.ds = DeepSpeedStrategy(ds_config, gpu=self.calibration.gpus_per_worker > 0)
         self.ds.setup_distributed()
         m = self.model_cfg
@@ -137,6 +149,20 @@ class CalibrationWorker:
         return ({key: s.to_dict() for key, s in stats.items()}, loss_sum, _examples(batches), node)
 
 
+def shared_devices(placements: list[tuple[str, list[str]]]) -> list[tuple[str | None, int]]:
+    """Per rank, from its (node, GPU ids): CUDA_VISIBLE_DEVICES naming the GPUs of every rank on
+    its node, and the index of its own among them (LOCAL_RANK), as Ray Train sets them so that
+    NCCL can go peer-to-peer (NVLink) between a node's GPUs; (None, 0) for a rank without GPU."""
+    by_node: dict[str, set[str]] = {}
+    for node, ids in placements:
+        by_node.setdefault(node, set()).update(ids)
+    out: list[tuple[str | None, int]] = []
+    for node, ids in placements:
+        shared = sorted(by_node[node], key=int)
+        out.append((",".join(shared), shared.index(ids[0])) if ids else (None, 0))
+    return out
+
+
 def _check_zero_stage(m: ModelConfig, c: CalibrationConfig) -> None:
     """Settings that cannot work, refused before any worker starts."""
     if c.zero_stage not in (0, 3):
@@ -153,6 +179,20 @@ def _check_zero_stage(m: ModelConfig, c: CalibrationConfig) -> None:
         raise ValueError(f"calibration.zero_stage=3 with model.device={m.device} and "
                          f"calibration.gpus_per_worker={c.gpus_per_worker}: the ranks run on their "
                          "GPU when they have one, on CPU otherwise; set model.device=auto")
+
+
+def _wait_for(group, n_workers: int, bundle: dict, timeout_s: float) -> None:
+    """The placement group ready within `timeout_s`, or an error saying what it asks for and
+    what the cluster has (a group that cannot be placed would wait forever)."""
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        have = {k: ray.cluster_resources().get(k, 0) for k in bundle}
+        raise RuntimeError(
+            f"stage 1 waited {timeout_s:g} s for {n_workers} calibration workers of {bundle} each "
+            f"and the cluster has {have}: set calibration.num_workers=1 (or lower "
+            "calibration.gpus_per_worker / cpus_per_worker), or raise "
+            "calibration.placement_timeout_s while an autoscaler adds nodes") from None
 
 
 def zero3_config(model: ModelConfig, calibration: CalibrationConfig, world: int,
@@ -200,15 +240,17 @@ def _kv_stats_once(model: ModelConfig, c: CalibrationConfig, batches: list[dict]
     zero3 = c.zero_stage == 3
     # a ZeRO-3 group keeps its size (it holds the model); replicas beyond the batches are idle
     n_workers = max(1, c.num_workers if zero3 else min(c.num_workers, len(batches)))
-    # one bundle per worker, on distinct nodes whenever enough nodes can hold one (SPREAD alone
-    # is only a preference, and packs a small job onto one node)
+    # one bundle per worker; replicas on distinct nodes whenever enough nodes can hold one
+    # (SPREAD alone is only a preference, and packs a small job onto one node)
     bundle = {k: v for k, v in {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}.items() if v > 0}
     fitting = [n for n in ray.nodes()
                if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
     strategy = "STRICT_SPREAD" if len(fitting) >= n_workers else "SPREAD"
+    if zero3:  # its collectives run every layer: a node's GPUs (NVLink) before the network
+        strategy = "PACK"
     group = placement_group([bundle] * n_workers, strategy=strategy)
-    ray.get(group.ready())
     try:
+        _wait_for(group, n_workers, bundle, c.placement_timeout_s)
         workers = [CalibrationWorker.options(
             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
@@ -218,7 +260,8 @@ def _kv_stats_once(model: ModelConfig, c: CalibrationConfig, batches: list[dict]
         if zero3:
             host, port = ray.get(workers[0].free_address.remote())
             ds_config = zero3_config(model, c, n_workers, ds_overrides)
-            info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config)
+            devices = shared_devices(ray.get([w.devices.remote() for w in workers]))
+            info = ray.get([w.join_zero3.remote(host, port, rank, n_workers, ds_config, *devices[rank])
                             for rank, w in enumerate(workers)])
             if worker_info is not None:
                 worker_info.extend(info)

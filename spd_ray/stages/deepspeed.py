@@ -57,10 +57,11 @@ def deepspeed_config(*, zero_stage: int, world_size: int, micro_batch_size: int,
     the batch, accumulation and clipping fields are inert. `overrides` is merged in recursively,
     e.g. `{"zero_optimization": {"stage3_param_persistence_threshold": 0}}` so that a tiny model
     is really partitioned (tests)."""
+    # overlap_comm is left to DeepSpeed's default (on for ZeRO-3, runtime/zero/config.py); on
+    # CPU it is inert (a synchronized device: ZeRO-3 makes no side stream)
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage >= 1:
         zero["contiguous_gradients"] = True
-        zero["overlap_comm"] = False
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if offload_params:

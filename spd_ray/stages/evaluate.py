@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,19 +48,24 @@ class EvalResult:
         return ", ".join(f"{split} {' '.join(vals)}" for split, vals in parts.items())
 
 
+# max_calls=1: a fresh worker per call, so none stays holding GPU memory that vLLM would then
+# miss (Ray makes a GPU task's worker single-use only when num_gpus is in the decorator);
 # a pure function of its arguments: a lost worker or node reruns it elsewhere
-@ray.remote(max_retries=3)
+@ray.remote(max_retries=3, max_calls=1)
 def _reference_nll(model: ModelConfig, items: list, batch_size: int,
                    projection: Projection | None) -> float:
-    net = load_projected(model, projection)
-    return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items, batch_size)
+    with ExitStack() as hooks:  # projection.apply=hooks: on for this call
+        net = load_projected(model, projection, hooks)
+        return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items,
+                             batch_size)
 
 
 def evaluate_on_ray(model: ModelConfig, ev: EvalConfig, splits: dict[str, list[Item]], out: Path,
                     gen: GenerationConfig, projection: Projection | None = None) -> EvalResult:
     """Greedy completions of `model` from the generation actors (`gen`'s backend and replicas),
     scored on the driver, saved in `out`. Projection off, unless `projection` is given (the
-    inference-only baseline). The scorers are checked first (`check_scorers`): a bad one fails
+    inference-only baseline: folded or by hooks, as its `apply` says; with vLLM, from the folded
+    checkpoint stage 2 uses too). The scorers are checked first (`check_scorers`): a bad one fails
     before any generation."""
     check_scorers(splits)
     scored = accuracy_splits(splits)  # NLL-only splits need no completions

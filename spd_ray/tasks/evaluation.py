@@ -158,9 +158,14 @@ def _check_pattern(where: str, pattern: str) -> None:
 
 @torch.no_grad()
 def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = EvalConfig.batch_size,
-                  max_length: int = 512) -> float:
-    """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric)."""
+                  max_length: int = 512, max_logits: int = 2**26) -> float:
+    """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric).
+
+    Each batch runs in chunks of rows whose logits hold at most `max_logits` numbers: a batch of
+    64 x 512 tokens over a 152k vocabulary would hold 10 GiB of bf16 logits and 37 GiB more of
+    float32 copies at once; a chunk of rows holds under 1 GiB."""
     device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
     total, count = 0.0, 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -171,12 +176,14 @@ def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = Eva
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         for row, n in enumerate(prompt_lens):
             labels[row, :n] = -100  # score the answer only
-        logits = model(**enc).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum",
-                                                ignore_index=-100)
-        total += nll.item()
-        count += int((target != -100).sum())
+        rows = max(1, max_logits // (labels.shape[1] * vocab))
+        for r in range(0, len(chunk), rows):
+            part = {k: v[r : r + rows] for k, v in enc.items()}
+            logits = model(**part).logits[:, :-1].float()
+            target = labels[r : r + rows, 1:]
+            total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target,
+                                                       reduction="sum", ignore_index=-100).item()
+            count += int((target != -100).sum())
     return total / max(1, count)
 
 
