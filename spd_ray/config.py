@@ -283,7 +283,6 @@ class WandbConfig:
 class RunConfig:
     name: str = "spd"
     output_dir: str = "runs"  # local path, or shared storage (NFS mount) on multi-node clusters
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
     rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model
     # the full output of Ray, the libraries and the workers on the console (--verbose); otherwise
