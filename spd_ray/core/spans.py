@@ -18,9 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spd_ray.core.batching import pad_id, padded_batch
-
-# rule -> regex whose group 1 is a correctness span
+# rule -> regex whose group 1 is a correctness span: the names task.files.spans.rule may give
+# (spd_ray.config checks them; this module imports no torch at the top, so the config stays light)
 SPAN_RULES: dict[str, re.Pattern] = {
     # GSM8K: from just after the last '#### ' to the end of the text
     "final_number": re.compile(r"#### ((?:(?!#### ).)*)\Z", re.DOTALL),
@@ -160,6 +159,8 @@ def calibration_batches(tokenizer, texts: Sequence[str], spans: Sequence[Sequenc
             f"'#### <number>', MMLU texts end 'Answer: <letter>', MBPP texts carry 'assert' lines) "
             f"or max_length={max_length}"
         )
+    from spd_ray.core.batching import pad_id, padded_batch  # torch: not for the config's rules
+
     pad = pad_id(tokenizer)
     batches = [padded_batch(*zip(*rows[start : start + batch_size]), pad)
                for start in range(0, len(rows), batch_size)]

@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import fsspec
 
-from spd_ray.config import ColumnsConfig, TaskConfig
+from spd_ray.config import SCORERS, ColumnsConfig, TaskConfig
 from spd_ray.core.spans import regex_spans, span_regex
 from spd_ray.tasks.item import Item
 
@@ -40,8 +40,6 @@ FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "
 HOLDS = {"id": "each row's id", "prompt": "the prompt", "answer": "the reference answer",
          "gold": "the expected answer", "tests": "the assert lines", "setup": "code run before the program",
          "answer_spans": "the correctness spans, [[start, end], ...] into the answer"}
-# the column each evaluation scorer needs, where it is not the gold
-SCORER_NEEDS = {"asserts": "tests", "nll": "answer"}
 
 
 def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list[Item]]]:
@@ -93,7 +91,7 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
 
 def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     scorer = task.files.scorer_of(split)
-    need = SCORER_NEEDS.get(scorer, "gold")
+    need = SCORERS[scorer].needs if scorer in SCORERS else "gold"  # a user scorer reads the gold
     n = task.n_eval_splits.get(f"{task.domain}/{split}", task.n_eval)
     other = f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"
     rows = _read(task, f"eval.{split}", path, ["prompt", need], n,
