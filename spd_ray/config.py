@@ -56,7 +56,7 @@ HUB_DATASETS = {
 @dataclass(frozen=True)
 class Scorer:
     """What a built-in scorer of evaluation splits reads, and where it is the default."""
-    needs: str = "gold"  # the field of an evaluation row it reads (ColumnsConfig): gold, tests, answer
+    needs: str = "gold"  # the evaluation row's field (ColumnsConfig) it reads: gold|tests|answer
     domain: str | None = None  # the domain (DOMAINS) whose splits it scores unless told otherwise
     accuracy: bool = True  # False: the split reports no accuracy (nll: the reference NLL only)
 
@@ -99,8 +99,8 @@ class SpansConfig:
 
     def __post_init__(self):
         if self.rule is not None and self.rule not in SPAN_RULES:
-            raise ConfigError(f"task.files.spans.rule={self.rule!r} is not a span rule; valid rules: "
-                              f"{list(SPAN_RULES)} (or give task.files.spans.regex)")
+            raise ConfigError(f"task.files.spans.rule={self.rule!r} is not a span rule; valid "
+                              f"rules: {list(SPAN_RULES)} (or give task.files.spans.regex)")
         if self.rule is not None and self.regex is not None:
             raise ConfigError("task.files.spans: set either rule or regex, not both (neither: "
                               "explicit spans from the answer_spans column)")

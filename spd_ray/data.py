@@ -78,8 +78,9 @@ def write_parts(batches: Iterable, folder: Path, rows_per_part: int) -> int:
 def read_corpus(folder: Path):
     """The rows of the complete part files of `folder` that train: all but those whose completion
     is empty or whitespace (the caller counts them; nothing else is dropped), as one pyarrow
-    table, read where it is called: on the driver, which wrote the parts. The corpus is text, megabytes even for the paper's largest runs: it reads in a moment, where each Ray
-    Data pass over the parts costs seconds of scheduling and worker start-up."""
+    table, read where it is called: on the driver, which wrote the parts. The corpus is text,
+    megabytes even for the paper's largest runs: it reads in a moment, where each Ray Data pass
+    over the parts costs seconds of scheduling and worker start-up."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

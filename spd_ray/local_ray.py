@@ -43,7 +43,8 @@ def start_local_ray(**init_kwargs) -> None:
     raylets = _children(os.getpid(), b"raylet") if Path("/proc/self/stat").exists() else []
     if raylets:
         read, write = os.pipe()  # neither end is inherited by anything else (PEP 446)
-        subprocess.Popen([sys.executable, "-S", "-I", str(_WATCHER), *map(str, raylets)], stdin=read,
+        subprocess.Popen([sys.executable, "-S", "-I", str(_WATCHER), *map(str, raylets)],
+                         stdin=read,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(read)
         _DRIVER_ENDS.append(write)  # held open, never written, for the driver's lifetime

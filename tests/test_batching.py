@@ -12,8 +12,9 @@ def test_rows_are_right_padded_to_the_longest_or_to_a_width():
     assert right_pad(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [9, 4, 0]]
     assert right_pad(rows, -1, width=4).tolist() == [[5, 6, 7, -1], [8, -1, -1, -1], [9, 4, -1, -1]]
     batch = padded_batch([[5, 6], [8]], [[-100, 6], [8]], pad=2)
-    assert {k: v.tolist() for k, v in batch.items()} == {
-        "input_ids": [[5, 6], [8, 2]], "attention_mask": [[1, 1], [1, 0]], "labels": [[-100, 6], [8, -100]]}
+    assert {k: v.tolist() for k, v in batch.items()} == {"input_ids": [[5, 6], [8, 2]],
+                                                         "attention_mask": [[1, 1], [1, 0]],
+                                                         "labels": [[-100, 6], [8, -100]]}
     assert all(v.dtype == torch.long for v in batch.values())
 
 

@@ -59,17 +59,20 @@ def test_a_span_rule_is_one_of_the_cores_and_an_unknown_one_lists_them():
     from spd_ray.core.spans import SPAN_RULES
 
     for rule in ("final_number", "answer_letter", "asserts"):
-        assert rule in SPAN_RULES and load_config(None, [f"task.files.spans.rule={rule}"]).task.files.spans.mode == "rule"
-    with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not a span rule; valid rules: "
-                                          r"\['final_number', 'answer_letter', 'asserts'\]"):
+        cfg = load_config(None, [f"task.files.spans.rule={rule}"])
+        assert rule in SPAN_RULES and cfg.task.files.spans.mode == "rule"
+    with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not a span rule; "
+                                          r"valid rules: \['final_number', 'answer_letter', "
+                                          r"'asserts'\]"):
         load_config(None, ["task.files.spans.rule=bogus"])
 
 
 def test_an_unknown_scorer_lists_the_built_in_ones():
-    with pytest.raises(ConfigError, match=r"task.files.split_scorers.test='exactly'; valid scorers: \['exact', "
-                                          r"'normalized', 'number', 'choice', 'regex', 'asserts', 'nll'\] or "
-                                          "module:function"):
-        load_config(None, ["task.files.eval={test: t.jsonl}", "task.files.split_scorers={test: exactly}"])
+    with pytest.raises(ConfigError, match=r"task.files.split_scorers.test='exactly'; valid "
+                                          r"scorers: \['exact', 'normalized', 'number', 'choice', "
+                                          r"'regex', 'asserts', 'nll'\] or module:function"):
+        load_config(None, ["task.files.eval={test: t.jsonl}",
+                           "task.files.split_scorers={test: exactly}"])
 
 
 def test_the_config_imports_no_torch_and_of_spd_ray_only_the_span_rules():
@@ -77,7 +80,8 @@ def test_the_config_imports_no_torch_and_of_spd_ray_only_the_span_rules():
     import subprocess
     import sys
 
-    code = "import json, sys\nimport spd_ray.config\nprint(json.dumps(sorted(m for m in sys.modules " \
-           "if m.split('.')[0] in ('torch', 'spd_ray'))))"
+    code = "import json, sys\nimport spd_ray.config\nprint(json.dumps(sorted(m for m in " \
+           "sys.modules if m.split('.')[0] in ('torch', 'spd_ray'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == ["spd_ray", "spd_ray.config", "spd_ray.core", "spd_ray.core.spans"]
+    assert json.loads(out.stdout) == ["spd_ray", "spd_ray.config", "spd_ray.core",
+                                      "spd_ray.core.spans"]

@@ -65,19 +65,21 @@ RIGHT_AND_WRONG = [
 
 
 def test_every_scorer_but_nll_gives_accuracy_and_each_domain_has_its_own():
-    assert accuracy_scorers() == [it.metric for it, _, _ in RIGHT_AND_WRONG]  # each one tested below
+    assert accuracy_scorers() == [it.metric for it, _, _ in RIGHT_AND_WRONG]  # each tested below
     assert list(SCORERS) == [*accuracy_scorers(), "nll"]
     assert {d: Item("1", d, "test", "Q:", "").metric for d in ("math", "mcq", "code", "units")} == {
         "math": "number", "mcq": "choice", "code": "asserts", "units": ""}
-    assert {name: s.needs for name, s in SCORERS.items() if s.needs != "gold"} == {"asserts": "tests", "nll": "answer"}
+    needs = {name: s.needs for name, s in SCORERS.items() if s.needs != "gold"}
+    assert needs == {"asserts": "tests", "nll": "answer"}
 
 
 def test_a_scorer_is_registered_once_and_only_under_a_declared_name():
     with pytest.raises(ValueError, match=r"scorer 'exact' is registered twice"):
         text_scorer("exact")(lambda completion, it: True)
     for name in ("fuzzy", "nll"):
-        with pytest.raises(ValueError, match=rf"scorer '{name}' is not an accuracy scorer of config.SCORERS "
-                                             r"\(\['exact', .*'asserts'\]\): declare it there first"):
+        with pytest.raises(ValueError, match=rf"scorer '{name}' is not an accuracy scorer of "
+                                             r"config.SCORERS \(\['exact', .*'asserts'\]\): "
+                                             "declare it there first"):
             register_scorer(name)(lambda items, completions, ev: [])
     assert score([item("exact", "x")], [" x"]) == [True]  # the registered function is unchanged
 
@@ -93,8 +95,9 @@ def test_nll_splits_report_the_reference_nll_only():
     assert nll_splits(splits) == ["units/test"] and accuracy_splits(splits) == ["units/transfer"]
     assert split_metrics(splits, {"units/transfer": [" x"]}, {"units/test": 0.5}, EvalConfig()) == {
         "units/test/nll": 0.5, "units/transfer/accuracy": 1.0}
-    with pytest.raises(ValueError, match=r"item nll-1 has no accuracy scorer \(metric 'nll'\); valid metrics: "
-                                         r"\['exact', 'normalized', 'number', 'choice', 'regex', 'asserts'\] or"):
+    with pytest.raises(ValueError, match=r"item nll-1 has no accuracy scorer \(metric 'nll'\); "
+                                         r"valid metrics: \['exact', 'normalized', 'number', "
+                                         r"'choice', 'regex', 'asserts'\] or"):
         score(splits["units/test"], ["x"])
 
 

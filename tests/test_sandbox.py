@@ -438,8 +438,8 @@ def test_a_reused_sandbox_keeps_nothing_of_the_last_program():
 def test_a_sandbox_that_dies_is_an_error_and_is_replaced():
     with sandbox._Sandbox("isolated") as box:
         threading.Timer(0.5, box._kill).start()
-        result, again = sandbox._run_on(box, sandbox._job(Program("import time\ntime.sleep(5)"), "isolated",
-                                                          5, 512, 1000))
+        sleeper = sandbox._job(Program("import time\ntime.sleep(5)"), "isolated", 5, 512, 1000)
+        result, again = sandbox._run_on(box, sleeper)
     assert result.status == "error" and result.reason.startswith("the sandbox ended without a result")
     assert not again
     assert run_many([(SOLUTION, TESTS, "")] * 3, max_workers=1) == [sandbox.ExecResult(True, "passed")] * 3

@@ -94,7 +94,8 @@ def _asserts(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig) 
 
 _unregistered = [name for name in accuracy_scorers() if name not in _SCORE_FNS]
 if _unregistered:  # declared in config.SCORERS, and nothing here runs it
-    raise ImportError(f"the scorers {_unregistered} of config.SCORERS have no function: register one")
+    raise ImportError(f"the scorers {_unregistered} of config.SCORERS have no function: "
+                      "register one")
 
 
 def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
@@ -109,7 +110,7 @@ def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | No
       run in-process on the driver with the job's credentials (no sandbox, unlike asserts).
     nll items have no accuracy: asking for it is an error."""
     ev = ev or EvalConfig()
-    rows_of: dict[str, list[int]] = {}  # a metric's items are scored together (asserts: in parallel)
+    rows_of: dict[str, list[int]] = {}  # a metric's items scored together (asserts: in parallel)
     for i, it in enumerate(items):
         if it.metric not in _SCORE_FNS and ":" not in it.metric:
             raise ValueError(f"item {it.id} has no accuracy scorer (metric {it.metric!r}); "
@@ -118,8 +119,9 @@ def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | No
     results = [False] * len(items)
     for metric, rows in rows_of.items():
         fn = _SCORE_FNS.get(metric, _user_scores)
-        for i, correct in zip(rows, fn([items[i] for i in rows], [completions[i] for i in rows], ev)):
-            results[i] = bool(correct)
+        correct = fn([items[i] for i in rows], [completions[i] for i in rows], ev)
+        for i, right in zip(rows, correct, strict=True):
+            results[i] = bool(right)
     return results
 
 

@@ -118,7 +118,8 @@ def _interpreter() -> str:
 
 
 def _view() -> list[str]:
-    """bwrap mount arguments: read-only what the interpreter needs and the zygote, a private /tmp."""
+    """bwrap mount arguments: read-only what the interpreter needs and the zygote, a private
+    /tmp."""
     stdlib = os.path.dirname(os.path.realpath(os.__file__))
     wanted = ["/usr", _interpreter(), stdlib, sysconfig.get_config_var("LIBDIR") or stdlib]
     binds: list[str] = []
@@ -202,10 +203,11 @@ class _Sandbox:
         python = [_interpreter(), "-S", "-B"]
         if mode == "isolated":
             info_r, info_w = os.pipe()
-            self.proc = subprocess.Popen([*_bwrap_command(), "--info-fd", str(info_w), *python, _ZYGOTE_IN_SANDBOX,
-                                          "/tmp", mode],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-                                         env={}, pass_fds=(info_w,), start_new_session=True)
+            argv = [*_bwrap_command(), "--info-fd", str(info_w), *python, _ZYGOTE_IN_SANDBOX,
+                    "/tmp", mode]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err, env={}, pass_fds=(info_w,),
+                                         start_new_session=True)
             os.close(info_w)
             with os.fdopen(info_r) as info:  # written once the sandbox exists; closed if it fails
                 init = json.loads(info.read() or "{}").get("child-pid")
@@ -219,8 +221,9 @@ class _Sandbox:
                     self._kill = functools.partial(signal.pidfd_send_signal, pidfd, signal.SIGKILL)
         else:
             work = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="spd-sandbox-"))
-            self.proc = subprocess.Popen([*python, _ZYGOTE, work, mode], cwd=work, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._err,
+            self.proc = subprocess.Popen([*python, _ZYGOTE, work, mode], cwd=work,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err,
                                          env={"PYTHONHASHSEED": "0"}, start_new_session=True)
 
     def run(self, job: Job) -> Answer | None:
@@ -275,7 +278,8 @@ class _Sandbox:
 _GRACE_S = 10.0  # past a job's own timeout, for killing and cleaning up, before the sandbox is dropped
 
 
-def _job(program: Program, mode: str, timeout_s: float, memory_mb: int, max_output_bytes: int) -> Job:
+def _job(program: Program, mode: str, timeout_s: float, memory_mb: int,
+         max_output_bytes: int) -> Job:
     code, tests, setup = program
     parts = [("setup", setup), ("program", code), *((f"test {i + 1}", t) for i, t in enumerate(tests))]
     uid = _sandbox_uid() if mode == "isolated" else None
@@ -310,11 +314,12 @@ def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *,
 def _verdict(answer: Answer, job: Job) -> ExecResult:
     tail, code = answer.tail.decode(errors="replace"), answer.code
     line = answer.result.split(b"\n", 1)[0].decode(errors="replace")
-    if line.startswith(job.secret + " "):  # only the harness knows the secret: the first line counts
+    if line.startswith(job.secret + " "):  # only the harness knows the secret: line 1 counts
         status, _, reason = line[len(job.secret) + 1 :].partition(" ")
         return ExecResult(status == "passed", status, reason, tail)
     if answer.timed_out:
-        return ExecResult(False, "timeout", f"ran past the {job.timeout_s:g} s wall-clock limit", tail)
+        return ExecResult(False, "timeout", f"ran past the {job.timeout_s:g} s wall-clock limit",
+                          tail)
     if code == -signal.SIGXCPU:
         return ExecResult(False, "timeout", "ran past the CPU-time limit", tail)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"

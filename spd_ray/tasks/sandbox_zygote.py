@@ -57,7 +57,8 @@ def program(secret, uid, limits, parts, result):
         _write(_fd, f"{_key} {status} {reason}"[:2000].encode("utf-8", "replace") + b"\n")
         _exit(0)  # nothing of the program runs after its result: no atexit hook, no thread
     os.setsid()
-    if uid is not None:  # root outside: a fresh uid; clears CAP_SETUID/SETGID, the zygote's only ones
+    # root outside: a fresh uid; clears CAP_SETUID/SETGID, the zygote's only ones
+    if uid is not None:
         os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
         try:  # setting a uid from a non-root one needs the capability the drop must have cleared
             os.setuid(0)
