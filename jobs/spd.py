@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (the offline defaults are the pipeline's, set when it is imported).
 sys.path.insert(0, str(ROOT))
 
-from spd_ray import artifacts, console  # noqa: E402
+from spd_ray import artifacts, console, report  # noqa: E402
 from spd_ray.config import ConfigError, load_config  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
 from spd_ray.pipeline import prepare, run_pipeline  # noqa: E402
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.echo(f"  W&B {tracker.where()}")
             console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
             results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
-            table = artifacts.comparison_table(results.evaluations())
+            table = report.comparison_table(results.evaluations())
             (run.path / "results.md").write_text(table)
             (run.path / "metrics.json").write_text(json.dumps({**results.to_dict(), "wall_time_s": time.time() - start}, indent=1))
             tracker.finish()

@@ -322,14 +322,3 @@ def _partial(out: Path, key: str, keep: bool) -> Path:
     partial.parent.mkdir(parents=True, exist_ok=True)
     return partial
 
-
-def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown: one row per evaluation metric, one column per model, plus the SPD - base delta."""
-    models = list(metrics)
-    keys = list(metrics[models[0]])
-    lines = ["| metric | " + " | ".join(models) + " | delta |", "|---" * (len(models) + 2) + "|"]
-    for k in keys:
-        vals = [metrics[m].get(k) for m in models]
-        delta = vals[-1] - vals[0]
-        lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {delta:+.3f} |")
-    return "\n".join(lines) + "\n"

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from spd_ray.core.spans import SPAN_RULES
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 TESTBED_MODEL = PACKAGE_DIR / "testbed_model"
 
@@ -52,9 +54,27 @@ HUB_DATASETS = {
 }
 
 
-# the scorers of an evaluation split (spd_ray.tasks.evaluation); besides these, "module:function"
-# names a user function (completion, gold) -> bool, imported and run in-process
-SCORERS = ("exact", "normalized", "number", "choice", "regex", "asserts", "nll")
+@dataclass(frozen=True)
+class Scorer:
+    """What a built-in scorer of evaluation splits reads, and where it is the default."""
+    needs: str = "gold"  # the evaluation row's field (ColumnsConfig) it reads: gold|tests|answer
+    domain: str | None = None  # the domain (DOMAINS) whose splits it scores unless told otherwise
+    accuracy: bool = True  # False: the split reports no accuracy (nll: the reference NLL only)
+
+
+# The built-in scorers, by name: the one list of them. spd_ray.tasks.evaluation registers the
+# function of each that gives accuracy (`register_scorer`), checked at its import. Besides these,
+# "module:function" names a user function (completion, gold) -> bool, imported and run in-process.
+SCORERS = {
+    "exact": Scorer(),
+    "normalized": Scorer(),
+    "number": Scorer(domain="math"),
+    "choice": Scorer(domain="mcq"),
+    "regex": Scorer(),
+    "asserts": Scorer(needs="tests", domain="code"),
+    "nll": Scorer(needs="answer", accuracy=False),
+}
+DOMAIN_SCORERS = {s.domain: name for name, s in SCORERS.items() if s.domain}  # domain -> default
 
 
 @dataclass
@@ -74,12 +94,14 @@ class SpansConfig:
     """Correctness spans of the calibration answers (paper Eq. 6), one of three ways: a named
     rule, a regex whose group 1 marks a span in the answer, or explicit character spans per
     example (the `columns.answer_spans` column) when neither is set."""
-    # the paper's rules: the names of spd_ray.core.spans.SPAN_RULES (tests/test_config.py)
-    rule: Literal["final_number", "answer_letter", "asserts"] | None = None
+    rule: str | None = None  # one of spd_ray.core.spans.SPAN_RULES (the paper's rules)
     regex: str | None = None  # matched in the answer only, so the prompt is never labeled
     match: Literal["last", "all"] = "last"  # regex: the last match, or every match
 
     def __post_init__(self):
+        if self.rule is not None and self.rule not in SPAN_RULES:
+            raise ConfigError(f"task.files.spans.rule={self.rule!r} is not a span rule; valid "
+                              f"rules: {list(SPAN_RULES)} (or give task.files.spans.regex)")
         if self.rule is not None and self.regex is not None:
             raise ConfigError("task.files.spans: set either rule or regex, not both (neither: "
                               "explicit spans from the answer_spans column)")
@@ -324,7 +346,6 @@ def check_folder_name(key: str, name: str, parent_key: str) -> None:
 class RunConfig:
     name: str = "spd"
     output_dir: str = "runs"  # local path, or shared storage (NFS mount) on multi-node clusters
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
     rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model
     # the full output of Ray, the libraries and the workers on the console (--verbose); otherwise

@@ -23,43 +23,8 @@ import ray
 from spd_ray import OFFLINE_DEFAULTS
 from spd_ray.config import RunConfig
 
-# Runs in its own interpreter (no fork of a process with Ray's threads). Until EOF on stdin,
-# which comes when the driver, the only holder of the pipe's other end, exits or is killed, it
-# notes every descendant of the driver's raylets once a second (the agents are the raylet's
-# children); then it kills those still running, each checked by its start time, so that a pid
-# reused by another process is left alone.
-_WATCHER = r"""
-import os, select, signal, sys
-from pathlib import Path
-
-def table():
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            procs[int(entry.name)] = (int(fields[1]), fields[19])  # parent, start time
-        except (OSError, ValueError, IndexError):
-            pass
-    return procs
-
-roots, noted = {int(pid) for pid in sys.argv[1:]}, {}
-while not select.select([sys.stdin], [], [], 1.0)[0] or sys.stdin.buffer.read1(1):
-    procs = table()
-    for pid, (parent, start) in procs.items():
-        line, seen = parent, set()
-        while line in procs and line not in roots and line not in seen:
-            seen.add(line)
-            line = procs[line][0]
-        if line in roots:
-            noted[pid] = start
-procs = table()
-for pid, start in noted.items():
-    if pid in procs and procs[pid][1] == start:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-"""
+# the watcher, run by path (-I: neither this folder nor the working directory on its sys.path)
+_WATCHER = Path(__file__).resolve().with_name("local_ray_watcher.py")
 
 
 _DRIVER_ENDS: list[int] = []
@@ -85,7 +50,8 @@ def start_local_ray(**init_kwargs):
     raylets = _children(os.getpid(), b"raylet") if Path("/proc/self/stat").exists() else []
     if raylets:
         read, write = os.pipe()  # neither end is inherited by anything else (PEP 446)
-        subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, *map(str, raylets)], stdin=read,
+        subprocess.Popen([sys.executable, "-S", "-I", str(_WATCHER), *map(str, raylets)],
+                         stdin=read,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(read)
         _DRIVER_ENDS.append(write)  # held open, never written, for the driver's lifetime

@@ -101,6 +101,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per evaluation metric (the first model's), one column per model, plus
+    the last model's delta to the first (SPD - base); a missing value is a dash."""
+    models = list(metrics)
+    rows = []
+    for key in metrics[models[0]]:
+        vals = [metrics[m].get(key) for m in models]
+        delta = None if None in (vals[0], vals[-1]) else vals[-1] - vals[0]
+        rows.append([key, *map(_num, vals), _num(delta, "+.3f")])
+    return "\n".join(_table(["metric", *models, "delta"], rows))
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 

@@ -55,16 +55,15 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
-def test_the_span_rules_of_the_config_are_the_cores():
-    import typing
-
-    from spd_ray.config import SpansConfig
+def test_a_span_rule_is_one_of_the_cores_and_an_unknown_one_lists_them():
     from spd_ray.core.spans import SPAN_RULES
 
-    rule = typing.get_type_hints(SpansConfig)["rule"]
-    assert set(typing.get_args(typing.get_args(rule)[0])) == set(SPAN_RULES)
-    with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not allowed; valid values: "
-                                          r"\['final_number', 'answer_letter', 'asserts'\]"):
+    for rule in ("final_number", "answer_letter", "asserts"):
+        cfg = load_config(None, [f"task.files.spans.rule={rule}"])
+        assert rule in SPAN_RULES and cfg.task.files.spans.mode == "rule"
+    with pytest.raises(ConfigError, match=r"task.files.spans.rule='bogus' is not a span rule; "
+                                          r"valid rules: \['final_number', 'answer_letter', "
+                                          r"'asserts'\]"):
         load_config(None, ["task.files.spans.rule=bogus"])
 
 
@@ -87,3 +86,23 @@ def test_vllm_context_is_the_prompt_limit_plus_the_new_tokens_unless_set():
     gen.max_model_len = 4096
     assert gen.vllm_max_model_len(256) == 4096
     load_config(None, ["generation.gpus_per_replica=0.5"])  # fractions are fine on the HF backend
+
+
+def test_an_unknown_scorer_lists_the_built_in_ones():
+    with pytest.raises(ConfigError, match=r"task.files.split_scorers.test='exactly'; valid "
+                                          r"scorers: \['exact', 'normalized', 'number', 'choice', "
+                                          r"'regex', 'asserts', 'nll'\] or module:function"):
+        load_config(None, ["task.files.eval={test: t.jsonl}",
+                           "task.files.split_scorers={test: exactly}"])
+
+
+def test_the_config_imports_no_torch_and_of_spd_ray_only_the_span_rules():
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys\nimport spd_ray.config\nprint(json.dumps(sorted(m for m in " \
+           "sys.modules if m.split('.')[0] in ('torch', 'spd_ray'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == ["spd_ray", "spd_ray.config", "spd_ray.core",
+                                      "spd_ray.core.spans"]

@@ -158,6 +158,7 @@ def _fake_pipeline(cfg, task, run, tracker):
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_job_sends_the_detail_to_its_driver_log_unless_verbose(capfd, tmp_path, monkeypatch, verbose):
     monkeypatch.setattr(spd, "ray_session", lambda run: contextlib.nullcontext("/tmp/ray/session_x/logs"))
+    monkeypatch.setattr(spd, "preflight", lambda cfg: None)  # no cluster to check
     monkeypatch.setattr(spd, "run_pipeline", _fake_pipeline)
     args = [*(["--verbose"] if verbose else []), "evaluation.domains=[math]", "run.wandb.enabled=false",
             f"run.output_dir={tmp_path}", "run.name=v"]

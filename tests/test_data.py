@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spd_ray.data import sampling_rows, training_rows_filter, write_parts, written_ids
+from spd_ray.data import read_corpus, sampling_rows, write_parts, written_ids
 
 
 def _batches(rows, size, calls, die_after=None):
@@ -35,18 +35,16 @@ def test_a_killed_stage_keeps_its_parts_and_a_rerun_generates_only_the_rest(tmp_
     assert all(r["completion"] == f"c{seeds[r['id']]}" for r in table)
 
 
-def test_only_empty_completions_are_left_out_of_training():
-    assert [training_rows_filter({"completion": c}) for c in ("x", " \n", "", " y")] == [True, False, False, True]
-
-
 def test_the_corpus_is_every_complete_part_less_the_empty_completions(tmp_path):
-    from spd_ray.data import read_corpus
-
-    rows = [{**r, "completion": "" if i % 3 == 0 else f"c{i}"} for i, r in
+    # empty, or whitespace only (Unicode's too): left out; any other text trains, spaces and all
+    blank = ["", " \n", "\u00a0\u3000"]
+    rows = [{**r, "completion": blank[i % 9 // 3] if i % 3 == 0 else f" c{i}\n"} for i, r in
             enumerate(sampling_rows([f"p{i}" for i in range(10)], 1, seed=7))]
     write_parts([pa.RecordBatch.from_pylist(rows[i : i + 4]) for i in range(0, 10, 4)], tmp_path, rows_per_part=4)
     (tmp_path / ".part-x.parquet.tmp").write_bytes(b"half a file")  # not a part: never read
     table = read_corpus(tmp_path)
+    kept = sorted(f" c{i}\n" for i in range(10) if i % 3)  # as written, spaces and all
+    assert sorted(table.column("completion").to_pylist()) == kept
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for i, r in enumerate(rows) if i % 3)
     assert set(table.column_names) == set(rows[0]) and len(list(tmp_path.glob("part-*.parquet"))) == 3
     with pytest.raises(FileNotFoundError, match="no part files"):

@@ -7,15 +7,17 @@ import pytest
 from spd_ray.config import SCORERS, ConfigError, EvalConfig, GenerationConfig
 from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.tasks.evaluation import (
-    TEXT_SCORERS,
+    accuracy_scorers,
     accuracy_splits,
     check_scorers,
     evaluate_model,
     nll_splits,
     reference_nll,
+    register_scorer,
     resolve_scorer,
     score,
     split_metrics,
+    text_scorer,
 )
 from spd_ray.tasks.item import Item
 from spd_ray.tasks.testbed import make_split
@@ -77,18 +79,37 @@ def test_gpu_tasks_run_on_single_use_workers():
         assert task._default_options["max_calls"] == 1
 
 
-def test_the_scorer_table_is_the_configs():
-    assert (*TEXT_SCORERS, "asserts", "nll") == SCORERS
-
-
-@pytest.mark.parametrize("scorer, right, wrong", [
+RIGHT_AND_WRONG = [
     (item("exact", "Paris"), " Paris.\nQ: next", " paris"),
     (item("normalized", "(B)"), " B. because", " (C)"),
     (item("number", "12"), " 5 + 7 = 12\n#### 12", " #### 13"),
     (item("choice", "C"), " C. Paris", " A"),
     (item("regex", "yes", pattern=r"Final: *(\w+)"), " Final: Yes\nFinal: no", " Final: no\nFinal: yes"),
     (item("asserts", tests=["assert f(1) == 2"]), "def f(x):\n    return x + 1\n", "def f(x):\n    return x\n"),
-])
+]
+
+
+def test_every_scorer_but_nll_gives_accuracy_and_each_domain_has_its_own():
+    assert accuracy_scorers() == [it.metric for it, _, _ in RIGHT_AND_WRONG]  # each tested below
+    assert list(SCORERS) == [*accuracy_scorers(), "nll"]
+    assert {d: Item("1", d, "test", "Q:", "").metric for d in ("math", "mcq", "code", "units")} == {
+        "math": "number", "mcq": "choice", "code": "asserts", "units": ""}
+    needs = {name: s.needs for name, s in SCORERS.items() if s.needs != "gold"}
+    assert needs == {"asserts": "tests", "nll": "answer"}
+
+
+def test_a_scorer_is_registered_once_and_only_under_a_declared_name():
+    with pytest.raises(ValueError, match=r"scorer 'exact' is registered twice"):
+        text_scorer("exact")(lambda completion, it: True)
+    for name in ("fuzzy", "nll"):
+        with pytest.raises(ValueError, match=rf"scorer '{name}' is not an accuracy scorer of "
+                                             r"config.SCORERS \(\['exact', .*'asserts'\]\): "
+                                             "declare it there first"):
+            register_scorer(name)(lambda items, completions, ev: [])
+    assert score([item("exact", "x")], [" x"]) == [True]  # the registered function is unchanged
+
+
+@pytest.mark.parametrize("scorer, right, wrong", RIGHT_AND_WRONG)
 def test_each_scorer_tells_right_from_wrong(scorer, right, wrong):
     check_scorers({"units/test": [scorer]})
     assert score([scorer, scorer], [right, wrong]) == [True, False]
@@ -99,7 +120,9 @@ def test_nll_splits_report_the_reference_nll_only():
     assert nll_splits(splits) == ["units/test"] and accuracy_splits(splits) == ["units/transfer"]
     assert split_metrics(splits, {"units/transfer": [" x"]}, {"units/test": 0.5}, EvalConfig()) == {
         "units/test/nll": 0.5, "units/transfer/accuracy": 1.0}
-    with pytest.raises(ValueError, match="no accuracy scorer"):
+    with pytest.raises(ValueError, match=r"item nll-1 has no accuracy scorer \(metric 'nll'\); "
+                                         r"valid metrics: \['exact', 'normalized', 'number', "
+                                         r"'choice', 'regex', 'asserts'\] or"):
         score(splits["units/test"], ["x"])
 
 

@@ -14,7 +14,7 @@ from spd_ray.core.subspace import (
     random_subspace,
     subspace_overlap,
 )
-from spd_ray.report import compare_subspaces, summarize, write_report
+from spd_ray.report import DASH, compare_subspaces, comparison_table, summarize, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,3 +179,12 @@ def test_write_report_without_optional_sections(tmp_path):
         assert title not in text
     assert "| spd |" not in text
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["bars_math.png"]
+
+
+def test_comparison_table_has_a_column_per_model_and_the_delta_of_the_last_to_the_first():
+    metrics = {"base": {"math/test/accuracy": 0.25, "math/test/nll": 1.5},
+               "spd": {"math/test/accuracy": 0.5}}
+    assert comparison_table(metrics) == (
+        "| metric | base | spd | delta |\n|---|---|---|---|\n"
+        "| math/test/accuracy | 0.250 | 0.500 | +0.250 |\n"
+        f"| math/test/nll | 1.500 | {DASH} | {DASH} |\n")

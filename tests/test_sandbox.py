@@ -20,7 +20,7 @@ import pytest
 import ray
 
 from spd_ray.tasks import sandbox
-from spd_ray.tasks.sandbox import SandboxUnavailable, run_many, run_program
+from spd_ray.tasks.sandbox import Program, SandboxUnavailable, run_many, run_program
 
 pytestmark = pytest.mark.isolated  # skipped, visibly, where the machine cannot isolate (not in CI)
 
@@ -183,6 +183,16 @@ def test_project_files_and_the_interpreters_packages_are_not_visible(mode):
     code = f"import glob, os\nassert glob.glob({str(project / '*')!r}) == []\n"
     code += "import sysconfig\nassert not glob.glob(os.path.join(sysconfig.get_paths()['purelib'], '*'))"
     assert run_program(code, mode=mode).passed == contained(mode)
+
+
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_a_program_imports_from_its_working_directory_and_the_standard_library_only(mode):
+    # the zygote runs by path, yet its folder (spd_ray's modules) is not on the program's path
+    code = "import json, sys\nprint(json.dumps(sys.path), file=sys.stderr)"
+    path = json.loads(run_program(code, mode=mode).stderr_tail)
+    assert path[0] == "" and not [p for p in path if "spd_ray" in p or "site-packages" in p], path
+    assert run_program("import sandbox_zygote", mode=mode).reason == (
+        "program: ModuleNotFoundError: No module named 'sandbox_zygote'")
 
 
 @pytest.mark.parametrize("mode", sandbox.MODES)
@@ -417,9 +427,9 @@ def test_a_reused_sandbox_keeps_nothing_of_the_last_program():
               f"print(os.getuid(), file=__import__('sys').stderr)")
     looker = "import os, sys\nprint(os.getuid(), sorted(os.listdir('/tmp')), file=sys.stderr)"
     with sandbox._Sandbox("isolated") as box:
-        first, again = sandbox._run_on(box, sandbox._job(leaver, [], "", "isolated", 5, 512, 1000))
+        first, again = sandbox._run_on(box, sandbox._job(Program(leaver), "isolated", 5, 512, 1000))
         assert first.passed and again and _running(marker) == []  # its sleeper is gone already
-        second, _ = sandbox._run_on(box, sandbox._job(looker, [], "", "isolated", 5, 512, 1000))
+        second, _ = sandbox._run_on(box, sandbox._job(Program(looker), "isolated", 5, 512, 1000))
     uid, listing = second.stderr_tail.split(" ", 1)
     assert second.passed and (uid != first.stderr_tail.strip()) == (os.geteuid() == 0)  # root: a fresh uid
     assert "left.txt" not in listing and "'d'" not in listing  # and none of the last one's files
@@ -428,8 +438,8 @@ def test_a_reused_sandbox_keeps_nothing_of_the_last_program():
 def test_a_sandbox_that_dies_is_an_error_and_is_replaced():
     with sandbox._Sandbox("isolated") as box:
         threading.Timer(0.5, box._kill).start()
-        result, again = sandbox._run_on(box, sandbox._job("import time\ntime.sleep(5)", [], "", "isolated",
-                                                          5, 512, 1000))
+        sleeper = sandbox._job(Program("import time\ntime.sleep(5)"), "isolated", 5, 512, 1000)
+        result, again = sandbox._run_on(box, sleeper)
     assert result.status == "error" and result.reason.startswith("the sandbox ended without a result")
     assert not again
     assert run_many([(SOLUTION, TESTS, "")] * 3, max_workers=1) == [sandbox.ExecResult(True, "passed")] * 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -129,6 +131,17 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(p, p.T)
     with pytest.raises(FileNotFoundError, match="subspace.safetensors"):
         CapabilitySubspace.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_have_the_mode_the_umask_gives_any_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        build().save(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()}
+    assert modes == {"subspace.safetensors": 0o666 & ~umask, "subspace.json": 0o666 & ~umask}
 
 
 def test_random_subspace_is_orthonormal_with_same_ranks(tmp_path):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from spd_ray.config import GenerationConfig
+from spd_ray.core.batching import pad_id
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -46,8 +47,7 @@ def generate(
     if temperature > 0 and seeds is None:
         raise ValueError("sampling (temperature > 0) needs one seed per prompt")
     device = next(model.parameters()).device
-    eos = eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = eos_token_ids(model, tokenizer), pad_id(tokenizer)
     tokenizer.padding_side = "left"
     # Similar lengths share a batch (less padding); results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spd_ray.core.batching import padded_batch
 from spd_ray.core.modeling import decoder_layers, kv_linears
 from spd_ray.core.subspace import SufficientStats
 
@@ -186,18 +187,6 @@ def _zero_probes(targets: dict[tuple[int, str], torch.nn.Module], probes: dict):
             h.remove()
 
 
-def _right_padded(chunk: list[_Row], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The rows right-padded to the first (longest) one, on `device`: input ids, targets (-100 at
-    pads) and the mask of real positions."""
-    ids = torch.zeros(len(chunk), len(chunk[0].ids), dtype=torch.long)
-    tgt = torch.full_like(ids, -100)
-    used = torch.zeros_like(ids, dtype=torch.bool)
-    for r, row in enumerate(chunk):
-        ids[r, : len(row.ids)], tgt[r, : len(row.ids)] = row.ids, row.targets
-        used[r, : len(row.ids)] = True
-    return ids.to(device), tgt.to(device), used.to(device)
-
-
 def _losses_and_probe_grads(
     model, ids: torch.Tensor, tgt: torch.Tensor, select: dict, probes: dict, keys: list
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -252,7 +241,10 @@ def accumulate_kv_gradient_stats(
         try:
             for start in range(0, len(order), size):
                 chunk = order[start : start + size]
-                ids, tgt, used = _right_padded(chunk, device)
+                # pads of id 0 (the first row is the longest): no real position attends to them
+                batch = padded_batch([r.ids for r in chunk], [r.targets for r in chunk], pad=0)
+                ids, tgt = batch["input_ids"].to(device), batch["labels"].to(device)
+                used = batch["attention_mask"].bool().to(device)
                 losses, grads = _losses_and_probe_grads(model, ids, tgt, select, probes, keys)
                 for key, g in zip(keys, grads, strict=True):
                     stats[key].update(g[used].float())

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from spd_ray.config import FinetuneConfig
+from spd_ray.core.batching import padded_batch
 
 
 def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
@@ -34,16 +35,7 @@ def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str]
 
 def collate(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> dict:
     """Right-pad to the longest row (or to `pad_to`); padding is masked out of the loss."""
-    width = pad_to or max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_id, pad_to)
 
 
 def prepare_model(model, cfg: FinetuneConfig):

@@ -18,9 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-# rule -> regex whose group 1 is a correctness span
+# rule -> regex whose group 1 is a correctness span: the names task.files.spans.rule may give
+# (spd_ray.config checks them; this module imports no torch at the top, so the config stays light)
 SPAN_RULES: dict[str, re.Pattern] = {
     # GSM8K: from just after the last '#### ' to the end of the text
     "final_number": re.compile(r"#### ((?:(?!#### ).)*)\Z", re.DOTALL),
@@ -160,17 +159,9 @@ def calibration_batches(tokenizer, texts: Sequence[str], spans: Sequence[Sequenc
             f"'#### <number>', MMLU texts end 'Answer: <letter>', MBPP texts carry 'assert' lines) "
             f"or max_length={max_length}"
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (row_ids, row_labels) in enumerate(chunk):  # right padding
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            labels[r, : len(row_ids)] = torch.tensor(row_labels)
-            attention[r, : len(row_ids)] = 1
-        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    from spd_ray.core.batching import pad_id, padded_batch  # torch: not for the config's rules
+
+    pad = pad_id(tokenizer)
+    batches = [padded_batch(*zip(*rows[start : start + batch_size]), pad)
+               for start in range(0, len(rows), batch_size)]
     return batches, skipped

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from spd_ray.config import RankMode, SubspaceConfig
 
@@ -156,7 +156,8 @@ class CapabilitySubspace:
                 "kv_dim": basis.shape[0],
                 "energy": self.energy.get((layer, kind)),
             }
-        save_file(tensors, str(directory / "subspace.safetensors"))
+        # bytes written here, not save_file: it writes through a private temp file (mode 0600)
+        (directory / "subspace.safetensors").write_bytes(save(tensors))
         (directory / "subspace.json").write_text(
             json.dumps({"meta": self.meta, "keys": keys}, indent=1, default=str)
         )

@@ -152,6 +152,7 @@ class FinetuneRecipe:
         import ray
         import ray.train
 
+        from spd_ray.core.batching import pad_id
         from spd_ray.core.modeling import load_tokenizer
 
         self.cfg = cfg = FinetuneConfig(**config["finetune"])
@@ -166,8 +167,7 @@ class FinetuneRecipe:
         self.say(f"ZeRO-{cfg.zero_stage} on {self.world} workers: {self.ds.partition_counts()}; "
                  f"plan {self.plan}")
         self.tokenizer = load_tokenizer(self.model.path, self.model.trust_remote_code)
-        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                       else self.tokenizer.eos_token_id)
+        self.pad_id = pad_id(self.tokenizer)
         self.nodes = self.ds.all_gather_object(ray.get_runtime_context().get_node_id())
         self.step, self.history, self.start_step, self.start_epoch = 0, [], 0, 0
         self.wandb_run_id = config.get("wandb_run_id")

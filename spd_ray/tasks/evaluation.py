@@ -17,7 +17,7 @@ from spd_ray.config import SCORERS, ConfigError, EvalConfig
 from spd_ray.core.generation import generate
 from spd_ray.core.spans import span_regex
 from spd_ray.tasks.item import Item
-from spd_ray.tasks.sandbox import run_many
+from spd_ray.tasks.sandbox import Program, run_many
 from spd_ray.tasks.scoring import (
     extract_code,
     score_choice,
@@ -27,16 +27,76 @@ from spd_ray.tasks.scoring import (
     score_regex,
 )
 
-# metric -> whether a completion is right for an item, read from the completion's text alone.
-# With "asserts" (programs run in the sandbox) and "nll" (no accuracy) these are config.SCORERS,
-# which config cannot derive (this module imports it): tests/test_evaluation.py holds them equal
-TEXT_SCORERS: dict[str, Callable[[str, Item], bool]] = {
-    "exact": lambda completion, it: score_exact(completion, it.gold),
-    "normalized": lambda completion, it: score_normalized(completion, it.gold),
-    "number": lambda completion, it: score_math(completion, it.gold),
-    "choice": lambda completion, it: score_choice(completion, it.gold),
-    "regex": lambda completion, it: score_regex(completion, it.gold, it.pattern),
-}
+# scorer name (config.SCORERS) -> fn(items, completions, ev) -> whether each completion is right
+_SCORE_FNS: dict[str, Callable[[Sequence[Item], Sequence[str], EvalConfig], list[bool]]] = {}
+
+
+def register_scorer(name: str):
+    """Decorator: `fn(items, completions, ev) -> list[bool]` is the function of the built-in
+    scorer `name`, declared (with what it reads) in config.SCORERS; one function per name."""
+    def add(fn):
+        if name not in accuracy_scorers():
+            raise ValueError(f"scorer {name!r} is not an accuracy scorer of config.SCORERS "
+                             f"({accuracy_scorers()}): declare it there first")
+        if name in _SCORE_FNS:
+            raise ValueError(f"scorer {name!r} is registered twice")
+        _SCORE_FNS[name] = fn
+        return fn
+    return add
+
+
+def text_scorer(name: str):
+    """Decorator: `fn(completion, item) -> bool`, read from the completion's text alone, is the
+    function of scorer `name` (`register_scorer`), applied item by item."""
+    def add(fn):
+        register_scorer(name)(lambda items, completions, ev: [
+            fn(completion, it) for it, completion in zip(items, completions, strict=True)])
+        return fn
+    return add
+
+
+def accuracy_scorers() -> list[str]:
+    """The built-in scorers that give accuracy (all but nll)."""
+    return [name for name, scorer in SCORERS.items() if scorer.accuracy]
+
+
+@text_scorer("exact")
+def _exact(completion: str, it: Item) -> bool:
+    return score_exact(completion, it.gold)
+
+
+@text_scorer("normalized")
+def _normalized(completion: str, it: Item) -> bool:
+    return score_normalized(completion, it.gold)
+
+
+@text_scorer("number")
+def _number(completion: str, it: Item) -> bool:
+    return score_math(completion, it.gold)
+
+
+@text_scorer("choice")
+def _choice(completion: str, it: Item) -> bool:
+    return score_choice(completion, it.gold)
+
+
+@text_scorer("regex")
+def _regex(completion: str, it: Item) -> bool:
+    return score_regex(completion, it.gold, it.pattern)
+
+
+@register_scorer("asserts")
+def _asserts(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig) -> list[bool]:
+    """The programs run in parallel in the `ev.sandbox` sandbox (`run_many`)."""
+    programs = [Program(extract_code(completion), it.tests, it.setup)
+                for it, completion in zip(items, completions, strict=True)]
+    return [res.passed for res in run_many(programs, mode=ev.sandbox, timeout_s=ev.code_timeout_s)]
+
+
+_unregistered = [name for name in accuracy_scorers() if name not in _SCORE_FNS]
+if _unregistered:  # declared in config.SCORERS, and nothing here runs it
+    raise ImportError(f"the scorers {_unregistered} of config.SCORERS have no function: "
+                      "register one")
 
 
 def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | None = None) -> list[bool]:
@@ -51,21 +111,19 @@ def score(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig | No
       run in-process on the driver with the job's credentials (no sandbox, unlike asserts).
     nll items have no accuracy: asking for it is an error."""
     ev = ev or EvalConfig()
-    results: list[bool | None] = [None] * len(items)
-    code_rows = [i for i, it in enumerate(items) if it.metric == "asserts"]
-    if code_rows:
-        jobs = [(extract_code(completions[i]), items[i].tests, items[i].setup) for i in code_rows]
-        for i, res in zip(code_rows, run_many(jobs, mode=ev.sandbox, timeout_s=ev.code_timeout_s)):
-            results[i] = res.passed
+    rows_of: dict[str, list[int]] = {}  # a metric's items scored together (asserts: in parallel)
     for i, it in enumerate(items):
-        if it.metric in TEXT_SCORERS:
-            results[i] = TEXT_SCORERS[it.metric](completions[i], it)
-        elif ":" in it.metric:
-            results[i] = _user_score(it, completions[i])
-        elif it.metric != "asserts":
+        if it.metric not in _SCORE_FNS and ":" not in it.metric:
             raise ValueError(f"item {it.id} has no accuracy scorer (metric {it.metric!r}); "
-                             f"valid metrics: {[m for m in SCORERS if m != 'nll']} or module:function")
-    return [bool(r) for r in results]
+                             f"valid metrics: {accuracy_scorers()} or module:function")
+        rows_of.setdefault(it.metric, []).append(i)
+    results = [False] * len(items)
+    for metric, rows in rows_of.items():
+        fn = _SCORE_FNS.get(metric, _user_scores)
+        correct = fn([items[i] for i in rows], [completions[i] for i in rows], ev)
+        for i, right in zip(rows, correct, strict=True):
+            results[i] = bool(right)
+    return results
 
 
 @functools.cache
@@ -103,6 +161,10 @@ def resolve_scorer(name: str) -> Callable[[str, str], bool]:
     except ValueError:  # no signature to read (some builtins): the first call tells
         pass
     return fn
+
+
+def _user_scores(items: Sequence[Item], completions: Sequence[str], ev: EvalConfig) -> list[bool]:
+    return [_user_score(it, completion) for it, completion in zip(items, completions, strict=True)]
 
 
 def _user_score(item: Item, completion: str) -> bool:

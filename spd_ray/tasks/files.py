@@ -27,7 +27,7 @@ import datasets
 import fsspec
 
 from spd_ray import console
-from spd_ray.config import ColumnsConfig, TaskConfig
+from spd_ray.config import SCORERS, ColumnsConfig, TaskConfig
 from spd_ray.core.spans import regex_spans, span_regex
 from spd_ray.tasks.item import Item
 
@@ -43,8 +43,6 @@ FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "
 HOLDS = {"id": "each row's id", "prompt": "the prompt", "answer": "the reference answer",
          "gold": "the expected answer", "tests": "the assert lines", "setup": "code run before the program",
          "answer_spans": "the correctness spans, [[start, end], ...] into the answer"}
-# the column each evaluation scorer needs, where it is not the gold
-SCORER_NEEDS = {"asserts": "tests", "nll": "answer"}
 
 
 def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list[Item]]]:
@@ -98,7 +96,7 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
 
 def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     scorer = task.files.scorer_of(split)
-    need = SCORER_NEEDS.get(scorer, "gold")
+    need = SCORERS[scorer].needs if scorer in SCORERS else "gold"  # a user scorer reads the gold
     name = f"{task.domain}/{split}"
     n = task.n_eval_splits.get(name, task.n_eval)
     asked_by = f"task.n_eval_splits[{name!r}]" if name in task.n_eval_splits else "task.n_eval"

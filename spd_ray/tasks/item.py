@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spd_ray.config import DOMAINS, EVAL_SPLITS
+from spd_ray.config import DOMAIN_SCORERS, DOMAINS, EVAL_SPLITS
 from spd_ray.core.spans import correctness_spans
 
-__all__ = ["DOMAINS", "EVAL_SPLITS", "SPLITS", "LETTERS", "DOMAIN_METRIC", "Item"]
+__all__ = ["DOMAINS", "EVAL_SPLITS", "SPLITS", "LETTERS", "Item"]
 # the testbed's splits: labeled calibration, training prompts, evaluation, and the noisy corpus
 # the tiny base model learns from
 SPLITS = ("calibration", "train", *EVAL_SPLITS, "pretrain")
 LETTERS = "ABCD"
-DOMAIN_METRIC = {"math": "number", "mcq": "choice", "code": "asserts"}
 
 
 @dataclass
@@ -37,14 +36,14 @@ class Item:
     # the chat template's turns; a span rule reads the raw prompt + answer, never the template
     user_span: tuple[int, int] | None = None
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
-    # scorer (spd_ray.tasks.evaluation.score): exact | normalized | number | choice | regex | asserts
-    # | nll (reference NLL of `answer` only, no accuracy) | module:function (a user function);
-    # empty: the domain's own (math number, mcq choice, code asserts)
+    # scorer (spd_ray.tasks.evaluation.score): one of config.SCORERS (nll: the reference NLL of
+    # `answer` only, no accuracy) or module:function (a user function); empty: the domain's own
+    # (config.DOMAIN_SCORERS: math number, mcq choice, code asserts)
     metric: str = ""
     pattern: str = ""  # regex scorer: group 1 of its first match in the completion is the answer
 
     def __post_init__(self):
-        self.metric = self.metric or DOMAIN_METRIC.get(self.domain, "")
+        self.metric = self.metric or DOMAIN_SCORERS.get(self.domain, "")
 
     @property
     def text(self) -> str:

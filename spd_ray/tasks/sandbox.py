@@ -18,9 +18,10 @@ Mode "isolated" (the default) is the kernel's isolation, through bubblewrap (`bw
   everything it started is killed when it ends or its time runs out;
 - its own network namespace with nothing but a loopback of its own: no host loopback
   services, no cloud metadata endpoint, no network at all; its own IPC and UTS namespaces;
-- its own mount namespace: read-only /usr and the interpreter's standard library (its
-  site-packages hidden), a minimal /dev, and a private 16 MiB tmpfs at /tmp as its working
-  directory; nothing else of the host's filesystem, and no /proc at all;
+- its own mount namespace: read-only /usr, the interpreter's standard library (its
+  site-packages hidden) and the zygote's own file (/zygote.py), a minimal /dev, and a private
+  16 MiB tmpfs at /tmp as its working directory; nothing else of the host's filesystem, and no
+  /proc at all;
 - an unprivileged uid with no capabilities and no_new_privs: a fresh uid that owns nothing
   when the caller is root, else the caller's uid mapped into a user namespace that may not
   create further user namespaces;
@@ -73,6 +74,7 @@ import ray
 
 from spd_ray import console
 from spd_ray.config import EvalConfig, SandboxMode
+from spd_ray.tasks.sandbox_zygote import Answer, Job
 
 MODES = typing.get_args(SandboxMode)
 log = logging.getLogger(__name__)
@@ -86,178 +88,17 @@ _TMP_BYTES = 16 << 20  # its writable /tmp (isolated mode)
 _RESULT_BYTES = 4096  # the harness's result line; the program cannot make us read more
 _FIRST_DYNAMIC_UID = 1 << 30  # root's sandboxes run as a fresh uid from here (owned by no one)
 
-# Runs in the sandbox as `python -S -B -c _ZYGOTE SCRATCH`: reads jobs from stdin, forks one child
-# per job (the child drops to the job's uid, sets the rlimits and runs the program), waits for it
-# with the job's timeout, kills whatever it left, and writes (result line, exit code, timed out,
-# stderr tail, cleaned up) to stdout. The interpreter starts once per sandbox, not per program.
-# Only builtin and standard modules before a program starts; marshal needs no import at all.
-_ZYGOTE = r"""
-import marshal, os, resource, select, signal, sys, time
-scratch, mode, jobs_in, results_out = sys.argv[1], sys.argv[2], 0, os.dup(1)
-if mode == "isolated" and os.getuid() != 0:  # the programs share our uid: let none ptrace us
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
-null = os.open("/dev/null", os.O_RDWR)
-os.dup2(null, 1)
+# The zygote (sandbox_zygote.py) runs by path: at its own path in process mode, bound read-only
+# at this path in the isolated sandbox, whose view holds nothing else of the package.
+_ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_zygote.py")
+_ZYGOTE_IN_SANDBOX = "/zygote.py"
 
-def read_exactly(fd, n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))  # unbuffered: a later job is never read ahead
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
-def describe(err):
-    try:
-        text = str(err)
-        return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
-    except BaseException:
-        return type(err).__name__
-
-def program(secret, uid, limits, parts, result):
-    # the child: never returns
-    def report(status, reason="", _write=os.write, _exit=os._exit, _fd=result, _key=secret,
-               _flush=sys.stderr.flush):
-        # bound now: a program that rebinds os.write or os._exit cannot change what this does
-        try:
-            _flush()  # what the program wrote to stderr, for the caller's tail
-        except BaseException:
-            pass
-        _write(_fd, f"{_key} {status} {reason}"[:2000].encode("utf-8", "replace") + b"\n")
-        _exit(0)  # nothing of the program runs after its result: no atexit hook, no thread
-    os.setsid()
-    if uid is not None:  # root outside: a fresh uid; clears CAP_SETUID/SETGID, the zygote's only ones
-        os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
-        try:  # setting a uid from a non-root one needs the capability the drop must have cleared
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            report("error", "sandbox: could not drop privileges")
-    work = os.path.join(scratch, f"work-{os.getpid()}")
-    os.mkdir(work, 0o700)
-    os.chdir(work)
-    for name, soft, hard in limits:
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    try:
-        code = [(name, compile(src, f"<{name}>", "exec", dont_inherit=True, optimize=0))
-                for name, src in parts]
-    except (SyntaxError, ValueError) as err:  # ValueError: null bytes (Python < 3.12)
-        report("error", describe(err))
-    import builtins, types
-    builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined
-    # Like the HumanEval/MBPP harnesses, __name__ is not "__main__": a completion's demo block
-    # (which often reads stdin) does not run. A registered module keeps pickle/dataclasses working.
-    module = sys.modules["__sandbox__"] = types.ModuleType("__sandbox__")
-    for name, obj in code:
-        try:
-            exec(obj, module.__dict__)
-        except SystemExit as err:
-            report("failed", f"{name} exited early ({describe(err)}) before the tests finished")
-        except BaseException as err:
-            report("failed", f"{name}: {describe(err)}")
-    report("passed")
-
-def remove(path):
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-            ok = all([remove(os.path.join(path, name)) for name in os.listdir(path)])
-            os.rmdir(path)
-            return ok
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
-
-def kill_all(passes, limit):
-    # kill(-1): every process this one may signal but init and itself. It reports no error while
-    # any is left in the namespace, so "none left" is told by the process limit: at `limit`, a
-    # probe can be forked only once no other process of this uid (in this namespace) remains.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, hard))
-    try:
-        for _ in range(passes):
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:  # not even one other process to signal
-                return True
-            try:
-                probe = os.fork()
-            except BlockingIOError:
-                time.sleep(0.001)
-                continue
-            if probe == 0:
-                os._exit(0)
-            os.waitpid(probe, 0)
-            return True
-        return False
-    finally:
-        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
-
-def remove_all(keep=()):
-    names = [n for n in os.listdir(scratch) if os.path.join(scratch, n) not in keep]
-    return all([remove(os.path.join(scratch, n)) for n in names])
-
-def reap(uid, pid, keep, passes=2000):
-    # Kill everything the program started and remove its files. True: nothing of it is left.
-    # passes=1 kills once and leaves files: for a child still running, whose zombie we must reap
-    # before the process limit can ever tell that none is left.
-    if mode == "process":  # its process group; the sandbox is used once
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        return False
-    if uid is None:  # a user namespace: all but init and this zygote are the program's
-        return kill_all(passes, 3) and passes > 1 and remove_all(keep)
-    reaper = os.fork()  # as root: the program ran as a uid of its own, which the reaper takes
-    if reaper == 0:
-        try:
-            os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)
-            if not kill_all(passes, 2) or passes == 1:
-                os._exit(1)
-            mine = [os.path.join(scratch, n) for n in os.listdir(scratch)]
-            os._exit(0 if all([remove(p) for p in mine if os.lstat(p).st_uid == uid]) else 1)
-        except BaseException:
-            os._exit(1)
-    return os.waitstatus_to_exitcode(os.waitpid(reaper, 0)[1]) == 0
-
-for n in range(10**9):
-    header = read_exactly(jobs_in, 4)
-    if header is None:
-        break
-    secret, uid, limits, parts, timeout_s, max_err = marshal.loads(read_exactly(jobs_in, int.from_bytes(header, "big")))
-    r, w = os.pipe()
-    err_path = os.path.join(scratch, f".stderr-{n}")
-    err = os.open(err_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.dup2(null, 0), os.dup2(err, 2)
-            os.closerange(3, w), os.closerange(w + 1, 1 << 16)  # only its result pipe stays
-            program(secret, uid, limits, parts, w)
-        finally:
-            os._exit(1)
-    os.close(w)
-    pidfd = os.pidfd_open(pid)
-    timed_out = not select.select([pidfd], [], [], timeout_s)[0]
-    os.close(pidfd)
-    if timed_out:  # as root the zygote may not signal another uid itself: its reaper does
-        reap(uid, pid, (), passes=1)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    clean = reap(uid, pid, (err_path,))
-    result = os.read(r, 4096) if select.select([r], [], [], 0)[0] else b""
-    os.close(r)
-    tail = os.pread(err, max_err, max(0, os.fstat(err).st_size - max_err)) if max_err else b""
-    os.close(err), os.unlink(err_path)
-    out = marshal.dumps((result, code, timed_out, tail, clean))
-    out = len(out).to_bytes(4, "big") + out
-    while out:
-        out = out[os.write(results_out, out):]
-"""
+class Program(typing.NamedTuple):
+    """A program to score: run `setup`, then `code`, then each test, in one namespace."""
+    code: str
+    tests: Sequence[str] = ()
+    setup: str = ""
 
 
 @dataclass(frozen=True)
@@ -277,7 +118,8 @@ def _interpreter() -> str:
 
 
 def _view() -> list[str]:
-    """bwrap mount arguments: read-only what the interpreter needs, a private /tmp."""
+    """bwrap mount arguments: read-only what the interpreter needs and the zygote, a private
+    /tmp."""
     stdlib = os.path.dirname(os.path.realpath(os.__file__))
     wanted = ["/usr", _interpreter(), stdlib, sysconfig.get_config_var("LIBDIR") or stdlib]
     binds: list[str] = []
@@ -297,6 +139,7 @@ def _view() -> list[str]:
             args += ["--ro-bind", link, link]
     if os.path.exists("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    args += ["--ro-bind", _ZYGOTE, _ZYGOTE_IN_SANDBOX]
     site = os.path.join(stdlib, "site-packages")
     if os.path.isdir(site):  # installed packages are not the program's business
         args += ["--tmpfs", site]
@@ -357,12 +200,14 @@ class _Sandbox:
         self._stack = contextlib.ExitStack()
         self._err = self._stack.enter_context(tempfile.TemporaryFile())  # bwrap's own complaints
         self._kill = None
-        zygote = [_interpreter(), "-S", "-B", "-c", _ZYGOTE]
+        python = [_interpreter(), "-S", "-B"]
         if mode == "isolated":
             info_r, info_w = os.pipe()
-            self.proc = subprocess.Popen([*_bwrap_command(), "--info-fd", str(info_w), *zygote, "/tmp", mode],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-                                         env={}, pass_fds=(info_w,), start_new_session=True)
+            argv = [*_bwrap_command(), "--info-fd", str(info_w), *python, _ZYGOTE_IN_SANDBOX,
+                    "/tmp", mode]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err, env={}, pass_fds=(info_w,),
+                                         start_new_session=True)
             os.close(info_w)
             with os.fdopen(info_r) as info:  # written once the sandbox exists; closed if it fails
                 init = json.loads(info.read() or "{}").get("child-pid")
@@ -376,19 +221,20 @@ class _Sandbox:
                     self._kill = functools.partial(signal.pidfd_send_signal, pidfd, signal.SIGKILL)
         else:
             work = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="spd-sandbox-"))
-            self.proc = subprocess.Popen([*zygote, work, mode], cwd=work, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._err,
+            self.proc = subprocess.Popen([*python, _ZYGOTE, work, mode], cwd=work,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err,
                                          env={"PYTHONHASHSEED": "0"}, start_new_session=True)
 
-    def run(self, job: tuple, timeout_s: float) -> tuple | None:
+    def run(self, job: Job) -> Answer | None:
         """The zygote's answer to `job`, or None if the sandbox broke (it is then closed)."""
-        data = marshal.dumps(job)
+        data = marshal.dumps(tuple(job))
         try:
             self.proc.stdin.write(len(data).to_bytes(4, "big") + data)
             self.proc.stdin.flush()
-            deadline = time.monotonic() + timeout_s + _GRACE_S
+            deadline = time.monotonic() + job.timeout_s + _GRACE_S
             header = self._read(4, deadline)
-            return marshal.loads(self._read(int.from_bytes(header, "big"), deadline))
+            return Answer._make(marshal.loads(self._read(int.from_bytes(header, "big"), deadline)))
         except (OSError, EOFError, ValueError, TimeoutError):
             self.close()
             return None
@@ -432,22 +278,22 @@ class _Sandbox:
 _GRACE_S = 10.0  # past a job's own timeout, for killing and cleaning up, before the sandbox is dropped
 
 
-def _job(code: str, tests: Sequence[str], setup: str, mode: str, timeout_s: float, memory_mb: int,
-         max_output_bytes: int) -> tuple:
+def _job(program: Program, mode: str, timeout_s: float, memory_mb: int,
+         max_output_bytes: int) -> Job:
+    code, tests, setup = program
     parts = [("setup", setup), ("program", code), *((f"test {i + 1}", t) for i, t in enumerate(tests))]
     uid = _sandbox_uid() if mode == "isolated" else None
-    return (secrets.token_hex(16), uid, _limits(timeout_s, memory_mb, max_output_bytes), parts,
-            timeout_s, max_output_bytes)
+    return Job(secrets.token_hex(16), uid, _limits(timeout_s, memory_mb, max_output_bytes), parts,
+               timeout_s, max_output_bytes)
 
 
-def _run_on(box: _Sandbox, job: tuple) -> tuple[ExecResult, bool]:
+def _run_on(box: _Sandbox, job: Job) -> tuple[ExecResult, bool]:
     """The job's result, and whether `box` can take another job."""
-    answer = box.run(job, job[4])
+    answer = box.run(job)
     if answer is None:
         why = box.complaints()[-300:] or "no answer"
         return ExecResult(False, "error", f"the sandbox ended without a result: {why}"), False
-    result, code, timed_out, tail, clean = answer
-    return _verdict(result, code, timed_out, tail, job[0], job[4]), box.reusable and clean
+    return _verdict(answer, job), box.reusable and answer.clean
 
 
 def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *,
@@ -461,18 +307,19 @@ def run_program(code: str, tests: Sequence[str] = (), setup: str = "", *,
     if mode == "isolated":
         require_isolation()
     with _Sandbox(mode) as box:
-        return _run_on(box, _job(code, tests, setup, mode, timeout_s, memory_mb, max_output_bytes))[0]
+        return _run_on(box, _job(Program(code, tests, setup), mode, timeout_s, memory_mb,
+                                 max_output_bytes))[0]
 
 
-def _verdict(result: bytes, code: int, timed_out: bool, tail: bytes, secret: str,
-             timeout_s: float) -> ExecResult:
-    tail = tail.decode(errors="replace")
-    line = result.split(b"\n", 1)[0].decode(errors="replace")
-    if line.startswith(secret + " "):  # only the harness knows the secret: the first line counts
-        status, _, reason = line[len(secret) + 1 :].partition(" ")
+def _verdict(answer: Answer, job: Job) -> ExecResult:
+    tail, code = answer.tail.decode(errors="replace"), answer.code
+    line = answer.result.split(b"\n", 1)[0].decode(errors="replace")
+    if line.startswith(job.secret + " "):  # only the harness knows the secret: line 1 counts
+        status, _, reason = line[len(job.secret) + 1 :].partition(" ")
         return ExecResult(status == "passed", status, reason, tail)
-    if timed_out:
-        return ExecResult(False, "timeout", f"ran past the {timeout_s:g} s wall-clock limit", tail)
+    if answer.timed_out:
+        return ExecResult(False, "timeout", f"ran past the {job.timeout_s:g} s wall-clock limit",
+                          tail)
     if code == -signal.SIGXCPU:
         return ExecResult(False, "timeout", "ran past the CPU-time limit", tail)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
@@ -504,9 +351,9 @@ def isolation() -> dict:
     facts["bwrap_lacks"] = [opt for opt in ("--size", "--disable-userns") if not _if_supported(opt)]
     check = _ISOLATION_CHECK.format(here=os.path.dirname(os.path.abspath(__file__)))
     with _Sandbox("isolated") as box:
-        answer = box.run(("probe", _sandbox_uid(), [], [("check", check)], 30.0, 1000), 30.0)
+        answer = box.run(Job("probe", _sandbox_uid(), [], [("check", check)], 30.0, 1000))
         complaints = box.complaints()
-    result = (answer[0] if answer else b"").decode(errors="replace").strip()
+    result = (answer.result if answer else b"").decode(errors="replace").strip()
     if result == "probe passed":
         runs_as = ("a fresh unprivileged uid (caller is root)" if os.geteuid() == 0
                    else "the caller's uid in a user namespace without capabilities")
@@ -540,24 +387,24 @@ def warn_unisolated() -> None:
                 isolation()["caller"])
 
 
-def _run_local(jobs: Sequence[tuple[str, Sequence[str], str]], mode: str, timeout_s: float,
+def _run_local(programs: Sequence[Program], mode: str, timeout_s: float,
                workers: int) -> list[ExecResult]:
     if mode == "isolated":
         require_isolation()  # on this node, once, before any program
     idle: queue.SimpleQueue = queue.SimpleQueue()  # sandboxes that can take another job
 
-    def run(job):
+    def run(program: Program) -> ExecResult:
         try:
             box = idle.get_nowait()
         except queue.Empty:
             box = _Sandbox(mode)
-        result, again = _run_on(box, _job(*job, mode, timeout_s, MEMORY_MB, MAX_OUTPUT_BYTES))
+        result, again = _run_on(box, _job(program, mode, timeout_s, MEMORY_MB, MAX_OUTPUT_BYTES))
         idle.put(box) if again else box.close()
         return result
 
     try:
         with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its sandbox
-            return list(pool.map(run, jobs))
+            return list(pool.map(run, programs))
     finally:
         while not idle.empty():
             idle.get_nowait().close()
@@ -571,9 +418,9 @@ _TASK_THREADS = 2
 _run_chunk = ray.remote(num_cpus=1, max_retries=3)(_run_local)
 
 
-def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = EvalConfig.sandbox,
+def run_many(programs: Sequence[Program], *, mode: str = EvalConfig.sandbox,
              timeout_s: float = EvalConfig.code_timeout_s, max_workers: int | None = None) -> list[ExecResult]:
-    """(program, tests, setup) triples run in parallel; results keep the input order.
+    """`Program`s (or (code, tests, setup) triples) run in parallel; results keep the input order.
 
     With Ray initialized, chunks of `_CHUNK` programs run as Ray tasks (`max_workers` programs at
     a time per task, default `_TASK_THREADS`); otherwise threads here (default: one per CPU)."""
@@ -582,11 +429,11 @@ def run_many(jobs: Sequence[tuple[str, Sequence[str], str]], *, mode: str = Eval
     if mode == "process":
         warn_unisolated()
     if not ray.is_initialized():
-        return _run_local(jobs, mode, timeout_s, max_workers or os.cpu_count() or 1)
-    chunks = [jobs[i : i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
+        return _run_local(programs, mode, timeout_s, max_workers or os.cpu_count() or 1)
+    chunks = [programs[i : i + _CHUNK] for i in range(0, len(programs), _CHUNK)]
     refs = [_run_chunk.remote(c, mode, timeout_s, max_workers or _TASK_THREADS) for c in chunks]
     sizes = {ref: len(c) for ref, c in zip(refs, chunks)}
-    with console.progress("running programs", len(jobs), unit="programs") as bar:
+    with console.progress("running programs", len(programs), unit="programs") as bar:
         pending = refs
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
