@@ -73,8 +73,9 @@ def _children(pid: int, name: bytes) -> list[int]:
 
 def start_local_ray(**init_kwargs) -> None:
     """`ray.init(**init_kwargs)` for a new local cluster, plus the watcher (Linux; elsewhere the
-    agents end on their own a minute after a killed driver)."""
-    ray.init(**init_kwargs)
+    agents end on their own a minute after a killed driver). address="local": a plain init
+    would join the Ray whose address another one left in /tmp/ray (`ray start --head`)."""
+    ray.init(address="local", **init_kwargs)
     raylets = _children(os.getpid(), b"raylet") if Path("/proc/self/stat").exists() else []
     if raylets:
         read, write = os.pipe()  # neither end is inherited by anything else (PEP 446)

@@ -27,13 +27,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cfg(testbed_model_path):
     cfg = SPDConfig()
     cfg.model.path, cfg.model.device = testbed_model_path, "cpu"

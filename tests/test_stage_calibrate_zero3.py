@@ -1,7 +1,6 @@
 """Stage 1 with calibration.zero_stage=3: Ray workers share one ZeRO-3-partitioned model."""
 
 import pytest
-import ray
 
 from spd_ray.config import SPDConfig
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
@@ -32,8 +31,8 @@ def test_settings_that_cannot_work_fail_before_any_worker(testbed_model_path, se
 
 
 @pytest.mark.slow
-def test_zero3_two_workers_uneven_shards_equal_one_process(testbed_model_path, testbed_tokenizer,
-                                                           testbed_model):
+def test_zero3_two_workers_uneven_shards_equal_one_process(local_ray, testbed_model_path,
+                                                           testbed_tokenizer, testbed_model):
     items = make_split("math", "calibration", 10)
     batches, _ = calibration_batches(testbed_tokenizer, [it.text for it in items],
                                      [it.correctness_spans() for it in items], batch_size=4, max_length=256)
@@ -41,15 +40,10 @@ def test_zero3_two_workers_uneven_shards_equal_one_process(testbed_model_path, t
     layers = resolve_layers(testbed_model, None)
     local, local_loss = accumulate_kv_gradient_stats(testbed_model, batches, layers)
 
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        info: list = []
-        summed, loss, nodes = distributed_kv_stats(
-            _cfg(testbed_model_path), batches, layers, worker_info=info,
-            ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    finally:
-        ray.shutdown()
+    info: list = []
+    summed, loss, nodes = distributed_kv_stats(
+        _cfg(testbed_model_path), batches, layers, worker_info=info,
+        ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
 
     # really partitioned: every parameter is split, each rank holds about half of the weights
     assert [i["rank"] for i in info] == [0, 1] and len(nodes) == 1
