@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install sandbox run test lint
+.PHONY: install sandbox run test test-fast lint
 install: $(VENV)/.installed sandbox
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the unit tests alone, for iterating: no Ray, no whole jobs, no fault injection
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not faults and not ray" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check spd_ray jobs tests

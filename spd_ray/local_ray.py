@@ -45,8 +45,10 @@ def _children(pid: int, name: bytes) -> list[int]:
 
 def start_local_ray(**init_kwargs):
     """`ray.init(**init_kwargs)` for a new local cluster, plus the watcher (Linux; elsewhere the
-    agents end on their own a minute after a killed driver); returns Ray's context."""
-    context = ray.init(**init_kwargs)
+    agents end on their own a minute after a killed driver); returns Ray's context.
+    address="local": a plain init would join the Ray whose address another one left in /tmp/ray
+    (`ray start --head`, `ray.cluster_utils.Cluster`)."""
+    context = ray.init(address="local", **init_kwargs)
     raylets = _children(os.getpid(), b"raylet") if Path("/proc/self/stat").exists() else []
     if raylets:
         read, write = os.pipe()  # neither end is inherited by anything else (PEP 446)
@@ -88,7 +90,7 @@ def ray_session(run: RunConfig) -> Iterator[str]:
             port = sock.getsockname()[1]
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # more logical CPUs than cores, so the stages' actors and tasks never starve each other
-        context = start_local_ray(address="local", num_cpus=max(4, os.cpu_count() or 1),
+        context = start_local_ray(num_cpus=max(4, os.cpu_count() or 1),
                                   dashboard_port=port, runtime_env=env)
     logs = Path(context.address_info["session_dir"]) / "logs"
     try:

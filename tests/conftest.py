@@ -12,8 +12,28 @@ import torch  # noqa: E402
 
 from spd_ray.config import TESTBED_MODEL  # noqa: E402
 
+# The Ray the tests share: a new local cluster (start_local_ray: never another Ray on this
+# machine, as a plain ray.init() would join one whose address file a `ray start --head` or a
+# ray.cluster_utils test left). Workers get one thread each (2 cores here).
+LOCAL_RAY = {"num_cpus": 4, "include_dashboard": False,
+             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                          "TOKENIZERS_PARALLELISM": "false"}}}
 
+
+def _group(item) -> int:
+    """Unit tests first, then the tests on the shared Ray (one block, one Ray), then the other
+    slow ones (whole jobs, each with a Ray of its own), the fault injections last."""
+    if "local_ray" in item.fixturenames:
+        return 1
+    return 3 if item.get_closest_marker("faults") else 2 if item.get_closest_marker("slow") else 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it reads the ray marks added here
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_group)  # stable: within a group the files' order
+    for item in items:
+        if "local_ray" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
         for item in items:
@@ -49,3 +69,26 @@ def testbed_model(testbed_model_path):
     from spd_ray.core.modeling import load_model
 
     return load_model(testbed_model_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The shared local Ray (`LOCAL_RAY`), started by the first module that asks for it, and
+    again after a test that ended it."""
+    import ray
+
+    from spd_ray.local_ray import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(**LOCAL_RAY)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    # no other test runs with Ray up: run_many would use it, a job would take it for its own
+    if "local_ray" in item.fixturenames and (nextitem is None
+                                             or "local_ray" not in nextitem.fixturenames):
+        import ray
+
+        ray.shutdown()

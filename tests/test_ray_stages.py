@@ -21,15 +21,9 @@ from spd_ray.stages.calibrate import distributed_kv_stats
 from spd_ray.stages.evaluate import evaluate_on_ray
 from spd_ray.stages.generate import Projection, generate_dataset
 from spd_ray.tasks.testbed import make_split
+from tests.tolerances import assert_stats_close, assert_subspaces_close
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +44,9 @@ def test_stage1_two_workers_equal_one_process(local_ray, cfg, testbed_tokenizer,
     summed, loss, nodes = distributed_kv_stats(cfg.model, cfg.calibration, batches, layers)
     assert len(nodes) == 1  # one local node
     assert loss == pytest.approx(local_loss, rel=1e-5)
-    a, b = build_subspace(local), build_subspace(summed)
-    for key in a.bases:
-        assert summed[key].count == local[key].count
-        torch.testing.assert_close(b.projector(*key), a.projector(*key), atol=1e-5, rtol=0)
+    # float32 gradients, batched otherwise in each worker: equal to rounding, not bit for bit
+    assert_stats_close(summed, local)
+    assert_subspaces_close(build_subspace(summed), build_subspace(local))
 
 
 def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ray, cfg, tmp_path):
@@ -179,7 +172,5 @@ def test_stage1_a_killed_worker_is_replaced_and_the_statistics_are_the_same(loca
     summed, _, _ = distributed_kv_stats(c.model, c.calibration, batches, layers)
     print(f"faults: a calibration worker killed, stage 1 took {time.monotonic() - start:.0f} s")
     assert killed and "a calibration worker was lost" in capfd.readouterr().out
-    for key in local:
-        assert summed[key].count == local[key].count  # nothing counted twice, nothing missed
-        torch.testing.assert_close(build_subspace(summed).projector(*key),
-                                   build_subspace(local).projector(*key), atol=1e-5, rtol=0)
+    assert_stats_close(summed, local)  # nothing counted twice, nothing missed
+    assert_subspaces_close(build_subspace(summed), build_subspace(local))

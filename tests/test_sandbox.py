@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 
 from spd_ray.tasks import sandbox
 from spd_ray.tasks.sandbox import Program, SandboxUnavailable, run_many, run_program
@@ -395,13 +394,6 @@ def test_run_many_keeps_order_and_runs_in_parallel():
     results = run_many(jobs, timeout_s=5, max_workers=8)
     assert [r.passed for r in results] == [i % 2 == 1 for i in range(8)]
     assert time.monotonic() - start < 3  # 8 x 0.5 s of sleeping would take 4 s one at a time
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_run_many_on_ray_tasks_matches_local(local_ray, monkeypatch):

@@ -24,16 +24,6 @@ PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def dataset_rows():
     items = make_split("math", "train", 16)
     return [{"id": it.id, "seed": i, "prompt": it.prompt, "completion": it.answer}

@@ -16,6 +16,7 @@ from spd_ray.core.subspace import (
     compute_basis,
     random_subspace,
 )
+from tests.tolerances import F64_REL, assert_projectors_close
 
 
 def gradients(m: int = 200, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -38,7 +39,7 @@ def test_basis_equals_svd_of_stacked_rows(center, rank):
     x = g - g.mean(0) if center else g
     _, s_ref, vh = torch.linalg.svd(x, full_matrices=False)
     v = vh[:rank].T
-    torch.testing.assert_close(basis @ basis.T, v @ v.T, atol=1e-8, rtol=0)
+    assert assert_projectors_close(basis @ basis.T, v @ v.T, s_ref**2, rank, rel=F64_REL)
     torch.testing.assert_close(s, s_ref, atol=1e-8, rtol=1e-8)
     assert energy == pytest.approx(float((s_ref[:rank] ** 2).sum() / (s_ref**2).sum()))
     torch.testing.assert_close(basis.T @ basis, torch.eye(rank, dtype=torch.float64))
@@ -64,7 +65,7 @@ def test_shards_summed_equal_one_pass():
     torch.testing.assert_close(merged.gram, one.gram)
     b1, s1, _ = compute_basis(merged, dtype=torch.float64)
     b2, s2, _ = compute_basis(one, dtype=torch.float64)
-    torch.testing.assert_close(b1 @ b1.T, b2 @ b2.T, atol=1e-10, rtol=0)
+    assert assert_projectors_close(b1 @ b1.T, b2 @ b2.T, s2**2, b2.shape[1], rel=F64_REL)
     torch.testing.assert_close(s1, s2)
 
 
