@@ -114,6 +114,9 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no work
     nodes = {cluster.add_node(num_cpus=3).node_id, cluster.add_node(num_cpus=3).node_id}
     cluster.wait_for_nodes()
+    # both replicas up before the first batch (ray#60124): else the first one may take every row
+    context = ray.data.DataContext.get_current()
+    waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
     try:
         args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=multi", f"run.ray_address={cluster.address}",
                 "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD",
@@ -125,6 +128,7 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
         assert set(pq.read_table(run / "generations").column("node").to_pylist()) == nodes  # stage 2
         assert set(json.loads((run / "model/train_summary.json").read_text())["nodes"]) == nodes  # stage 3
     finally:
+        context.wait_for_min_actors_s = waited
         ray.shutdown()
         cluster.shutdown()
 
