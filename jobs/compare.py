@@ -39,6 +39,7 @@ from spd_ray.config import (  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
 from spd_ray.pipeline import PipelineResult, run_pipeline, subspace_stage  # noqa: E402
+from spd_ray.stages.generate import projection_bite  # noqa: E402
 from spd_ray.stages.preflight import preflight  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
 from spd_ray.tracking import Tracker  # noqa: E402
@@ -48,7 +49,7 @@ def run_config(cc: CompareConfig, domain: str, method, seed: int) -> SPDConfig:
     base = Path(cc.domain_configs.get(domain, cc.base_config))
     base = base if base.is_absolute() else ROOT / base
     return load_config(base, [
-        *cc.overrides, f"task.domain={domain}", f"generation.seed={seed}", f"finetune.seed={seed}",
+        *cc.overrides, *cc.domain_overrides.get(domain, []), f"task.domain={domain}", f"generation.seed={seed}", f"finetune.seed={seed}",
         f"subspace.random_seed={seed}", *method.overrides,
         f"run.output_dir={Path(cc.output_dir) / cc.name / 'runs'}",
         f"run.name={domain}-{method.name}-s{seed}", f"run.wandb.group={cc.name}"])
@@ -103,10 +104,12 @@ def run_records(domain: str, method, seed: int, res: PipelineResult) -> list[dic
     and corpus."""
     if not method.train:
         projected = res.rounds[0].projected if res.rounds else None
+        evaluated = projected or res.base
         return [dict(domain=domain, method=method.name, seed=seed, round=1, corpus=None,
-                     metrics=(projected or res.base).metrics)]
+                     metrics=evaluated.metrics, correct=evaluated.correct)]
     return [dict(domain=domain, method=method.name, seed=seed, round=r.round,
-                 metrics=r.evaluation.metrics, corpus=dataclasses.asdict(r.corpus))
+                 metrics=r.evaluation.metrics, correct=r.evaluation.correct,
+                 corpus=dataclasses.asdict(r.corpus))
             for r in res.rounds]
 
 
@@ -137,12 +140,25 @@ def run_plan(cc: CompareConfig, plan: list[tuple], tasks: dict, store: Path,
     return records, subspaces
 
 
+def projection_bites(plan: list[tuple], tasks: dict, subspaces: dict[str, str],
+                     n_prompts: int = 128) -> dict[str, dict[str, dict[str, float]]]:
+    """Subspace name -> domain of the prompts -> the share of the K/V activations' energy on
+    `n_prompts` of that domain's training prompts outside the subspace (`projection_bite`)."""
+    prompts = {}
+    for domain, _, _, cfg in plan:
+        prompts.setdefault(domain, task_of(cfg, tasks).train_prompts[:n_prompts])
+    cfg = plan[0][3]
+    return {name: {d: projection_bite(cfg.model, cfg.generation, path, p) for d, p in prompts.items()}
+            for name, path in subspaces.items() if "/" not in name}  # round 1's subspaces
+
+
 def publish(cc: CompareConfig, cfg: SPDConfig, exp: Path, records: list[dict],
-            subspaces: dict[str, str], header: str) -> Path:
+            subspaces: dict[str, str], bites: dict, header: str) -> Path:
     """The report in `exp`, and the same results in W&B as one run of the experiment's group
     (named after the comparison, with `cfg`'s settings); returns the report's path."""
     path = report.write_report(exp, records, methods_order=[m.name for m in cc.methods], header=header,
-                               subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()})
+                               subspaces={k: CapabilitySubspace.load(v) for k, v in subspaces.items()},
+                               bites=bites)
     summary = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cc.name}-report"))
     tracker = Tracker(summary, exp)
     tracker.table("compare/summary", [{k: row[k] for k in ("domain", "method", "round", "metric", "mean", "std", "n")}
@@ -176,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             records, subspaces = run_plan(cc, plan, tasks, store, exp)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
                       f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
-            path = publish(cc, plan[0][3], exp, records, subspaces, header)
+            console.log("K/V energy outside each subspace on each domain's prompts")
+            bites = projection_bites(plan, tasks, subspaces)
+            path = publish(cc, plan[0][3], exp, records, subspaces, bites, header)
             console.log(f"report: {path}")
             console.echo(path.read_text())
     return 0

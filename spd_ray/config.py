@@ -536,6 +536,7 @@ class CompareConfig:
     base_config: str = "configs/testbed.yaml"  # relative paths: to the repository root
     domain_configs: dict[str, str] = field(default_factory=dict)  # domain -> its own base config
     overrides: list[str] = field(default_factory=list)  # applied to every run
+    domain_overrides: dict[str, list[str]] = field(default_factory=dict)  # domain -> its runs' overrides
     domains: list[str] = field(default_factory=lambda: ["math"])  # training (and calibration) domains
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])  # sampling and fine-tuning seeds
     methods: list[MethodSpec] = field(default_factory=_paper_methods)

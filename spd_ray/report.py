@@ -8,7 +8,9 @@ Records are one per (train domain, method, seed, round) run; metric keys are
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import re
 import statistics
@@ -24,6 +26,7 @@ from spd_ray.core.subspace import (
     principal_angles,
     subspace_overlap,
 )
+from spd_ray.stats import Interval, as_matrix, mean_interval, paired_difference
 
 DASH = "–"
 
@@ -61,7 +64,7 @@ def summarize(records: list[dict], field: str = "metrics") -> list[dict]:
     groups: dict[tuple, list[tuple[int, float]]] = {}
     for r in records:
         for metric, value in (r.get(field) or {}).items():
-            if value is not None:
+            if isinstance(value, int | float):  # not the per-row correctness and digests
                 key = (r["domain"], r["method"], r.get("round", 1), metric)
                 groups.setdefault(key, []).append((r["seed"], float(value)))
     rows = []
@@ -74,6 +77,100 @@ def summarize(records: list[dict], field: str = "metrics") -> list[dict]:
             n=len(values), seeds=[s for s, _ in pairs], values=values,
         ))
     return rows
+
+
+# ---------------------------------------------------------------- intervals over items and seeds
+
+
+def _arm_rows(records: list[dict], field: str, key: str) -> dict[tuple[str, str], list[tuple[int, object]]]:
+    """(train domain, method) -> [(seed, per-item correctness)] of `record[field][key]`, round 1
+    only (the paper's protocol)."""
+    out: dict[tuple[str, str], list[tuple[int, object]]] = {}
+    for r in records:
+        vals = r.get(field) or {}
+        if r.get("round", 1) == 1 and vals.get(key) is not None:
+            out.setdefault((r["domain"], r["method"]), []).append((r["seed"], vals[key]))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in out.items()}
+
+
+def _corpus_matrix(rows: list[tuple[int, dict]]) -> torch.Tensor:
+    ids = sorted(rows[0][1])
+    return as_matrix([[c[i] for i in ids] for _, c in rows])
+
+
+def interval_rows(records: list[dict], methods_order: list[str]) -> list[dict]:
+    """For each train domain, evaluation split and method: the accuracy with its 95% interval,
+    and its paired difference to each other method (`vs_<method>`: same items; same seeds where
+    both have them), with the smallest difference the design detects. Then the same for the raw corpus
+    against the unprojected SSD corpus (paper Table 3), with the share of rows whose text the
+    projection changed (same prompts, same seeds)."""
+    out = []
+    splits = sorted({k for r in records for k in (r.get("correct") or {})}, key=lambda s: (s.split("/")[0], s))
+    for split in splits:
+        arms = _arm_rows(records, "correct", split)
+        for domain in dict.fromkeys(d for d, _ in arms):
+            mats = {m: as_matrix([c for _, c in arms[(domain, m)]]) for m in methods_order if (domain, m) in arms}
+            for method, m in mats.items():
+                row = dict(domain=domain, split=split, method=method, seeds=m.shape[0], items=m.shape[1],
+                           accuracy=mean_interval(m))
+                for ref in mats:
+                    if ref != method:
+                        row[f"vs_{ref}"] = paired_difference(m, mats[ref])
+                out.append(row)
+    return out + corpus_intervals(records, methods_order)
+
+
+def corpus_intervals(records: list[dict], methods_order: list[str], reference: str = "ssd") -> list[dict]:
+    """The raw corpus's accuracy per train domain and method with its 95% interval, and its
+    paired difference to the `reference` method's corpus (the same prompts, seeds and sampling,
+    no projection: paper Table 3), with the share of rows whose text the projection changed."""
+    out = []
+    arms, hashes = _arm_rows(records, "corpus", "correct"), _arm_rows(records, "corpus", "hashes")
+    for domain in dict.fromkeys(d for d, _ in arms):
+        if (domain, reference) not in arms:
+            continue
+        ref, ref_hash = _corpus_matrix(arms[(domain, reference)]), dict(hashes[(domain, reference)])
+        for method in (m for m in methods_order if (domain, m) in arms):
+            m = _corpus_matrix(arms[(domain, method)])
+            row = dict(domain=domain, split="corpus", method=method, seeds=m.shape[0], items=m.shape[1],
+                       accuracy=mean_interval(m))
+            if method != reference and m.shape == ref.shape:
+                row[f"vs_{reference}"] = paired_difference(m, ref)
+                changed = [sum(h[i] != ref_hash[s].get(i) for i in h) / len(h)
+                           for s, h in hashes[(domain, method)] if s in ref_hash]
+                row["changed"] = sum(changed) / len(changed) if changed else None
+            out.append(row)
+    return out
+
+
+def _ci(iv: Interval | None) -> str:
+    return DASH if iv is None else str(iv)
+
+
+def _intervals(rows: list[dict]) -> list[str]:
+    """The interval tables, with the differences to the paper's references (base, ssd, psr);
+    intervals.json has every pair."""
+    if not rows:
+        return []
+    present = {r["method"] for r in rows}
+    references = [m for m in ("base", "ssd", "psr") if m in present]
+    lines = ["## Intervals (95%, bootstrap over items and seeds)", "",
+             "Accuracy is the mean over seeds and items; Δ is the paired difference on the same "
+             "items (seeds drawn jointly where both arms ran them). MDE: the smallest difference to "
+             "SSD this design detects with 80% power (2.8 bootstrap standard errors). For the raw "
+             "corpus, Δ is against the SSD corpus (the same prompts, seeds and sampling, no "
+             "projection) and `changed` is the share of samples whose text the projection changed.", ""]
+    for (domain, split) in dict.fromkeys((r["domain"], r["split"]) for r in rows):
+        group = [r for r in rows if (r["domain"], r["split"]) == (domain, split)]
+        lines += [f"### Trained on {domain}: {split}" if split != "corpus" else
+                  f"### Trained on {domain}: raw corpus before training", ""]
+        table = [[r["method"], str(r["seeds"]), str(r["items"]), _ci(r["accuracy"]),
+                  *(_ci(r.get(f"vs_{ref}")) for ref in references),
+                  _num(r["vs_ssd"].mde) if r.get("vs_ssd") else DASH,
+                  _num(r.get("changed"))] for r in group]
+        lines += _table(["method", "seeds", "items", "accuracy", *(f"Δ vs {ref}" for ref in references),
+                         "MDE vs ssd", "changed"], table)
+    return lines
 
 
 # ---------------------------------------------------------------- formatting
@@ -317,6 +414,19 @@ def _spectra(out: Path, subspaces: dict[str, CapabilitySubspace]) -> list[str]:
     return lines
 
 
+def _bites(bites: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    if not bites:
+        return []
+    lines = ["## How much the projection removes", "",
+             "Share of the K/V activations' energy (k_proj / v_proj outputs, summed over the tokens "
+             "of 128 training prompts of each domain) outside each subspace: what projecting onto "
+             "it takes away. Near 0, the projection changes nothing.", ""]
+    keys = sorted({k for per in bites.values() for e in per.values() for k in e})
+    rows = [[name, domain, *(_num(e.get(k)) for k in keys)]
+            for name, per in bites.items() for domain, e in per.items()]
+    return lines + _table(["subspace", "prompts", *keys], rows)
+
+
 def _principal_angles(out: Path, subspaces: dict[str, CapabilitySubspace]) -> list[str]:
     pairs = compare_subspaces(subspaces)
     if not pairs:
@@ -356,6 +466,7 @@ def write_report(
     subspaces: dict[str, CapabilitySubspace] | None = None,
     header: str = "",
     baseline: str = "base",
+    bites: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> Path:
     """Write `out_dir/report.md` and its PNGs; returns the report path."""
     out = Path(out_dir)
@@ -365,9 +476,15 @@ def write_report(
     lines += _main_results(res, baseline)
     lines += _out_of_domain(res)
     lines += _corpus_quality(records, res.domains, methods_order)
+    intervals = interval_rows(records, methods_order)
+    lines += _intervals(intervals)
+    (out / "intervals.json").write_text(json.dumps(
+        [{k: dataclasses.asdict(v) if isinstance(v, Interval) else v for k, v in r.items()} for r in intervals],
+        indent=1))
     lines += _rounds(res)
     if subspaces:
         lines += _spectra(out, subspaces) + _principal_angles(out, subspaces)
+    lines += _bites(bites or {})
     lines += _bar_plots(out, res)
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")  # ±, – and Δ whatever the locale

@@ -44,6 +44,13 @@ def test_comparison_runs_every_kind_of_method_and_writes_the_report(tmp_path):
     assert "| spd_iterated |" in report and "Made by `python jobs/compare.py" in report
     assert "| math | code |" in report and "math/round2" in report  # angles between domains and rounds
     assert list(exp.glob("*.png"))
+    # intervals from each item's correctness, paired on the same items
+    assert len(records[0]["correct"]["math/test"]) == len(records[3]["correct"]["math/test"]) > 0
+    intervals = json.loads((exp / "intervals.json").read_text())
+    spd = next(r for r in intervals if r["method"] == "spd_iterated" and r["split"] == "math/test")
+    assert spd["vs_base"]["low"] <= spd["vs_base"]["mean"] <= spd["vs_base"]["high"]
+    assert "## Intervals (95%, bootstrap over items and seeds)" in report
+    assert "## How much the projection removes" in report and "| code | math |" in report  # the code subspace on math prompts
     assert (exp / "wandb_id").exists() and list((exp / "wandb").glob("offline-run-*"))  # the summary run
 
 
@@ -64,7 +71,7 @@ def test_shipped_comparison_configs_resolve_every_run(path):
     assert all(c.task.domain in cc.domains for c in runs)
     psr = [c for c in runs if c.run.name.split("-")[1] == "psr"]
     assert all(not c.generation.project and c.generation.top_p == 1.0 for c in psr)
-    if path.stem != "testbed-rank":  # the rank probe has inference-only methods alone
+    if path.stem not in ("testbed-rank", "testbed-v2-loss"):  # inference-only / the loss ablation alone
         assert psr
 
 

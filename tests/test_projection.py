@@ -135,3 +135,30 @@ def test_mismatched_kv_dim_is_an_error(arch_model):
         ):
             call()
     assert all(not m._forward_hooks for m in kv_linears(model, 2).values())
+
+
+def test_energy_outside_is_what_the_projection_removes(arch_model):
+    """energy_outside = |k - kP|² / |k|² over the real tokens, checked against the k_proj / v_proj
+    outputs captured directly; a basis of the whole space removes nothing."""
+    from spd_ray.core.projection import energy_outside
+
+    _, model = arch_model
+    sub = half_rank_random(model)
+    batch = prompts()
+    outs = {}
+    handles = [kv_linears(model, layer)[kind].register_forward_hook(
+        lambda m, a, o, key=(layer, kind): outs.__setitem__(key, o.detach()))
+        for layer, kind in sub.bases]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    got = energy_outside(model, sub, [batch])
+    keep = batch["attention_mask"].bool()
+    for key, out in outs.items():
+        k = out[keep].double()
+        removed = k - k @ sub.projector(*key).double()
+        assert got[key] == pytest.approx(float(removed.pow(2).sum() / k.pow(2).sum()), rel=1e-4)
+        assert 0.2 < got[key] < 0.8  # a random half of the directions holds part of the energy
+    whole = CapabilitySubspace({key: torch.eye(b.shape[0]) for key, b in sub.bases.items()})
+    assert all(abs(v) < 1e-6 for v in energy_outside(model, whole, [batch]).values())

@@ -93,3 +93,36 @@ def fold_projection(model, subspace: CapabilitySubspace, mode: str = SubspaceCon
         if dst.bias is not None:
             dst.bias.copy_((p @ dst.bias.float()).to(dst.bias.dtype))
     return folded
+
+
+@torch.no_grad()
+def energy_outside(model, subspace: CapabilitySubspace, batches) -> dict[tuple[int, str], float]:
+    """How much the projection removes on these inputs: per (layer, kind) of `subspace`, the
+    share of the k_proj / v_proj outputs' energy (sum of squares over the real tokens of
+    `batches`: dicts of input_ids and attention_mask) outside the subspace, 1 - |kU|² / |k|².
+    Near 0, projecting changes nothing; the gradient subspace's own energy (stage 1) says nothing
+    about it, since it is measured on the gradients, not the activations."""
+    modules = {(layer, kind): kv_linears(model, layer)[kind] for layer, kind in subspace.bases}
+    totals = {key: [0.0, 0.0] for key in modules}  # |k|², |kU|²
+    mask: list[torch.Tensor] = []
+
+    def hook(key):
+        basis = subspace.bases[key].float()
+
+        def fn(module, args, out):
+            keep = mask[0].to(out.device).unsqueeze(-1)
+            k = out.float() * keep
+            totals[key][0] += float(k.pow(2).sum())
+            totals[key][1] += float((k @ basis.to(out.device)).pow(2).sum())
+        return fn
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
+    try:
+        for batch in batches:
+            mask[:] = [batch["attention_mask"]]
+            model(input_ids=batch["input_ids"].to(model.device),
+                  attention_mask=batch["attention_mask"].to(model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: 1 - inside / total if total else 0.0 for key, (total, inside) in totals.items()}

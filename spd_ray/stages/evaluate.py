@@ -8,6 +8,7 @@ The paper evaluates with greedy decoding, projection off, raw prompts (docs/meth
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,22 +23,29 @@ from spd_ray.stages.generate import Projection, generate_dataset, load_projected
 from spd_ray.tasks.evaluation import (
     accuracy_splits,
     check_scorers,
+    metrics_of,
     nll_splits,
     reference_nll,
     score,
-    split_metrics,
+    score_splits,
 )
 from spd_ray.tasks.item import Item
 
 
 @dataclass
 class EvalResult:
-    """An evaluation: metric name (`<split>/accuracy`, `<split>/nll`) -> value, saved as JSON."""
+    """An evaluation: metric name (`<split>/accuracy`, `<split>/nll`) -> value, and each item's
+    correctness by split as a string of 0/1 in the split's order (the report's paired intervals
+    compare methods item by item), saved as JSON."""
     metrics: dict[str, float]
+    correct: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> EvalResult:
-        return cls(json.loads(Path(path).read_text()))
+        return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
 
     def summary(self) -> str:
         """Each split's accuracy on one line, with its reference NLL where there is one."""
@@ -82,18 +90,29 @@ def evaluate_on_ray(model: ModelConfig, ev: EvalConfig, splits: dict[str, list[I
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}
     nll = {name: _reference_nll.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
            .remote(model, splits[name], ev.batch_size, projection) for name in nll_splits(splits)}
-    result = EvalResult(split_metrics(splits, completions, {k: ray.get(v) for k, v in nll.items()}, ev))
-    Path(out).write_text(json.dumps(result.metrics, indent=1))
+    correct = score_splits(splits, completions, ev)
+    result = EvalResult(metrics_of(correct, {k: ray.get(v) for k, v in nll.items()}),
+                        {name: bits(c) for name, c in correct.items()})
+    result.save(out)
     return result
+
+
+def bits(correct) -> str:
+    """Correctness as a string of 0/1: compact in JSON, one character per item."""
+    return "".join("1" if c else "0" for c in correct)
 
 
 @dataclass
 class CorpusQuality:
     """How often the raw corpus is right before any training (paper Table 3): `accuracy` is None
-    where the prompts come without answers (task.source=files)."""
+    where the prompts come without answers (task.source=files). By row id: `correct`, each row's
+    correctness (0/1), and `hashes`, a digest of each completion, so that two corpora of the same
+    prompts and seed compare row by row (how many samples the projection changed)."""
     accuracy: float | None
     n: int
     mean_chars: float
+    correct: dict[str, int] | None = None
+    hashes: dict[str, str] | None = None
 
     @classmethod
     def load(cls, path: Path) -> CorpusQuality:
@@ -110,9 +129,12 @@ def corpus_quality(train_items: list[Item], generations: Path, ev: EvalConfig, o
     diagnostic, the only use of those answers; nothing is filtered by it."""
     rows = data.read_corpus(generations).select(["id", "completion"]).to_pylist()
     items = [train_items[int(r["id"].split("-")[0])] for r in rows]
-    accuracy = None
+    accuracy = correct = None
     if items and items[0].metric:
-        accuracy = sum(score(items, [r["completion"] for r in rows], ev)) / len(rows)
-    result = CorpusQuality(accuracy, len(rows), sum(len(r["completion"]) for r in rows) / max(1, len(rows)))
+        right = score(items, [r["completion"] for r in rows], ev)
+        accuracy, correct = sum(right) / len(rows), {r["id"]: int(c) for r, c in zip(rows, right, strict=True)}
+    hashes = {r["id"]: hashlib.sha1(r["completion"].encode()).hexdigest()[:10] for r in rows}
+    result = CorpusQuality(accuracy, len(rows), sum(len(r["completion"]) for r in rows) / max(1, len(rows)),
+                           correct, hashes)
     Path(out).write_text(json.dumps(dataclasses.asdict(result)))
     return result

@@ -24,6 +24,7 @@ import torch
 
 from spd_ray import console, data
 from spd_ray.config import GenerationConfig, ModelConfig, SubspaceConfig
+from spd_ray.core.batching import pad_id, right_pad
 from spd_ray.core.generation import generate
 from spd_ray.core.modeling import (
     from_pretrained,
@@ -32,7 +33,7 @@ from spd_ray.core.modeling import (
     resolve_dtype,
     torch_device,
 )
-from spd_ray.core.projection import fold_projection, projection_hooks
+from spd_ray.core.projection import energy_outside, fold_projection, projection_hooks
 from spd_ray.core.subspace import CapabilitySubspace
 
 
@@ -232,6 +233,30 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
 
 # ---------------------------------------------------------------------------------------
 # The stage's driver.
+
+
+# a pure function of its arguments, on the resources of one generation replica
+@ray.remote(max_retries=3, max_calls=1)
+def _energy_outside(model: ModelConfig, subspace_dir: str, prompts: list[str], batch_size: int) -> dict:
+    net = load_model(model.path, model.dtype, model.device, model.trust_remote_code)
+    tok = load_tokenizer(model.path, model.trust_remote_code)
+    ids = [tok(p)["input_ids"] for p in prompts]  # as generation tokenizes them
+    batches = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        batches.append({"input_ids": right_pad(chunk, pad_id(tok)),
+                        "attention_mask": right_pad([[1] * len(r) for r in chunk], 0)})
+    energy = energy_outside(net, CapabilitySubspace.load(subspace_dir), batches)
+    return {f"L{layer}.{kind}": v for (layer, kind), v in sorted(energy.items())}
+
+
+def projection_bite(model: ModelConfig, gen: GenerationConfig, subspace_dir: str | Path,
+                    prompts: list[str]) -> dict[str, float]:
+    """The share of the K/V activations' energy on `prompts` that the projection onto the
+    subspace in `subspace_dir` removes, by `L<layer>.<kind>` (`core.projection.energy_outside`),
+    on one replica's resources."""
+    task = _energy_outside.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
+    return ray.get(task.remote(model, str(subspace_dir), list(prompts), gen.batch_size))
 
 
 @dataclass

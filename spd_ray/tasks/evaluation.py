@@ -253,12 +253,21 @@ def split_metrics(splits: dict[str, Sequence[Item]], completions: dict[str, Sequ
                   nll: dict[str, float], ev: EvalConfig) -> dict[str, float]:
     """Accuracy per split from its greedy completions (none for NLL-only splits), plus the
     reference NLL where computed."""
+    return metrics_of(score_splits(splits, completions, ev), nll)
+
+
+def score_splits(splits: dict[str, Sequence[Item]], completions: dict[str, Sequence[str]],
+                 ev: EvalConfig) -> dict[str, list[bool]]:
+    """Each item's correctness, by split, for the splits scored from completions."""
+    return {name: score(splits[name], completions[name], ev) for name in accuracy_splits(splits)}
+
+
+def metrics_of(correct: dict[str, Sequence[bool]], nll: dict[str, float]) -> dict[str, float]:
+    """`<split>/accuracy` from the items' correctness and `<split>/nll`, split by split."""
     metrics = {}
-    scored = accuracy_splits(splits)
-    for name, items in splits.items():
-        if name in scored:
-            correct = score(items, completions[name], ev)
-            metrics[f"{name}/accuracy"] = sum(correct) / len(correct)
+    for name in dict.fromkeys([*correct, *nll]):
+        if name in correct:
+            metrics[f"{name}/accuracy"] = sum(correct[name]) / len(correct[name])
         if name in nll:
             metrics[f"{name}/nll"] = nll[name]
     return metrics
