@@ -59,3 +59,28 @@ def test_stops_at_every_eos_id_of_the_generation_config(testbed_model, testbed_t
     assert ref[0, enc["input_ids"].shape[1]:].tolist() == new[:at + 1]  # HF ends there too (keeping it)
     # the unchanged model does not stop there
     assert generate(testbed_model, tok, [prompt], max_new_tokens=12)[0] != ours
+
+
+def test_counter_noise_depends_on_seed_step_and_token_alone():
+    from spd_ray.core.generation import counter_uniform
+
+    seeds = torch.tensor([7, 2**32 - 1, 0, 123456789], dtype=torch.int64)
+    u = counter_uniform(seeds, 5, 1000)
+    assert u.shape == (4, 1000) and float(u.min()) > 0 and float(u.max()) < 1
+    assert torch.equal(counter_uniform(seeds[2:3], 5, 1000), u[2:3])  # a row's noise ignores its batch
+    assert not torch.equal(counter_uniform(seeds, 6, 1000), u)  # a new step, new noise
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+
+
+def test_the_exponential_race_samples_the_filtered_softmax():
+    """Over 20,000 seeds the sampled frequencies match softmax(logits / T) within top-p, and
+    tokens outside the nucleus are never drawn."""
+    from spd_ray.core.generation import _filter_logits, sample_tokens
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    seeds = torch.arange(20000, dtype=torch.int64)
+    drawn = sample_tokens(logits.expand(len(seeds), -1), seeds, 3, temperature=0.7, top_p=0.9)
+    freq = torch.bincount(drawn, minlength=6).double() / len(seeds)
+    expected = _filter_logits(logits / 0.7, 0, 0.9).softmax(-1).double()
+    assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
+    assert freq[expected == 0].sum() == 0
