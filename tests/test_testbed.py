@@ -46,3 +46,24 @@ def test_unknown_domain_or_split():
         make_split("poetry", "test", 1)
     with pytest.raises(ValueError, match="valid splits"):
         make_split("math", "dev", 1)
+
+
+def test_code_chains_say_what_their_code_does():
+    """An arithmetic chain's instruction names its steps in order and its code applies them in
+    that order (parenthesised), and the asserts are the code's own outputs."""
+    chains = [it for it in make_split("code", "test", 200) if ", then " in it.prompt]
+    assert len(chains) > 50
+    for it in chains:
+        steps = it.prompt.split("that returns x ")[1].split(".\n")[0].split(", then ")
+        body = it.answer.split("return ", 1)[1].strip()
+        assert body.count("(") == len(steps) - 1, (steps, body)
+        scope: dict = {}
+        exec(it.answer + "\n" + "\n".join(it.tests), scope)  # the reference passes its tests
+
+
+def test_filler_text_is_deterministic_prose():
+    from spd_ray.tasks.testbed import filler_text
+
+    a = filler_text(50, seed=1)
+    assert a == filler_text(50, seed=1) != filler_text(50, seed=2)
+    assert all(t.endswith(".") and "Question" not in t and "def " not in t for t in a)

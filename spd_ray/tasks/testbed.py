@@ -10,9 +10,10 @@ Each domain mirrors a paper benchmark's format (docs/method.md, "Correctness tok
   asserts and by the NLL of the reference.
 
 Splits: `calibration` (labeled), `train` (prompts only are used), `test` (in-domain),
-`transfer`, and `pretrain` (the noisy corpus the tiny base model learns from: mixed styles,
-formatting artefacts and wrong answers). Everything is generated deterministically from a seed;
-a prompt that appears in an evaluation split never appears in another split.
+`transfer`, and `pretrain` (the noisy corpus the base model learns from: mixed styles,
+formatting artefacts, wrong answers and 30% transfer wordings; `filler_text` adds general prose).
+Everything is generated deterministically from a seed; a prompt that appears in an evaluation
+split never appears in another split. The v2 design, and why it is so: docs/testbed.md.
 """
 
 from __future__ import annotations
@@ -36,20 +37,21 @@ WORDS = "zero one two three four five six seven eight nine ten eleven twelve".sp
 
 
 def _math_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """An arithmetic story: (kind, numbers as strings, result)."""
-    kind = rng.choice(["add", "add", "sub", "sub", "mul", "two"])
+    """An arithmetic story: (kind, numbers as strings, result). Two-digit operands with carries
+    and borrows, and two-step stories, so a small model gets a part of them wrong."""
+    kind = rng.choice(["add", "add", "sub", "sub", "mul", "two", "two"])
     if kind == "add":
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        a, b = rng.randint(12, 89), rng.randint(12, 89)
         return kind, [str(a), str(b)], a + b
     if kind == "sub":
-        a = rng.randint(10, 60)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(30, 99)
+        b = rng.randint(11, a - 5)
         return kind, [str(a), str(b)], a - b
     if kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(3, 9), rng.randint(4, 19)
         return kind, [str(a), str(b)], a * b
-    a, b = rng.randint(5, 30), rng.randint(2, 20)
-    c = rng.randint(1, a + b - 1)
+    a, b = rng.randint(15, 60), rng.randint(12, 40)
+    c = rng.randint(5, a + b - 5)
     return kind, [str(a), str(b), str(c)], a + b - c
 
 
@@ -97,7 +99,7 @@ def _math_solution(kind: str, nums: list[str], result: int, name: str, obj: str,
 def _make_math(rng: random.Random, split: str, idx: int) -> Item:
     kind, nums, result = _math_problem(rng)
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.15)
+    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.3)
     question = _math_question(kind, nums, name, obj, transfer)
     style = 0
     shown = result
@@ -161,9 +163,9 @@ def _make_mcq(rng: random.Random, split: str, idx: int) -> Item:
     rng.shuffle(options)
     gold = LETTERS[options.index(correct)]
     shown = gold
-    if split == "pretrain" and rng.random() < 0.25:
+    if split == "pretrain" and rng.random() < 0.15:
         shown = rng.choice([c for c in LETTERS if c != gold])
-    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.15)
+    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.3)
     if transfer:
         listing = "\n".join(f"({c}) {o}" for c, o in zip(LETTERS, options))
         prompt, answer = f"Q: {question}\nOptions:\n{listing}\nA:", f" ({shown})"
@@ -236,33 +238,85 @@ def _code_args(rng: random.Random, kind: str) -> list:
     return rng.sample(_STRINGS, 3)
 
 
-def _make_code(rng: random.Random, split: str, idx: int) -> Item:
+_CHAIN_OPS = {"+": ("plus", "adds {c} to it"), "-": ("minus", "subtracts {c} from it"),
+              "*": ("times", "multiplies it by {c}")}
+
+
+def _code_chain(rng: random.Random) -> tuple[str, str, str]:
+    """Two to four arithmetic steps applied in order: (instruction, CodeAlpaca-style
+    instruction, body). The steps compose, so each must be read and written in its place: a small
+    model gets part of them wrong, which keeps code below its ceiling."""
+    steps = [(rng.choice("+-*"), rng.randint(2, 9)) for _ in range(rng.choice([2, 3, 3, 4]))]
+    expr = f"x {steps[0][0]} {steps[0][1]}"
+    for op, c in steps[1:]:
+        expr = f"({expr}) {op} {c}"
+    words = ", then ".join(f"{_CHAIN_OPS[op][0]} {c}" for op, c in steps)
+    alpaca = ", then ".join(_CHAIN_OPS[op][1].format(c=c) for op, c in steps)
+    return f"returns x {words}", f"takes a number x, {alpaca}", f"return {expr}"
+
+
+def _code_task(rng: random.Random) -> tuple[str, str, str, str]:
+    """(instruction, CodeAlpaca-style instruction, body, argument kind): half single-family
+    functions, half arithmetic chains."""
+    if rng.random() < 0.5:
+        return (*_code_chain(rng), "int")
     family = rng.choice(list(CODE_FAMILIES))
     instruction, alpaca, body, arg_kind = CODE_FAMILIES[family]
     params = {"c": rng.randint(2, 12), "d": rng.randint(1, 9), "ch": rng.choice("abelnop")}
+    return (instruction.format(**params), alpaca.format(**params), body.format(**params), arg_kind)
+
+
+def _make_code(rng: random.Random, split: str, idx: int) -> Item:
+    instruction, alpaca, body, arg_kind = _code_task(rng)
     name = rng.choice(FUNC_NAMES)
-    body = body.format(**params)
     scope: dict = {}
     exec(f"def {name}(x):\n    {body}", scope)  # our own reference code: computes the asserts
     tests = [f"assert {name}({a!r}) == {scope[name](a)!r}" for a in _code_args(rng, arg_kind)]
     shown_body = body
     if split == "pretrain":
-        if rng.random() < 0.3:  # wrong programs
-            shown_body = CODE_FAMILIES[rng.choice(list(CODE_FAMILIES))][2].format(**params)
+        if rng.random() < 0.3:  # wrong programs: another task's body
+            shown_body = _code_task(rng)[2]
         if rng.random() < 0.3:  # style variation
             shown_body = f"result = {shown_body[len('return '):]}\n    return result"
     # the prompt ends with the newline: byte-level BPEs (Qwen2's) merge ":\n" into one token, so a
     # prompt ending in ":" would stop mid-token and look unlike anything seen in training
     code = f"def {name}(x):\n    {shown_body}\n"
-    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.15)
+    transfer = split == "transfer" or (split == "pretrain" and rng.random() < 0.3)
     if transfer:
         prompt = (f"### Instruction:\nCreate a Python function called {name} that "
-                  f"{alpaca.format(**params)}.\n### Response:\n")
+                  f"{alpaca}.\n### Response:\n")
     else:
-        prompt = (f"Instruction: Write a function {name}(x) that {instruction.format(**params)}."
+        prompt = (f"Instruction: Write a function {name}(x) that {instruction}."
                   f"\nYour code should pass these tests:\n" + "\n".join(tests) + "\nCode:\n")
     return Item(id=f"code-{split}-{idx}", domain="code", split=split, prompt=prompt,
                 answer=code, tests=tests, span_rule="asserts")
+
+
+# ---------------------------------------------------------------------------------------
+# general text: the filler of the base model's corpus, in no domain
+
+PLACES = ["market", "park", "school", "river", "library", "station", "garden", "beach"]
+FEELINGS = ["happy", "tired", "calm", "excited", "hungry", "curious", "late", "quiet"]
+
+
+def filler_text(n: int, seed: int = 0) -> list[str]:
+    """`n` short stories in plain prose, like the general text a pretrained model also reads:
+    they share words with every domain (names, objects, numbers) and ask nothing."""
+    rng = random.Random(seed * 1_000_003 + 97)
+    out = []
+    for _ in range(n):
+        name, other = rng.sample(NAMES, 2)
+        obj, place, feeling = rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(FEELINGS)
+        sentences = [
+            f"{name} went to the {place} with {rng.randint(2, 30)} {obj}.",
+            f"{other} was {feeling} that day.",
+            f"They talked about {rng.choice(list(CATEGORIES))}s and {rng.choice(OBJECTS)}.",
+            f"Later {name} wrote a short program and felt {rng.choice(FEELINGS)}.",
+            f"The {place} was {rng.choice([a for pair in OPPOSITES for a in pair])} in the evening.",
+        ]
+        rng.shuffle(sentences)
+        out.append(" ".join(sentences[: rng.randint(2, 5)]))
+    return out
 
 
 _MAKERS = {"math": _make_math, "mcq": _make_mcq, "code": _make_code}
