@@ -21,9 +21,11 @@ deterministic in --seed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -171,6 +173,14 @@ def reweight(mixture: Mixture, acc: dict[str, float], high: float) -> None:
         mixture.weights[d] = 0.25 if best > high else 1.0
 
 
+def save_kept(model, tokenizer, folder: Path, step: int, history: list[dict]) -> None:
+    """The kept evaluation's model on disk as soon as it is kept, so that a build stopped
+    early still leaves the best model so far (`folder`, removed when the build ends)."""
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({"kept_step": step, "history": history}, indent=1))
+
+
 def train(model, tokenizer, mixture: Mixture, opt, sched, args: argparse.Namespace,
           t0: float) -> tuple[list[dict], dict]:
     """Optimizer steps on the mixture's batches, a log line every 50 steps and the greedy accuracy
@@ -201,6 +211,7 @@ def train(model, tokenizer, mixture: Mixture, opt, sched, args: argparse.Namespa
             if outside(acc, args.band_low, args.band_high) <= best:
                 best = outside(acc, args.band_low, args.band_high)
                 kept = {"step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                save_kept(model, tokenizer, Path(args.out) / "kept", step, history)
             if best == 0:
                 return history, kept
             reweight(mixture, acc, args.band_high)
@@ -245,6 +256,7 @@ def main() -> None:
     (out / "training.json").write_text(json.dumps(
         {"args": vars(args), "parameters": n_params, "minutes": (time.time() - t0) / 60,
          "band_reached": reached, "kept_step": kept["step"], "history": history}, indent=1))
+    shutil.rmtree(out / "kept", ignore_errors=True)
     print(f"saved to {out} after {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
