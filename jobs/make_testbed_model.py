@@ -11,7 +11,7 @@ Where it stops (docs/testbed.md): every `--eval-every` steps the greedy accuracy
 each domain's test and transfer split is measured; training stops at the first evaluation where
 all six lie in [--band-low, --band-high], a band inside the testbed's target [0.30, 0.70] by
 about one standard error of 100 items. Until then a domain with a split above the band is fed at
-a quarter of its weight, so the domains reach the band together. All of it is
+weight 0.25 and the others at 1.0, so the domains reach the band together. All of it is
 deterministic in --seed.
 
     python jobs/make_testbed_model.py            # reproduces the shipped model (2 cores, see training.json)
@@ -166,8 +166,9 @@ def few_shot_blocks(texts: list[str], rng: random.Random) -> list[str]:
 
 
 def reweight(mixture: Mixture, acc: dict[str, float], high: float) -> None:
-    """A domain with a split above the band is fed at a quarter of its weight (until it is back
-    in), so that the slower domains catch up."""
+    """From the first evaluation on, a domain with a split above the band is fed at weight 0.25,
+    every other domain at 1.0 (the starting weights of `main` hold until then; the shipped model
+    was built so), so that the slower domains catch up."""
     for d in DOMAINS:
         best = max(v for k, v in acc.items() if k.startswith(f"{d}/"))
         mixture.weights[d] = 0.25 if best > high else 1.0

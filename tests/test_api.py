@@ -45,9 +45,9 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_extract_records_the_layers_examples_and_ranks(subspace):
-    # the testbed model: 4 layers (the paper's [L-1, L//2] = [3, 2]), kv_dim 64 (half rank 32)
-    assert subspace.layers == [2, 3] and subspace.meta["layers"] == [3, 2]
-    assert {tuple(b.shape) for b in subspace.bases.values()} == {(64, 32)}
+    # the testbed model: 6 layers (the paper's [L-1, L//2] = [5, 3]), kv_dim 128 (half rank 64)
+    assert subspace.layers == [3, 5] and subspace.meta["layers"] == [5, 3]
+    assert {tuple(b.shape) for b in subspace.bases.values()} == {(128, 64)}
     assert subspace.meta["n_calibration"] == len(TEXTS) and subspace.meta["skipped"] == 0
     assert subspace.meta["spans"] == "final_number"
 

@@ -89,7 +89,7 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         assert 0 <= metrics["corpus"]["1"]["accuracy"] <= 1 and metrics["corpus"]["1"]["n"] == 4
         prompts = pq.read_table(run / "generations").column("prompt").to_pylist()
         assert len(prompts) == 4 and all(any(r["question"] in p for r in GSM8K_TRAIN) for p in prompts)
-        assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [3, 2]
+        assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [5, 3]
         assert "| math/test/accuracy |" in first.stdout
 
         again = _ray(*submit, env=env, check=False)
