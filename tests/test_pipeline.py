@@ -142,10 +142,10 @@ def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("subspace.rank_mode=fixed subspace.rank=999", ["subspace.rank=999", "64 dimensions", "1..64"]),
+    ("subspace.rank_mode=fixed subspace.rank=999", ["subspace.rank=999", "128 dimensions", "1..128"]),
     ("task.n_calibration=0", ["task.n_calibration=0", "calibration examples"]),
     ("task.n_train_prompts=0", ["task.n_train_prompts=0", "training prompts"]),
-    ("calibration.layers=[9]", ["calibration.layers=[9]", "4 decoder layers"]),
+    ("calibration.layers=[9]", ["calibration.layers=[9]", "6 decoder layers"]),
 ])
 def test_impossible_settings_are_errors_before_any_work(tmp_path, override, words):
     start = time.monotonic()
