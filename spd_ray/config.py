@@ -235,7 +235,8 @@ class GenerationConfig:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 256
     n_samples: int = 1
-    batch_size: int = 32
+    batch_size: int = 32  # rows decoding at once (hf), continuously batched
+    batches_per_call: int = 4  # hf: each replica call takes this many batches' prompts, so a finished row's slot goes to the next
     seed: int = 42
     project: bool = True  # False gives the unprojected baselines (PSR, SSD)
     backend: Literal["hf", "vllm"] = "hf"  # vllm: GPU clusters with vLLM installed
@@ -288,6 +289,9 @@ class FinetuneConfig:
     warmup_epochs: float = 0.5  # the authors' code warms up for half an epoch
     max_grad_norm: float = 1.0
     loss_on: Literal["all", "completion"] = "all"  # Eq. 14 trains on prompt + completion
+    # pack a micro-batch's rows into sequences as long as its longest row (core.recipe.pack): the
+    # same loss, fewer tokens computed; false: pad every row to the longest
+    packing: bool = True
     seed: int = 42
     # Ray Train + DeepSpeed
     num_workers: int = 2

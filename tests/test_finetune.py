@@ -9,6 +9,7 @@ from spd_ray.core.recipe import (
     collate,
     finished_model,
     optimizer_and_schedule,
+    pack,
     prepare_model,
 )
 
@@ -39,6 +40,43 @@ def test_cosine_schedule_with_half_epoch_warmup():
         sched.step()
     assert lrs[0] == 0.5 and lrs[1] == 1.0  # warm-up: half an epoch = 2 steps
     assert lrs[2] > lrs[10] > lrs[19] >= 0 and lrs[19] < 0.02
+
+
+@pytest.mark.parametrize(("attn", "one_sequence"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_loss_and_gradients_equal_unpacked(testbed_model, testbed_tokenizer, attn, one_sequence):
+    tok = testbed_tokenizer
+    prompts = ["Question: " + " ".join(["bee"] * (2 + 9 * (i % 4))) + "?\nAnswer:" for i in range(8)]
+    completions = [f" {i} + {i} = {2 * i}.{' ok' * (3 * i % 5)}\n#### {2 * i}" for i in range(8)]
+    rows = build_examples(tok, prompts, completions, max_length=96)
+    total = sum(len(r["input_ids"]) for r in rows)
+    packed = pack(rows, tok.pad_token_id, total if one_sequence else None)
+    padded = collate(rows, tok.pad_token_id)
+    assert len({len(r["input_ids"]) for r in rows}) > 3  # mixed lengths, so that packing packs
+    if one_sequence:
+        assert packed["input_ids"].shape == (1, total)
+    else:
+        assert 1 < packed["input_ids"].shape[0] < len(rows)
+        assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]  # never wider
+    # every real token is there once, and every label but each row's first one
+    assert (packed["input_ids"] != tok.pad_token_id).sum() == (padded["input_ids"] != tok.pad_token_id).sum()
+    assert (packed["labels"] != -100).sum() == (padded["labels"][:, 1:] != -100).sum()
+    model = copy.deepcopy(testbed_model).float()
+    model.config._attn_implementation = attn
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss_p, grads_p = loss_and_grads(packed)
+    loss_u, grads_u = loss_and_grads(padded)
+    assert loss_p == pytest.approx(loss_u, abs=1e-5)
+    for gp, gu in zip(grads_p, grads_u, strict=True):
+        torch.testing.assert_close(gp, gu, atol=1e-5, rtol=1e-4)
+    # the test can fail: the same rows concatenated with running positions attend across rows
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    assert abs(model(**leaky).loss.item() - loss_u) > 1e-3
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -84,3 +84,33 @@ def test_the_exponential_race_samples_the_filtered_softmax():
     expected = _filter_logits(logits / 0.7, 0, 0.9).softmax(-1).double()
     assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
     assert freq[expected == 0].sum() == 0
+
+
+def test_continuous_batching_gives_the_texts_of_static_batches(testbed_model, testbed_tokenizer):
+    """Prompts of mixed lengths whose completions end at different steps: with 4 slots refilled
+    one at a time, every text equals static batching's and batch 1's, sampled and greedy."""
+    from spd_ray.tasks.testbed import make_split
+
+    tok = testbed_tokenizer
+    prompts = [it.prompt for d in ("math", "code", "mcq") for it in make_split(d, "train", 6)]
+    seeds = list(range(100, 100 + len(prompts)))
+    prefills: list[int] = []  # rows per prompt-prefilling call
+    hook = testbed_model.register_forward_pre_hook(
+        lambda m, a, kw: prefills.append(len(kw["input_ids"])) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        for kw in (dict(temperature=0.7, top_p=0.9, seeds=seeds), dict()):
+            prefills.clear()
+            stream = generate(testbed_model, tok, prompts, max_new_tokens=40, batch_size=4, refill=1, **kw)
+            refills = list(prefills)
+            prefills.clear()
+            static = generate(testbed_model, tok, prompts, max_new_tokens=40, batch_size=4, refill=4, **kw)
+            assert prefills == [4, 4, 4, 4, 2]  # static: a batch starts when the last one has ended
+            single = [generate(testbed_model, tok, [p], max_new_tokens=40, seeds=[s] if kw else None,
+                               **{k: v for k, v in kw.items() if k != "seeds"})[0]
+                      for p, s in zip(prompts, seeds)]
+            assert stream == static == single
+            assert len({len(t) for t in stream}) > 3  # rows ended apart
+            assert len(refills) > 5 and sum(refills) == len(prompts) and min(refills) < 4  # slots handed over
+    finally:
+        hook.remove()

@@ -36,10 +36,10 @@ def _cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **kw})
 
 
-def _run(cfg, rows, tmp: Path, name: str, **kw):
+def _run(cfg, rows, tmp: Path, name: str, dtype: str = "auto", **kw):
     """The fine-tuned model's folder, and the history finetune_on_ray returned."""
     out = tmp / f"{name}-model"
-    history = finetune_on_ray(ModelConfig(str(TESTBED_MODEL)), cfg, ray.data.from_items(rows), out,
+    history = finetune_on_ray(ModelConfig(str(TESTBED_MODEL), dtype=dtype), cfg, ray.data.from_items(rows), out,
                               run_name=name, storage_path=str(tmp / "storage"),
                               ds_overrides=PARTITION_ALL, **kw)
     return out, history
@@ -143,6 +143,39 @@ def test_full_zero3_export_equals_engine_weights(full_run):
     first = [h["loss"] for h in history if h["epoch"] == 0]
     last = [h["loss"] for h in history if h["epoch"] == 1]
     assert sum(last) / len(last) < sum(first) / len(first)
+
+
+def test_packing_trains_as_padding_in_the_ray_loop(local_ray, dataset_rows, tmp_path):
+    """Rows of mixed lengths, so that packing packs: the same losses step by step as padding."""
+    from spd_ray.core.modeling import load_tokenizer
+    from spd_ray.core.recipe import build_examples, pack
+
+    rows = [r if i % 2 else dict(r, prompt="Question: 2 + 2?\nAnswer:", completion=" 4")
+            for i, r in enumerate(dataset_rows)]
+    cfg = _cfg(batch_size=4, epochs=1.0)
+    tok = load_tokenizer(str(TESTBED_MODEL))
+    examples = build_examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                              max_length=cfg.max_length)
+    assert len(pack(examples[:4], tok.pad_token_id)["input_ids"]) < 4  # these rows do pack
+    packed, _ = _run(cfg, rows, tmp_path, "packed")
+    padded, _ = _run(dataclasses.replace(cfg, packing=False), rows, tmp_path, "padded")
+    a, b = _history(packed), _history(padded)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2]
+    assert [h["tokens"] for h in a] == [h["tokens"] for h in b]  # real tokens, not padding
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_bf16_on_cpu_trains_and_exports(local_ray, dataset_rows, tmp_path):
+    """model.dtype=bfloat16, the GPUs' precision, through DeepSpeed's CPU accelerator."""
+    from transformers import AutoConfig
+
+    out, history = _run(_cfg(epochs=1.0), dataset_rows, tmp_path, "bf16", dtype="bfloat16")
+    assert json.loads((out / SUMMARY_FILE).read_text())["total_steps"] == 4 == len(history)
+    assert all(0 < h["loss"] < 20 and h["grad_norm"] == h["grad_norm"] for h in history)  # finite
+    assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
+    exported, original = _plain(out), _plain(str(TESTBED_MODEL))
+    assert any(not torch.equal(exported[k], original[k]) for k in exported)  # it trained
 
 
 def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path):

@@ -1,7 +1,7 @@
 """Distillation fine-tuning (paper Eq. 14): next-token loss on prompt + completion.
 
-The pieces (tokenized examples, padding-free batches, LoRA/full preparation, AdamW with
-cosine warm-up) are plain torch + peft; `spd_ray.stages.finetune` runs them under Ray Train +
+The pieces (tokenized examples, batches padded to their longest row or packed, LoRA/full
+preparation, AdamW with cosine warm-up) are plain torch + peft; `spd_ray.stages.finetune` runs them under Ray Train +
 DeepSpeed.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from spd_ray.config import FinetuneConfig
-from spd_ray.core.batching import padded_batch
+from spd_ray.core.batching import padded_batch, right_pad
 
 
 def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
@@ -36,6 +36,38 @@ def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str]
 def collate(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> dict:
     """Right-pad to the longest row (or to `pad_to`); padding is masked out of the loss."""
     return padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_id, pad_to)
+
+
+def pack(rows: Sequence[dict], pad_id: int, capacity: int | None = None) -> dict:
+    """`rows` packed into as few sequences of at most `capacity` tokens as first-fit-decreasing
+    finds. The default capacity, the longest row, never computes more than `collate`'s padding,
+    whatever the attention kernel (a dense block-diagonal mask costs the square of the packed
+    length); with variable-length attention (flash attention), where each row costs only its
+    own, pass the rows' total for one sequence. Each row keeps its own positions (0, 1, ...)
+    and there is no attention mask, which is how transformers reads packed sequences: it
+    confines attention to each row (a block-diagonal causal mask under SDPA and eager,
+    variable-length kernels under flash attention). A row's first label is masked, as the
+    previous row's last token would predict it; unpacked, nothing predicts it either, so the loss
+    is the same mean over the same tokens as `collate`'s. The batch says `use_cache=False`: with a
+    KV cache, transformers would not look for packed sequences (and attend across rows)."""
+    capacity = capacity or max(len(r["input_ids"]) for r in rows)
+    bins: list[list[dict]] = []
+    loads: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):  # stable: the same rows, the same bins
+        n = len(row["input_ids"])
+        fit = next((b for b, load in enumerate(loads) if load + n <= capacity), None)
+        if fit is None:
+            bins.append([row])
+            loads.append(n)
+        else:
+            bins[fit].append(row)
+            loads[fit] += n
+    width = max(loads)
+    # padding gets position 0 per token: each pad is a sequence of its own, attending to itself
+    return {"input_ids": right_pad([[t for r in b for t in r["input_ids"]] for b in bins], pad_id, width),
+            "labels": right_pad([[t for r in b for t in [-100, *r["labels"][1:]]] for b in bins], -100, width),
+            "position_ids": right_pad([[i for r in b for i in range(len(r["input_ids"]))] for b in bins], 0, width),
+            "use_cache": False}
 
 
 def prepare_model(model, cfg: FinetuneConfig):

@@ -149,7 +149,7 @@ class DeepSpeedStrategy:
     def train_micro_batch(self, inputs: dict) -> tuple[torch.Tensor, float]:
         """Forward, backward and DeepSpeed's step (an optimizer step at the end of each
         accumulation group); returns the loss and the learning rate of that step."""
-        inputs = {k: v.to(self.engine.device) for k, v in inputs.items()}
+        inputs = {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         loss = self.engine(**inputs).loss
         self.engine.backward(loss)
         lr = self.engine.get_lr()[0]

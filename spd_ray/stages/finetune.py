@@ -2,7 +2,7 @@
 
 `finetune_on_ray` runs a `TorchTrainer` whose workers each hold a DeepSpeed engine (ZeRO stage
 `cfg.zero_stage`, ZeRO-3 by default) over the ORIGINAL weights, LoRA through peft or all weights
-trainable. The recipe pieces (tokenized examples, masked padding, LoRA/full, AdamW with cosine
+trainable. The recipe pieces (tokenized examples, packed or padded batches, LoRA/full, AdamW with cosine
 warm-up) are those of `spd_ray.core.recipe`; only the loop is distributed. Every DeepSpeed call
 (config, process group, engine, checkpoints, gathered weights) is `spd_ray.stages.deepspeed`'s;
 the precision is `model.dtype` (auto: bf16 on GPU, fp32 on CPU), as in stage 1. The worker's
@@ -185,6 +185,7 @@ class FinetuneRecipe:
         torch.manual_seed(self.cfg.seed)
         model = self.ds.load_model(self.model.path, self.model.trust_remote_code)
         model.config.use_cache = False
+        self.varlen = "flash" in str(getattr(model.config, "_attn_implementation", ""))
         if self.cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
         model = prepare_model(model, self.cfg)
@@ -242,23 +243,29 @@ class FinetuneRecipe:
         done_here = (self.step - epoch * self.spe) * accum
         end = (min(self.total_steps, (epoch + 1) * self.spe) - epoch * self.spe) * accum
         for n_micro, batch in enumerate(batches[done_here:end], start=done_here + 1):
-            inputs = self._inputs(batch)
+            inputs, n_tokens = self._inputs(batch)
             loss, lr = self.ds.train_micro_batch(inputs)
-            acc += torch.tensor([loss.item(), 1.0, float(inputs["attention_mask"].sum()), 0.0],
-                                dtype=torch.float64)
+            acc += torch.tensor([loss.item(), 1.0, float(n_tokens), 0.0], dtype=torch.float64)
             if n_micro % accum == 0:  # an optimizer step just happened
                 self.step += 1
                 self._end_step(epoch, acc, lr, t0)
                 acc.zero_()
                 t0 = time.perf_counter()
 
-    def _inputs(self, batch: list[dict]) -> dict:
-        from spd_ray.core.recipe import build_examples, collate
+    def _inputs(self, batch: list[dict]) -> tuple[dict, int]:
+        """The model's inputs for `batch` (packed or padded, `finetune.packing`) and its number
+        of real tokens."""
+        from spd_ray.core.recipe import build_examples, collate, pack
 
         examples = build_examples(self.tokenizer, [str(r["prompt"]) for r in batch],
                                   [str(r["completion"]) for r in batch],
                                   max_length=self.cfg.max_length, loss_on=self.cfg.loss_on)
-        return collate(examples, self.pad_id)
+        n_tokens = sum(len(e["input_ids"]) for e in examples)
+        if not self.cfg.packing:
+            return collate(examples, self.pad_id), n_tokens
+        # variable-length attention costs each row its own length: one sequence; else rows
+        # share sequences as long as the longest row
+        return pack(examples, self.pad_id, n_tokens if self.varlen else None), n_tokens
 
     def _end_step(self, epoch: int, acc: torch.Tensor, lr: float, t0: float) -> None:
         """After an optimizer step: loss, micro-batches and tokens (`acc`) summed over the

@@ -208,7 +208,7 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
     (`folded_checkpoint`, beside the subspace), made here before any generation, in blocks of
     `gen.vllm_batch_size` prompts per engine call."""
     max_new_tokens = max_new_tokens or gen.max_new_tokens
-    batch_size = gen.batch_size
+    batch_size = gen.batch_size * gen.batches_per_call  # a call's rows, batch_size of them in flight
     if gen.backend == "vllm":
         checkpoint = model.path if projection is None else folded_checkpoint(model, projection)
         udf, kwargs = VLLMGenerator, dict(checkpoint=checkpoint, model=model, gen=gen,
