@@ -207,7 +207,7 @@ def _mid_epoch_checkpoint(run: Path) -> int:
 @pytest.mark.faults
 def test_a_driver_killed_in_stage2_and_in_stage3_loses_only_unfinished_work(tmp_path):
     args = [sys.executable, str(ROOT / "jobs/spd.py"), *SMALL, "evaluation.domains=[math]", "task.n_eval=4",
-            "generation.batch_size=4", "generation.replicas_max=1", "finetune.batch_size=4",
+            "generation.batch_size=4", "generation.batches_per_call=1", "generation.replicas_max=1", "finetune.batch_size=4",
             "finetune.checkpoint_every_steps=1",  # 32 rows / 2 workers / 4: 4 steps, each checkpointed
             "run.name=cut", f"run.output_dir={tmp_path}"]
     run = tmp_path / "cut"
