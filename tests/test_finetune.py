@@ -105,3 +105,13 @@ def test_recipe_pieces_train_and_merge(testbed_model, testbed_tokenizer, method)
     trained = finished_model(model.eval())
     assert type(trained) is type(testbed_model)  # LoRA is merged back into a plain HF model
     assert loss(trained) < 0.8 * loss(testbed_model)
+
+
+def test_rows_that_share_no_sequence_are_padded_as_collate_pads_them(testbed_tokenizer):
+    tok = testbed_tokenizer
+    rows = build_examples(tok, ["Question: 1 + 1?\nAnswer:", "Question: 2 + 2?\nAnswer:"], [" 2", " 4"],
+                          max_length=32)
+    packed, padded = pack(rows, tok.pad_token_id), collate(rows, tok.pad_token_id)
+    assert packed.keys() == padded.keys() and all(torch.equal(packed[k], padded[k]) for k in padded)
+    # with room for both, they share one sequence
+    assert pack(rows, tok.pad_token_id, 64)["input_ids"].shape[0] == 1

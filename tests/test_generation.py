@@ -1,6 +1,6 @@
 import torch
 
-from spd_ray.core.generation import _filter_logits, generate
+from spd_ray.core.generation import _kept, counter_uniform, generate, sample_tokens
 
 
 def test_greedy_matches_hf_generate_and_is_batch_independent(testbed_model, testbed_tokenizer):
@@ -29,12 +29,20 @@ def test_sampling_is_seeded_per_row(testbed_model, testbed_tokenizer):
 
 
 def test_top_k_and_top_p_filters():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    assert torch.isinf(_filter_logits(logits, 2, 1.0)[0, 2:]).all()
-    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
-    kept = torch.isfinite(_filter_logits(logits, 0, 0.7))[0].tolist()
-    assert kept == [True, True, False, False] and probs[0] < 0.7
-    assert torch.isfinite(_filter_logits(logits, 0, 0.5))[0].tolist() == [True, False, False, False]
+    vals = torch.tensor([[3.0, 2.0, 1.0, 0.0]])  # probabilities 0.64, 0.24, 0.09, 0.03
+    lse = vals.logsumexp(-1, keepdim=True)
+    assert _kept(vals, lse, 2, 1.0)[1].tolist() == [[True, True, False, False]]
+    p, kept = _kept(vals, lse, 0, 0.7)
+    assert kept.tolist() == [[True, True, False, False]] and p[0, 0] < 0.7
+    assert _kept(vals, lse, 0, 0.5)[1].tolist() == [[True, False, False, False]]
+    # top-p over the top-k tokens' mass: 0.64 / 0.88 = 0.73 of it reaches 0.7 alone
+    assert _kept(vals, lse, 2, 0.7)[1].tolist() == [[True, False, False, False]]
+    # tokens of equal probability are kept or dropped together, whatever their order
+    tied = torch.tensor([[2.0, 1.0, 1.0, 1.0, -5.0]])
+    for top_p in (0.5, 0.6, 0.99):
+        kept = _kept(tied, tied.logsumexp(-1, keepdim=True), 0, top_p)[1][0].tolist()
+        assert kept[1] == kept[2] == kept[3] and kept[0], (top_p, kept)
+    assert _kept(tied, tied.logsumexp(-1, keepdim=True), 2, 1.0)[1].tolist() == [[True] * 4 + [False]]
 
 
 def test_stops_at_every_eos_id_of_the_generation_config(testbed_model, testbed_tokenizer):
@@ -61,29 +69,56 @@ def test_stops_at_every_eos_id_of_the_generation_config(testbed_model, testbed_t
     assert generate(testbed_model, tok, [prompt], max_new_tokens=12)[0] != ours
 
 
-def test_counter_noise_depends_on_seed_step_and_token_alone():
-    from spd_ray.core.generation import counter_uniform
-
-    seeds = torch.tensor([7, 2**32 - 1, 0, 123456789], dtype=torch.int64)
-    u = counter_uniform(seeds, 5, 1000)
-    assert u.shape == (4, 1000) and float(u.min()) > 0 and float(u.max()) < 1
-    assert torch.equal(counter_uniform(seeds[2:3], 5, 1000), u[2:3])  # a row's noise ignores its batch
-    assert not torch.equal(counter_uniform(seeds, 6, 1000), u)  # a new step, new noise
+def test_counter_noise_depends_on_seed_and_step_alone():
+    seeds = torch.arange(20000, dtype=torch.int64) * 7919 + 2**31
+    u = counter_uniform(seeds, 5)
+    assert u.shape == seeds.shape and float(u.min()) > 0 and float(u.max()) < 1
+    assert torch.equal(counter_uniform(seeds[2:3], 5), u[2:3])  # a row's noise ignores its batch
+    assert torch.equal(counter_uniform(seeds, torch.full_like(seeds, 5)), u)  # a step per row, the same
+    assert not torch.equal(counter_uniform(seeds, 6), u)  # a new step, new noise
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    # successive steps of a row are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u, counter_uniform(seeds, 6)]))[0, 1])) < 0.03
 
 
-def test_the_exponential_race_samples_the_filtered_softmax():
-    """Over 20,000 seeds the sampled frequencies match softmax(logits / T) within top-p, and
-    tokens outside the nucleus are never drawn."""
-    from spd_ray.core.generation import _filter_logits, sample_tokens
+def _reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The filtered distribution written the textbook way: sort, cumulate, cut (no ties here)."""
+    probs = (logits.double() / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    ranked = probs[order] / probs[order][: top_k or None].sum()
+    before = ranked.cumsum(0) - ranked
+    keep[order[: top_k or None]] = (before < top_p)[: top_k or None]
+    return torch.where(keep, probs, 0) / torch.where(keep, probs, 0).sum()
 
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+
+def test_the_sampler_draws_the_filtered_softmax():
+    """Over 20,000 seeds the sampled frequencies match softmax(logits / T) within top-k / top-p,
+    and tokens outside the nucleus are never drawn."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0, 0.5, -0.5])
     seeds = torch.arange(20000, dtype=torch.int64)
-    drawn = sample_tokens(logits.expand(len(seeds), -1), seeds, 3, temperature=0.7, top_p=0.9)
-    freq = torch.bincount(drawn, minlength=6).double() / len(seeds)
-    expected = _filter_logits(logits / 0.7, 0, 0.9).softmax(-1).double()
-    assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
-    assert freq[expected == 0].sum() == 0
+    for temperature, top_k, top_p in ((0.7, 0, 0.9), (1.0, 0, 1.0), (1.3, 4, 1.0), (0.9, 5, 0.8)):
+        drawn = sample_tokens(logits.expand(len(seeds), -1), seeds, 3, temperature, top_k, top_p, candidates=3)
+        freq = torch.bincount(drawn, minlength=len(logits)).double() / len(seeds)
+        expected = _reference_probs(logits, temperature, top_k, top_p)
+        assert torch.allclose(freq, expected, atol=0.012), (temperature, top_k, top_p, freq, expected)
+        assert freq[expected == 0].sum() == 0
+
+
+def test_the_candidate_shortcut_never_changes_a_token():
+    """Rows whose nucleus is wider than the candidates are redone over the whole vocabulary:
+    any number of candidates draws the very same tokens, flat and peaked rows alike."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(96, 500, generator=gen) * torch.linspace(0.1, 12, 96)[:, None]
+    logits[:8, :40] = 4.0  # exact ties, at the nucleus boundary or inside it
+    seeds = torch.arange(96, dtype=torch.int64) + 1000
+    for temperature, top_k, top_p in ((0.7, 0, 0.9), (1.0, 50, 0.95), (0.5, 20, 1.0), (1.0, 0, 0.3)):
+        full = sample_tokens(logits, seeds, 7, temperature, top_k, top_p, candidates=500)
+        for candidates in (1, 8, 64):
+            assert torch.equal(sample_tokens(logits, seeds, 7, temperature, top_k, top_p, candidates), full)
+        # and a row alone draws what it draws in the batch
+        assert all(int(sample_tokens(logits[i:i + 1], seeds[i:i + 1], 7, temperature, top_k, top_p, 8)) == full[i]
+                   for i in range(0, 96, 7))
 
 
 def test_continuous_batching_gives_the_texts_of_static_batches(testbed_model, testbed_tokenizer):

@@ -2,40 +2,29 @@
 
 A small decode loop instead of `model.generate`, because each row's randomness is its own: a
 row's completion depends on its seed, not on which batch or replica it landed in. The noise is
-counter-based: for (row seed, step, token id) an integer hash gives a uniform number, and the
-sampled token wins an exponential race over the filtered distribution (Gumbel-max: argmax of
-logits / T + Gumbel noise, which samples exactly softmax(logits / T) restricted to top-k /
-top-p). It is one batched tensor operation per step, on the model's device, with no per-row
-generator, no host copy of the probabilities and no per-token `.item()`; the noise bits are the
-same on any device, so given the same logits a row samples the same tokens on CPU and GPU
-(unless two candidates' perturbed scores tie within float rounding). Prompts are left-padded;
+counter-based: for (row seed, step) an integer hash gives one uniform number, and the token is
+drawn by inverse CDF from softmax(logits / T) restricted to top-k / top-p. Top-p looks at each
+row's best few hundred tokens (`topk`) rather than sorting the vocabulary, which is most of the
+cost of HF's sampler; a row whose nucleus is wider is redone over the whole vocabulary and gets
+the same token. It is batched tensor work on the model's device, with no per-row generator, no
+host copy of the probabilities and no per-token `.item()`; the noise bits are the same on any
+device, so given the same logits a row samples the same tokens on CPU and GPU, unless its
+uniform lands within float rounding of a boundary between two tokens' cumulative weights. Prompts are left-padded;
 the KV cache is the model's own, so a projection applied by hooks on k_proj/v_proj (or folded
 into their weights) is in the cache for every step.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from spd_ray.config import GenerationConfig
 from spd_ray.core.batching import pad_id
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
+from spd_ray.core.modeling import _unwrap
 
 _MASK32 = 0xFFFFFFFF
 
@@ -49,23 +38,72 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform noise in (0, 1), one per (row, token id) of a decoding step: a hash of the row's
-    32-bit seed, its step (one for all rows, or one per row) and the token id alone, on `seeds`'
-    device (float32, 24 random bits)."""
-    row = _mix32((_mix32(seeds & _MASK32) + step * 0x9E3779B9) & _MASK32)
-    token = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x85EBCA6B & _MASK32)
-    bits = _mix32((row[:, None] ^ token[None, :]) + 0x27D4EB2F & _MASK32)
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row of a decoding step: a hash of the row's 32-bit seed
+    and its step (one for all rows, or one per row) alone, on `seeds`' device (float32, 24
+    random bits)."""
+    bits = _mix32((_mix32(seeds & _MASK32) + step * 0x9E3779B9) & _MASK32)
     return ((bits >> 8).float() + 0.5) / float(1 << 24)
 
 
+# Tokens ranked per row before top-p: a row whose nucleus does not fit in them is redone over the
+# whole vocabulary (same tokens, a full sort), so the cap changes the cost, never a sample.
+CANDIDATES = 256
+
+
+def _kept(vals: torch.Tensor, lse: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities (softmax over the whole vocabulary, whose logsumexp is `lse`) of a row's
+    candidates, scores sorted descending, and which of them top-k and top-p keep. Ties are kept or
+    dropped together: a token stays if the tokens strictly more probable than it hold less than
+    top_p of the mass (of the top-k tokens' mass under top-k)."""
+    p = (vals - lse).exp()
+    keep = vals >= vals[:, top_k - 1 : top_k] if top_k else torch.ones_like(vals, dtype=torch.bool)
+    if top_p < 1.0:
+        total = (p * keep).sum(-1, keepdim=True) if top_k else 1.0
+        first = torch.searchsorted(-vals, -vals)  # where each run of equal scores starts
+        keep &= (p.cumsum(-1) - p).gather(-1, first) < top_p * total
+    return p, keep
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position whose cumulative weight exceeds u times the row's total."""
+    c = weights.cumsum(-1)
+    return torch.searchsorted(c, u * c[:, -1:]).clamp(max=c.shape[-1] - 1)
+
+
+def _draw(weights: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token id drawn from the weights of `ids`, walked in token-id order so that the draw
+    does not depend on how the candidates were ranked."""
+    ids, order = ids.sort(-1)
+    return ids.gather(-1, _inverse_cdf(weights.gather(-1, order), u)).squeeze(-1)
+
+
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor, temperature: float,
-                  top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature) within top-k / top-p, by the
-    exponential race on counter noise (`counter_uniform`)."""
-    scores = _filter_logits(logits.float() / temperature, top_k, top_p)
-    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, logits.shape[-1])))
-    return (scores + gumbel).argmax(-1)
+                  top_k: int = 0, top_p: float = 1.0, candidates: int = CANDIDATES) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) within top-k / top-p, by inverse-CDF
+    sampling on one counter uniform per row (`counter_uniform`). The filters look at each row's
+    `candidates` best tokens (`topk`, not a sort of the vocabulary); a row whose kept set reaches
+    the last candidate is redone over the whole vocabulary, which draws the same token."""
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    top_k = top_k if 0 < top_k < vocab else 0
+    lse = scores.logsumexp(-1, keepdim=True)
+    u = counter_uniform(seeds, step)[:, None]
+    if not top_k and top_p >= 1.0:
+        return _inverse_cdf((scores - lse).exp(), u).squeeze(-1)
+    k = min(vocab, max(top_k + 1, candidates))
+    vals, ids = scores.topk(k, dim=-1)
+    p, keep = _kept(vals, lse, top_k, top_p)
+    out = _draw(p * keep, ids, u)
+    # a kept last candidate may hide kept tokens outside the candidates (or, under top-k, ties of
+    # the k-th score); the one host sync here is skipped on the full vocabulary
+    wide = keep[:, -1] | (vals[:, -1] >= vals[:, top_k - 1] if top_k else False)
+    if k < vocab and bool(wide.any()):
+        rows = wide.nonzero().squeeze(-1)
+        vals, ids = scores[rows].sort(-1, descending=True)
+        p, keep = _kept(vals, lse[rows], top_k, top_p)
+        out[rows] = _draw(p * keep, ids, u[rows])
+    return out
 
 
 @torch.no_grad()
@@ -123,15 +161,48 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _cache_layers(cache) -> list:
-    """The per-layer key/value holders of a DynamicCache: continuous batching trims and joins
-    their tensors along the batch and time axes, which no public Cache method does."""
-    from transformers.cache_utils import DynamicLayer
+class _RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with spare columns, so that a
+    decoding step writes its token in place: DynamicLayer's `torch.cat` copies the whole cache at
+    every step, which was the largest single cost of decoding. Anything that swaps the tensors
+    (batch selection, the joins below) is followed by one copy into a fresh buffer."""
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states)
+        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states)
+        return self.keys, self.values
+
+
+def _append(view: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, t = (view.shape[-2] if view.numel() else 0), new.shape[-2]
+    if (room is None or not n or view.data_ptr() != room.data_ptr() or view.shape[0] != room.shape[0]
+            or n + t > room.shape[-2]):
+        room = new.new_empty(*new.shape[:2], n + t + max(64, (n + t) // 2), new.shape[-1])
+        if n:
+            room[..., :n, :] = view
+    room[..., n : n + t, :] = new
+    return room[..., : n + t, :], room
+
+
+def _new_cache(model):
+    """A DynamicCache of `_RoomyLayer`s where the model's layers are all full attention (others,
+    e.g. sliding windows, keep their own layers: static batches only)."""
+    cache = DynamicCache(config=_unwrap(model).config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_RoomyLayer() for _ in cache.layers]
+    return cache
+
+
+def _cache_layers(cache) -> list:
+    """The per-layer key/value holders of the cache: continuous batching trims and joins their
+    tensors along the batch and time axes, which no public Cache method does."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+    if not layers or not all(type(layer) is _RoomyLayer for layer in layers):
         raise TypeError(f"continuous batching needs a DynamicCache of full-attention layers, got "
-                        f"{type(cache).__name__}; use refill=batch_size (static batches)")
+                        f"{[type(layer).__name__ for layer in layers or []]}; use refill=batch_size "
+                        f"(static batches)")
     return layers
 
 
@@ -154,44 +225,67 @@ def _join(old, new, old_mask: torch.Tensor, new_mask: torch.Tensor):
     return old, torch.cat([left(old_mask, 1), left(new_mask, 1)])
 
 
+def _logits_to_keep(model) -> dict:
+    """`logits_to_keep=1` where the model takes it (HF causal LMs do): a prompt's prefill then
+    projects only its last position onto the vocabulary, as HF `generate` does."""
+    params = inspect.signature(_unwrap(model).forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
 def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                   top_p: float, top_k: int, seeds: Sequence[int] | None, eos: Sequence[int], pad: int,
                   *, slots: int, refill: int | None = None) -> list[list[int]]:
     """The new tokens of each prompt (token ids), up to (not including) its first EOS, with at
-    most `slots` rows decoding at a time: a finished row hands its slot to the next prompt
-    (continuous batching). Free slots are refilled once there are `refill` of them (default a
-    quarter of the slots; `refill=slots` gives static batches): the new prompts are prefilled
+    most `slots` rows decoding at a time: finished rows hand their slots to the next prompts
+    (continuous batching). A finished row keeps its slot until `refill` rows are finished
+    (default a quarter of the slots; `refill=slots` gives static batches, where every row keeps
+    its slot until the batch ends): then the finished rows leave, the next prompts are prefilled
     together and their KV cache joined to the live one, left-padded to a common width, and
-    columns no live row uses any more are cut off. A row's noise depends on its seed and its
-    own step only (`counter_uniform`), so its text does not depend on which rows it decoded
-    beside, given the same logits. Tokens stay on the device until their row ends; the one host
-    sync per step is the batched "any row done?"."""
+    columns no live row uses any more are cut off. Between refills the cache is not copied. A
+    row's noise depends on its seed and its own step only (`counter_uniform`), so its text does
+    not depend on which rows it decoded beside, given the same logits. Tokens stay on the device
+    until their row leaves; the one host sync per step is the count of finished rows."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
     refill = max(1, min(slots, refill or max(1, slots // 4)))
     eos_ids = torch.tensor(list(eos), device=device)
+    last_only = _logits_to_keep(model)
     out: list[list[int] | None] = [None] * len(prompts)
     queue = 0  # the next prompt to admit
-    live = torch.empty(0, dtype=torch.long, device=device)  # the prompt index of each live row
-    cache = mask = logits = pos = step = row_seeds = tokens = None
+    live = torch.empty(0, dtype=torch.long, device=device)  # the prompt index of each row
+    cache = mask = logits = pos = step = row_seeds = tokens = done = length = None
+    n_done = 0
     while queue < len(prompts) or len(live):
+        if n_done and (n_done >= refill or n_done == len(live)):  # the finished rows leave
+            for i, row, n in zip(live[done].tolist(), tokens[done].tolist(), length[done].tolist(), strict=True):
+                out[i] = row[:n]
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            live, mask, pos, step, tokens, done, length, logits = (
+                x[keep] for x in (live, mask, pos, step, tokens, done, length, logits))
+            if row_seeds is not None:
+                row_seeds = row_seeds[keep]
+            n_done = 0
         free = slots - len(live)
         if queue < len(prompts) and (free >= refill or not len(live)):
             take = list(range(queue, min(len(prompts), queue + free)))
             queue = take[-1] + 1
             ids, new_mask = _left_padded([prompts[i] for i in take], pad, device)
             new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos, use_cache=True)
-            fresh = {"live": torch.tensor(take, device=device), "logits": res.logits[:, -1, :],
-                     "pos": new_pos[:, -1:] + 1, "step": torch.zeros(len(take), dtype=torch.long, device=device),
-                     "seeds": torch.tensor([seeds[i] for i in take], dtype=torch.int64, device=device)
-                     if seeds is not None else None,
-                     "tokens": torch.full((len(take), max_new_tokens), pad, dtype=torch.long, device=device)}
+            res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos,
+                        past_key_values=_new_cache(model), use_cache=True, **last_only)
+            n = len(take)
+            fresh = (torch.tensor(take, device=device), res.logits[:, -1, :], new_pos[:, -1:] + 1,
+                     torch.zeros(n, dtype=torch.long, device=device),
+                     torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device),
+                     torch.zeros(n, dtype=torch.bool, device=device),
+                     torch.zeros(n, dtype=torch.long, device=device))
+            new_seeds = torch.tensor([seeds[i] for i in take], dtype=torch.int64, device=device) \
+                if seeds is not None else None
             if not len(live):
-                cache, mask = res.past_key_values, new_mask
-                live, logits, pos, step = fresh["live"], fresh["logits"], fresh["pos"], fresh["step"]
-                row_seeds, tokens = fresh["seeds"], fresh["tokens"]
+                cache, mask, row_seeds = res.past_key_values, new_mask, new_seeds
+                live, logits, pos, step, tokens, done, length = fresh
             else:
                 used = int(mask.any(0).long().argmax())  # leading columns no live row attends to
                 if used:
@@ -199,32 +293,27 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
                         layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
                     mask = mask[:, used:]
                 cache, mask = _join(cache, res.past_key_values, mask, new_mask)
-                live = torch.cat([live, fresh["live"]])
-                logits, pos = torch.cat([logits, fresh["logits"]]), torch.cat([pos, fresh["pos"]])
-                step, tokens = torch.cat([step, fresh["step"]]), torch.cat([tokens, fresh["tokens"]])
+                live, logits, pos, step, tokens, done, length = (
+                    torch.cat([a, b]) for a, b in zip((live, logits, pos, step, tokens, done, length), fresh,
+                                                      strict=True))
                 if row_seeds is not None:
-                    row_seeds = torch.cat([row_seeds, fresh["seeds"]])
+                    row_seeds = torch.cat([row_seeds, new_seeds])
         if temperature > 0:
             nxt = sample_tokens(logits, row_seeds, step, temperature, top_k, top_p)
         else:
             nxt = logits.argmax(-1)
-        ended = torch.isin(nxt, eos_ids)
-        tokens[torch.arange(len(live), device=device), step] = nxt
-        length = step + (~ended).long()  # tokens kept: those before the EOS
-        finished = ended | (length >= max_new_tokens)
-        if bool(finished.any()):
-            for i, row, n in zip(live[finished].tolist(), tokens[finished].tolist(),
-                                 length[finished].tolist(), strict=True):
-                out[i] = row[:n]
-            keep = (~finished).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            live, mask, pos, step, tokens, nxt = (x[keep] for x in (live, mask, pos, step, tokens, nxt))
-            if row_seeds is not None:
-                row_seeds = row_seeds[keep]
-            if not len(live):
-                continue
+        active = ~done
+        ended = torch.isin(nxt, eos_ids) & active
+        rows = torch.arange(len(live), device=device)
+        tokens[rows, step] = torch.where(active, nxt, tokens[rows, step])
+        length = torch.where(active, step + (~ended).long(), length)  # tokens kept: those before the EOS
+        done = done | ended | (active & (length >= max_new_tokens))
+        n_done = int(done.sum())
+        if n_done == len(live):
+            continue  # every row is finished: they leave before any further step
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True)
-        cache, logits, pos, step = res.past_key_values, res.logits[:, -1, :], pos + 1, step + 1
+        cache, logits, pos = res.past_key_values, res.logits[:, -1, :], pos + 1
+        step = step + (~done).long()
     return out

@@ -49,7 +49,9 @@ def pack(rows: Sequence[dict], pad_id: int, capacity: int | None = None) -> dict
     variable-length kernels under flash attention). A row's first label is masked, as the
     previous row's last token would predict it; unpacked, nothing predicts it either, so the loss
     is the same mean over the same tokens as `collate`'s. The batch says `use_cache=False`: with a
-    KV cache, transformers would not look for packed sequences (and attend across rows)."""
+    KV cache, transformers would not look for packed sequences (and attend across rows). Where no
+    two rows share a sequence, the batch is `collate`'s (its mask costs less than detecting
+    packed rows)."""
     capacity = capacity or max(len(r["input_ids"]) for r in rows)
     bins: list[list[dict]] = []
     loads: list[int] = []
@@ -62,6 +64,8 @@ def pack(rows: Sequence[dict], pad_id: int, capacity: int | None = None) -> dict
         else:
             bins[fit].append(row)
             loads[fit] += n
+    if len(bins) == len(rows):
+        return collate(rows, pad_id)
     width = max(loads)
     # padding gets position 0 per token: each pad is a sequence of its own, attending to itself
     return {"input_ids": right_pad([[t for r in b for t in r["input_ids"]] for b in bins], pad_id, width),
