@@ -96,7 +96,7 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.T
     p, keep = _kept(vals, lse, top_k, top_p)
     out = _draw(p * keep, ids, u)
     # a kept last candidate may hide kept tokens outside the candidates (or, under top-k, ties of
-    # the k-th score); the one host sync here is skipped on the full vocabulary
+    # the k-th score); this host sync (one per step) is skipped on the full vocabulary
     wide = keep[:, -1] | (vals[:, -1] >= vals[:, top_k - 1] if top_k else False)
     if k < vocab and bool(wide.any()):
         rows = wide.nonzero().squeeze(-1)
@@ -244,7 +244,8 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     columns no live row uses any more are cut off. Between refills the cache is not copied. A
     row's noise depends on its seed and its own step only (`counter_uniform`), so its text does
     not depend on which rows it decoded beside, given the same logits. Tokens stay on the device
-    until their row leaves; the one host sync per step is the count of finished rows."""
+    until their row leaves; the host syncs per step are the count of finished rows and, under
+    top-k / top-p, whether a row's nucleus outgrew its candidates (`sample_tokens`)."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
