@@ -16,11 +16,11 @@ into their weights) is in the cache for every step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from spd_ray.config import GenerationConfig
 from spd_ray.core.batching import pad_id
@@ -161,18 +161,26 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-class _RoomyLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views of buffers with spare columns, so that a
-    decoding step writes its token in place: DynamicLayer's `torch.cat` copies the whole cache at
-    every step, which was the largest single cost of decoding. Anything that swaps the tensors
-    (batch selection, the joins below) is followed by one copy into a fresh buffer."""
+@functools.cache
+def _roomy_layer():
+    """The `_RoomyLayer` class, made on first use: transformers is imported only after
+    `spd_ray.offline_by_default` has set the hub variables."""
+    from transformers.cache_utils import DynamicLayer
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states)
-        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states)
-        return self.keys, self.values
+    class _RoomyLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of buffers with spare columns, so that a
+        decoding step writes its token in place: DynamicLayer's `torch.cat` copies the whole cache at
+        every step, which was the largest single cost of decoding. Anything that swaps the tensors
+        (batch selection, the joins below) is followed by one copy into a fresh buffer."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states)
+            self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states)
+            return self.keys, self.values
+
+    return _RoomyLayer
 
 
 def _append(view: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +197,11 @@ def _append(view: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) ->
 def _new_cache(model):
     """A DynamicCache of `_RoomyLayer`s where the model's layers are all full attention (others,
     e.g. sliding windows, keep their own layers: static batches only)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
     cache = DynamicCache(config=_unwrap(model).config)
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_RoomyLayer() for _ in cache.layers]
+        cache.layers = [_roomy_layer()() for _ in cache.layers]
     return cache
 
 
@@ -199,7 +209,7 @@ def _cache_layers(cache) -> list:
     """The per-layer key/value holders of the cache: continuous batching trims and joins their
     tensors along the batch and time axes, which no public Cache method does."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is _RoomyLayer for layer in layers):
+    if not layers or not all(type(layer) is _roomy_layer() for layer in layers):
         raise TypeError(f"continuous batching needs a DynamicCache of full-attention layers, got "
                         f"{[type(layer).__name__ for layer in layers or []]}; use refill=batch_size "
                         f"(static batches)")
