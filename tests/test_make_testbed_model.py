@@ -26,17 +26,19 @@ def test_the_mixture_is_deterministic_in_its_seed_and_groups_lengths():
     assert sum(spread) / len(spread) < 8  # rows of similar length share a batch
 
 
-def test_the_band_stops_training_and_a_domain_above_it_is_fed_less():
+def test_the_band_stops_training_and_a_domain_above_it_is_fed_less_one_below_more():
     acc = {"math/test": 0.5, "math/transfer": 0.4, "mcq/test": 0.36, "mcq/transfer": 0.64,
            "code/test": 0.5, "code/transfer": 0.5}
     assert build.in_band(acc, 0.35, 0.65)
     assert not build.in_band({**acc, "code/transfer": 0.2}, 0.35, 0.65)
     mix = _mixture(0)
     mix.weights.update({"math": 1.0, "mcq": 1.0, "code": 1.0})
-    build.reweight(mix, {**acc, "math/test": 0.8}, 0.65)
-    assert (mix.weights["math"], mix.weights["mcq"], mix.weights["code"]) == (0.25, 1.0, 1.0)
-    build.reweight(mix, acc, 0.65)
-    assert mix.weights["math"] == 1.0  # back in the band: fed in full again
+    build.reweight(mix, {**acc, "math/test": 0.8, "code/test": 0.2, "code/transfer": 0.3}, 0.35, 0.65)
+    assert (mix.weights["math"], mix.weights["mcq"], mix.weights["code"]) == (0.25, 1.0, 2.0)
+    build.reweight(mix, {**acc, "code/test": 0.2}, 0.35, 0.65)
+    assert mix.weights["code"] == 1.0  # one split in the band: not fed more
+    build.reweight(mix, acc, 0.35, 0.65)
+    assert (mix.weights["math"], mix.weights["code"]) == (1.0, 1.0)  # back in the band: fed in full
 
 
 def test_the_kept_evaluation_is_the_one_closest_to_the_band():
