@@ -15,7 +15,7 @@ weight 0.25, one with every split below it at 2.0 and the others at 1.0, so the 
 the band together. All of it is
 deterministic in --seed.
 
-    python jobs/make_testbed_model.py --stop-after 3600   # the shipped model (40 min on 2 cores)
+    python jobs/make_testbed_model.py --stop-after 3600   # the shipped model, v2.1 (39 min on 2 cores)
     python jobs/make_testbed_model.py --max-steps 50 --out /tmp/m   # a quick smoke run
 """
 
@@ -179,11 +179,19 @@ def reweight(mixture: Mixture, acc: dict[str, float], low: float, high: float) -
         mixture.weights[d] = 0.25 if max(splits) > high else 2.0 if max(splits) < low else 1.0
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """bf16 weights (half the bytes) under a config that says float32, so that every loader,
+    AutoModel's default included, upcasts them on load."""
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(folder)
+
+
 def save_kept(model, tokenizer, folder: Path, step: int, history: list[dict]) -> None:
     """The kept evaluation's model on disk as soon as it is kept, so that a build stopped
     early still leaves the best model so far (`folder`, removed when the build ends)."""
-    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model(model, tokenizer, folder)
     (folder / "training.json").write_text(json.dumps({"kept_step": step, "history": history}, indent=1))
 
 
@@ -257,8 +265,7 @@ def main() -> None:
         print(f"warning: the band [{args.band_low}, {args.band_high}] was not reached in "
               f"{history[-1]['step']} steps; keeping step {kept['step']}, the evaluation closest to it",
               flush=True)
-    model.to(torch.bfloat16).save_pretrained(out)  # bf16 storage: load_model upcasts on CPU
-    tokenizer.save_pretrained(out)
+    save_model(model, tokenizer, out)
     (out / "training.json").write_text(json.dumps(
         {"args": vars(args), "parameters": n_params, "minutes": (time.time() - t0) / 60,
          "band_reached": reached, "kept_step": kept["step"], "history": history}, indent=1))
