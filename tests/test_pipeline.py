@@ -1,6 +1,6 @@
 """The whole job at a small size: submitted with the real `ray job submit` to a real
 `ray start --head` cluster (on local copies of the paper's benchmarks), and on a simulated
-multi-node cluster (on the embedded testbed)."""
+multi-node cluster (the embedded testbed, as a model with code of its own)."""
 
 import contextlib
 import json
@@ -107,10 +107,18 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
 
 
 @pytest.mark.slow
-def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
+def test_a_custom_code_model_runs_every_stage_spread_over_a_simulated_multi_node_cluster(tmp_path):
+    """Two nodes, every stage on both; and the model comes with code of its own (config.json's
+    auto_map), which `model.trust_remote_code` must carry to every worker on every node, through
+    stages 1-3, both evaluations and the export."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from spd_ray.core.modeling import load_model
+
+    from .tiny_models import custom_code_model
+
+    model = custom_code_model(tmp_path / "model")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no work
     nodes = {cluster.add_node(num_cpus=3).node_id, cluster.add_node(num_cpus=3).node_id}
     cluster.wait_for_nodes()
@@ -119,6 +127,7 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
     waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
     try:
         args = [*SMALL, f"run.output_dir={tmp_path}", "run.name=multi", f"run.ray_address={cluster.address}",
+                f"model.path={model}", "model.trust_remote_code=true",
                 "generation.replicas_min=2", "generation.replicas_max=2", "finetune.placement=SPREAD",
                 "calibration.batch_size=4", "generation.batch_size=4", "evaluation.domains=[math]", "task.n_eval=4"]
         assert spd.main(args) == 0
@@ -126,11 +135,18 @@ def test_stages_spread_over_a_simulated_multi_node_cluster(tmp_path):
         meta = json.loads((run / "subspace/subspace.json").read_text())["meta"]
         assert set(meta["worker_nodes"]) == nodes  # stage 1 on both nodes
         assert set(pq.read_table(run / "generations").column("node").to_pylist()) == nodes  # stage 2
-        assert set(json.loads((run / "model/train_summary.json").read_text())["nodes"]) == nodes  # stage 3
+        summary = json.loads((run / "model/train_summary.json").read_text())
+        assert set(summary["nodes"]) == nodes  # stage 3
+        assert summary["finished"] and summary["step"] == summary["total_steps"] > 0
     finally:
         context.wait_for_min_actors_s = waited
         ray.shutdown()
         cluster.shutdown()
+    exported = json.loads((run / "model" / "config.json").read_text())
+    assert exported["model_type"] == "spd_custom" and "auto_map" in exported
+    assert (run / "model" / "modeling_spd_custom.py").exists()  # the export keeps its code
+    assert set(json.loads((run / "metrics.json").read_text())["eval"]) == {"base", "spd"}  # both, with that code
+    assert type(load_model(str(run / "model"), trust_remote_code=True)).__name__ == "SpdCustomForCausalLM"
 
 
 def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
@@ -147,14 +163,13 @@ def test_bad_config_is_a_clear_error_and_nothing_runs(tmp_path):
     ("task.n_train_prompts=0", ["task.n_train_prompts=0", "training prompts"]),
     ("calibration.layers=[9]", ["calibration.layers=[9]", "6 decoder layers"]),
 ])
-def test_impossible_settings_are_errors_before_any_work(tmp_path, override, words):
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), *override.split(),
-                           f"run.output_dir={tmp_path}/runs"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
-    assert time.monotonic() - start < 60  # no Ray, no model weights, no evaluation
+def test_impossible_settings_are_errors_before_any_work(tmp_path, capfd, override, words):
+    import ray
+
+    assert spd.main([*override.split(), f"run.output_dir={tmp_path}/runs"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and all(w in err for w in words), err
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()  # no run folder, no Ray
 
 
 def test_code_scoring_without_isolation_is_refused_before_anything_runs(tmp_path):
@@ -167,11 +182,9 @@ def test_code_scoring_without_isolation_is_refused_before_anything_runs(tmp_path
     assert "evaluation.sandbox=process" in proc.stderr and not (tmp_path / "runs").exists()
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/spd.py"), f"model.path={tmp_path}/nomodel",
-                           f"run.output_dir={tmp_path}"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert f"model.path={tmp_path}/nomodel: no such folder; set model.path=" in proc.stderr
+def test_missing_model_path_is_a_clear_error(tmp_path, capfd):
+    assert spd.main([f"model.path={tmp_path}/nomodel", f"run.output_dir={tmp_path}"]) == 2
+    assert f"model.path={tmp_path}/nomodel: no such folder; set model.path=" in capfd.readouterr().err
 
 
 def _parts(run: Path) -> set[str]:

@@ -25,13 +25,15 @@ PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 @pytest.fixture(scope="module")
 def dataset_rows():
-    items = make_split("math", "train", 16)
-    return [{"id": it.id, "seed": i, "prompt": it.prompt, "completion": it.answer}
+    """32 rows of mixed lengths (every other one short), so that a micro-batch of 4 packs."""
+    items = make_split("math", "train", 32)
+    return [{"id": it.id, "seed": i, "prompt": it.prompt, "completion": it.answer} if i % 2 else
+            {"id": it.id, "seed": i, "prompt": "Question: 2 + 2?\nAnswer:", "completion": " 4"}
             for i, it in enumerate(items)]
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = dict(method="full", lr=5e-4, epochs=2.0, batch_size=2, max_length=128, num_workers=2,
+    base = dict(method="full", lr=5e-4, epochs=2.0, batch_size=4, max_length=128, num_workers=2,
                 cpus_per_worker=1.0, zero_stage=3, warmup_epochs=0.5, checkpoints_to_keep=2)
     return FinetuneConfig(**{**base, **kw})
 
@@ -84,7 +86,7 @@ def full_run(local_ray, dataset_rows, tmp_path_factory):
 def test_deepspeed_config_is_concrete():
     fp32 = resolve_precision("auto", gpu=False)
     ds = finetune.training_deepspeed_config(_cfg(grad_accum=2, offload_optimizer=True), fp32, PARTITION_ALL)
-    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 4 * 2 * 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -137,7 +139,7 @@ def test_full_zero3_export_equals_engine_weights(full_run):
     history = _history(out)
     s = _summary(out)
     assert [h["step"] for h in history] == list(range(1, s["total_steps"] + 1))
-    assert s["steps_per_epoch"] == 4 and s["total_steps"] == 8  # 16 rows / 2 ranks / batch 2
+    assert s["steps_per_epoch"] == 4 and s["total_steps"] == 8  # 32 rows / 2 ranks / batch 4
     assert seen == history
     assert all(h["tokens"] > 0 and h["tokens_per_s"] > 0 for h in history)
     first = [h["loss"] for h in history if h["epoch"] == 0]
@@ -145,22 +147,21 @@ def test_full_zero3_export_equals_engine_weights(full_run):
     assert sum(last) / len(last) < sum(first) / len(first)
 
 
-def test_packing_trains_as_padding_in_the_ray_loop(local_ray, dataset_rows, tmp_path):
-    """Rows of mixed lengths, so that packing packs: the same losses step by step as padding."""
+def test_packing_trains_as_padding_in_the_ray_loop(full_run, dataset_rows, tmp_path):
+    """full_run packs its micro-batches (the default); padded, the same rows give the same
+    losses step by step."""
     from spd_ray.core.modeling import load_tokenizer
     from spd_ray.core.recipe import build_examples, pack
 
-    rows = [r if i % 2 else dict(r, prompt="Question: 2 + 2?\nAnswer:", completion=" 4")
-            for i, r in enumerate(dataset_rows)]
-    cfg = _cfg(batch_size=4, epochs=1.0)
+    whole, *_ = full_run
+    cfg = _cfg()
     tok = load_tokenizer(str(TESTBED_MODEL))
-    examples = build_examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+    examples = build_examples(tok, [r["prompt"] for r in dataset_rows], [r["completion"] for r in dataset_rows],
                               max_length=cfg.max_length)
     assert len(pack(examples[:4], tok.pad_token_id)["input_ids"]) < 4  # these rows do pack
-    packed, _ = _run(cfg, rows, tmp_path, "packed")
-    padded, _ = _run(dataclasses.replace(cfg, packing=False), rows, tmp_path, "padded")
-    a, b = _history(packed), _history(padded)
-    assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2]
+    padded, _ = _run(dataclasses.replace(cfg, packing=False), dataset_rows, tmp_path, "padded")
+    a, b = _history(whole), _history(padded)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 9))
     assert [h["tokens"] for h in a] == [h["tokens"] for h in b]  # real tokens, not padding
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
@@ -184,7 +185,7 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
 
     # 17 rows, batch 3, grad_accum 2: equal split drops 1 row, each rank reads 8 rows in 3
     # micro-batches, trains on 2 (one optimizer step) and drains the third
-    rows = dataset_rows + [{**dataset_rows[0], "id": "extra"}]
+    rows = dataset_rows[:16] + [{**dataset_rows[1], "id": "extra"}]
     cfg = _cfg(method="lora", lora_r=4, lora_alpha=8, lr=1e-2, epochs=1.0, batch_size=3,
                grad_accum=2, gradient_checkpointing=True)
     merged, _ = _run(cfg, rows, tmp_path, "merged")
