@@ -44,7 +44,7 @@ kernels stall at every barrier when another process holds a core.
 --model-size qwen2.5-0.5b builds a randomly initialised Qwen2 with Qwen2.5-0.5B's widths (hidden
 896, 14 query / 2 KV heads of 64, so kv_dim 128, MLP 4864, vocab 151,936, tied embeddings) and
 --layers decoder layers (default 4, instead of 24, so a CPU runs it in minutes), driven by the
-testbed tokenizer (its 1,024 ids are a subset of the vocabulary). Costs depend on shapes, not on
+testbed tokenizer (its 2,048 ids are a subset of the vocabulary). Costs depend on shapes, not on
 weight values, so it shows where the output head and per-example overhead weigh as on the real
 model. With fewer layers the head weighs more than on the 24-layer model, so the extraction
 ratio there is an upper estimate for a CPU; the testbed figure is the other end.

@@ -6,8 +6,10 @@
 # It needs torch, transformers and peft only (no Ray, DeepSpeed, datasets or network), so it
 # runs on a bare accelerator machine from a checkout:
 #   bash jobs/gpu_bench.sh                                    # cuda, about 3-5 minutes on one GPU
-#   DEVICE=cpu DTYPE=float32 LAYERS=2 bash jobs/gpu_bench.sh --repeats 1 --decode-repeats 2
-#                                                             # a dry run of the same script
+#   DEVICE=cpu DTYPE=float32 LAYERS=2 bash jobs/gpu_bench.sh --repeats 1 --decode-repeats 2 \
+#     --n-calibration 5 --new-tokens 8 --stream-prompts 24 --sample-batch 8 --batch 8
+#                              # a dry run of every part on CPU: 140 s on 2 cores (its figures
+#                              # mean nothing at that size: results/gpu_bench_cpu_dry_run.log)
 # Extra arguments go to every jobs/bench.py call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
