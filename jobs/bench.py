@@ -296,6 +296,8 @@ def parse_args() -> argparse.Namespace:
     if bad := [p for p in args.parts if p not in PARTS]:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    if args.train_batch < 1:
+        ap.error(f"--train-batch {args.train_batch}: rows per micro-batch must be 1 or more")
     return args
 
 
