@@ -72,7 +72,7 @@ import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config  # noqa: E402
-from spd_ray.core.generation import decode_stream, generate  # noqa: E402
+from spd_ray.core.generation import cache_argument, decode_stream, generate, returned_cache  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
 from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
@@ -148,8 +148,8 @@ def decode(model, ids, mask, steps: int) -> torch.Tensor:
         new.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_argument(model, returned_cache(out)))
     return torch.cat(new, dim=-1)
 
 

@@ -1,6 +1,8 @@
+import warnings
+
 import torch
 
-from spd_ray.core.generation import _kept, counter_uniform, generate, sample_tokens
+from spd_ray.core.generation import _kept, cache_argument, counter_uniform, generate, sample_tokens
 
 
 def test_greedy_matches_hf_generate_and_is_batch_independent(testbed_model, testbed_tokenizer):
@@ -149,3 +151,19 @@ def test_continuous_batching_gives_the_texts_of_static_batches(testbed_model, te
             assert len(refills) > 5 and sum(refills) == len(prompts) and min(refills) < 4  # slots handed over
     finally:
         hook.remove()
+
+
+def test_the_cache_goes_by_the_name_the_forward_takes(testbed_model, testbed_tokenizer):
+    """transformers 5.25 renamed `past_key_values` to `cache` (the old name goes in 5.40): decoding
+    passes the new name where the forward takes it, so it warns of nothing, and the old one to a
+    model whose own code knows only that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        generate(testbed_model, testbed_tokenizer, ["Question: 2 + 3?\nAnswer:"], max_new_tokens=4)
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert list(cache_argument(OldStyle(), "kv")) == ["past_key_values"]
+    assert list(cache_argument(testbed_model, "kv")) == ["cache"]

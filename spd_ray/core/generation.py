@@ -242,6 +242,19 @@ def _logits_to_keep(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def cache_argument(model, cache) -> dict:
+    """The KV cache as the model's forward names it: `cache` from transformers 5.25 on
+    (`past_key_values` is deprecated there and goes in 5.40), `past_key_values` before that and
+    in models with code of their own that still take it."""
+    params = inspect.signature(_unwrap(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name (see `cache_argument`)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                   top_p: float, top_k: int, seeds: Sequence[int] | None, eos: Sequence[int], pad: int,
                   *, slots: int, refill: int | None = None) -> list[list[int]]:
@@ -284,8 +297,8 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             queue = take[-1] + 1
             ids, new_mask = _left_padded([prompts[i] for i in take], pad, device)
             new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos,
-                        past_key_values=_new_cache(model), use_cache=True, **last_only)
+            res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos, use_cache=True,
+                        **cache_argument(model, _new_cache(model)), **last_only)
             n = len(take)
             fresh = (torch.tensor(take, device=device), res.logits[:, -1, :], new_pos[:, -1:] + 1,
                      torch.zeros(n, dtype=torch.long, device=device),
@@ -295,7 +308,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             new_seeds = torch.tensor([seeds[i] for i in take], dtype=torch.int64, device=device) \
                 if seeds is not None else None
             if not len(live):
-                cache, mask, row_seeds = res.past_key_values, new_mask, new_seeds
+                cache, mask, row_seeds = returned_cache(res), new_mask, new_seeds
                 live, logits, pos, step, tokens, done, length = fresh
             else:
                 used = int(mask.any(0).long().argmax())  # leading columns no live row attends to
@@ -303,7 +316,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
                     for layer in _cache_layers(cache):
                         layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
                     mask = mask[:, used:]
-                cache, mask = _join(cache, res.past_key_values, mask, new_mask)
+                cache, mask = _join(cache, returned_cache(res), mask, new_mask)
                 live, logits, pos, step, tokens, done, length = (
                     torch.cat([a, b]) for a, b in zip((live, logits, pos, step, tokens, done, length), fresh,
                                                       strict=True))
@@ -324,7 +337,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             continue  # every row is finished: they leave before any further step
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits, pos = res.past_key_values, res.logits[:, -1, :], pos + 1
+                    use_cache=True, **cache_argument(model, cache))
+        cache, logits, pos = returned_cache(res), res.logits[:, -1, :], pos + 1
         step = step + (~done).long()
     return out
