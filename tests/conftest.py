@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s (the default), a wait every stage-3 run pays
+# at its start and end; the suite makes a dozen such runs on tiny data, so its controllers poll
+# faster. Drivers started by the tests inherit it, and Ray Train passes it to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
