@@ -72,7 +72,7 @@ import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config  # noqa: E402
-from spd_ray.core.generation import cache_argument, decode_stream, generate, returned_cache  # noqa: E402
+from spd_ray.core.generation import cache_keyword, decode_stream, generate, returned_cache  # noqa: E402
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
 from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
@@ -140,7 +140,7 @@ def paired_ratio(num: dict, den: dict, clock: str) -> float:
 def decode(model, ids, mask, steps: int) -> torch.Tensor:
     """Prefill, then exactly `steps` greedy decode steps through the KV cache (no early stop,
     so every variant generates the same number of tokens); returns the new tokens."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos, kv = (mask.cumsum(-1) - 1).clamp(min=0), cache_keyword(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     new = []
     for _ in range(steps):
@@ -149,7 +149,7 @@ def decode(model, ids, mask, steps: int) -> torch.Tensor:
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **cache_argument(model, returned_cache(out)))
+                    **{kv: returned_cache(out)})
     return torch.cat(new, dim=-1)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from spd_ray.core.generation import cache_argument
+from spd_ray.core.generation import cache_keyword
 from spd_ray.core.modeling import kv_dim, kv_linears, resolve_layers
 from spd_ray.core.projection import fold_projection, kinds_for_mode, projection_hooks
 from spd_ray.core.subspace import CapabilitySubspace, random_subspace
@@ -91,10 +91,10 @@ def test_cached_decoding_equals_full_recompute_under_hooks(arch_model):
     with projection_hooks(model, sub, "both"):
         full = model(input_ids=ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(input_ids=ids[:, :n_prompt], use_cache=True, **cache_argument(model, cache)).logits]
+        steps = [model(input_ids=ids[:, :n_prompt], use_cache=True, **{cache_keyword(model): cache}).logits]
         for t in range(n_prompt, ids.shape[1]):
             steps.append(
-                model(input_ids=ids[:, t : t + 1], use_cache=True, **cache_argument(model, cache)).logits
+                model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_keyword(model): cache}).logits
             )
         no_cache = model.generate(
             input_ids=ids[:, :n_prompt],

@@ -242,16 +242,16 @@ def _logits_to_keep(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def cache_argument(model, cache) -> dict:
-    """The KV cache as the model's forward names it: `cache` from transformers 5.25 on
+def cache_keyword(model) -> str:
+    """The name the model's forward takes the KV cache by: `cache` from transformers 5.25 on
     (`past_key_values` is deprecated there and goes in 5.40), `past_key_values` before that and
     in models with code of their own that still take it."""
     params = inspect.signature(_unwrap(model).forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def returned_cache(output):
-    """The KV cache a forward returned, under either name (see `cache_argument`)."""
+    """The KV cache a forward returned, under either name (see `cache_keyword`)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
@@ -274,7 +274,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     device = next(model.parameters()).device
     refill = max(1, min(slots, refill or max(1, slots // 4)))
     eos_ids = torch.tensor(list(eos), device=device)
-    last_only = _logits_to_keep(model)
+    last_only, kv = _logits_to_keep(model), cache_keyword(model)
     out: list[list[int] | None] = [None] * len(prompts)
     queue = 0  # the next prompt to admit
     live = torch.empty(0, dtype=torch.long, device=device)  # the prompt index of each row
@@ -298,7 +298,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             ids, new_mask = _left_padded([prompts[i] for i in take], pad, device)
             new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos, use_cache=True,
-                        **cache_argument(model, _new_cache(model)), **last_only)
+                        **{kv: _new_cache(model)}, **last_only)
             n = len(take)
             fresh = (torch.tensor(take, device=device), res.logits[:, -1, :], new_pos[:, -1:] + 1,
                      torch.zeros(n, dtype=torch.long, device=device),
@@ -337,7 +337,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             continue  # every row is finished: they leave before any further step
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **cache_argument(model, cache))
+                    use_cache=True, **{kv: cache})
         cache, logits, pos = returned_cache(res), res.logits[:, -1, :], pos + 1
         step = step + (~done).long()
     return out
