@@ -235,19 +235,22 @@ def _join(old, new, old_mask: torch.Tensor, new_mask: torch.Tensor):
     return old, torch.cat([left(old_mask, 1), left(new_mask, 1)])
 
 
+def _forward_parameters(model):
+    """The parameter names of the (unwrapped) model's forward."""
+    return inspect.signature(_unwrap(model).forward).parameters
+
+
 def _logits_to_keep(model) -> dict:
     """`logits_to_keep=1` where the model takes it (HF causal LMs do): a prompt's prefill then
     projects only its last position onto the vocabulary, as HF `generate` does."""
-    params = inspect.signature(_unwrap(model).forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
 
 
 def cache_keyword(model) -> str:
     """The name the model's forward takes the KV cache by: `cache` from transformers 5.25 on
     (`past_key_values` is deprecated there and goes in 5.40), `past_key_values` before that and
     in models with code of their own that still take it."""
-    params = inspect.signature(_unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def returned_cache(output):
