@@ -14,8 +14,9 @@
    suppressed on both sides), tokens/s (target: >= 1.3x); and stage 2's samples/s with continuous
    batching (finished rows hand their slots to the next prompts) vs static batches (a row keeps
    its slot until its batch ends, as HF `generate` does), on
-   --stream-prompts prompts of every domain whose completions end at the model's EOS
-   (target: >= 1.5x; the texts must be the same);
+   --stream-prompts prompts of every domain whose completions end at the model's EOS or at
+   --stream-tokens (stage 2's cap in the embedded default) (target: >= 1.5x; the texts must be
+   the same);
 2. extract: capability-subspace extraction, our batched sufficient statistics
    (`accumulate_kv_gradient_stats` + eigendecomposition) vs the paper's way: one forward+backward
    per example, gradient rows stacked into G (M x kv_dim), centred, a full thin SVD
@@ -284,8 +285,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sample-batch", type=int, default=64, help="sample: prompts per batch")
     ap.add_argument("--stream-prompts", type=int, default=384,
                     help="sample: prompts (of all --domains) for static vs continuous batching")
-    ap.add_argument("--train-examples", type=int, default=64)
     embedded = load_config(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml")
+    ap.add_argument("--stream-tokens", type=int, default=embedded.generation.max_new_tokens,
+                    help="sample: the cap on a completion under static vs continuous batching "
+                    "(default: stage 2's in the embedded default, configs/testbed.yaml)")
+    ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--train-batch", type=int, default=embedded.finetune.batch_size,
                     help="train: rows per micro-batch (default: the embedded default's, "
                     "configs/testbed.yaml; the paper's recipe has 4)")
@@ -298,6 +302,8 @@ def parse_args() -> argparse.Namespace:
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     if args.train_batch < 1:
         ap.error(f"--train-batch {args.train_batch}: rows per micro-batch must be 1 or more")
+    if args.stream_tokens < 1:
+        ap.error(f"--stream-tokens {args.stream_tokens}: a completion's cap must be 1 token or more")
     return args
 
 
@@ -413,7 +419,7 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
 
     t = interleaved({"hf": hf, "ours": ours}, args.repeats)
     mixed = [it.prompt for d in args.domains for it in make_split(d, "train", args.stream_prompts // len(args.domains))]
-    kw = dict(max_new_tokens=steps, temperature=0.7, top_p=0.9, seeds=list(range(len(mixed))),
+    kw = dict(max_new_tokens=args.stream_tokens, temperature=0.7, top_p=0.9, seeds=list(range(len(mixed))),
               batch_size=args.sample_batch)
     texts: dict = {}
     c = interleaved({"static": lambda: texts.__setitem__("static", generate(model, tok, mixed, refill=args.sample_batch, **kw)),
@@ -424,7 +430,7 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
     rows = [(f"sampling tokens/s: HF generate vs the seeded sampler (T 0.7, top-p 0.9, batch "
              f"{len(prompts)})", t["hf"], t["ours"], n_tokens, ">= 1.3x"),
             (f"stage 2 samples/s: static vs continuous batching ({len(mixed)} prompts of "
-             f"{len(args.domains)} domains, batch {args.sample_batch}, up to {steps} tokens)",
+             f"{len(args.domains)} domains, batch {args.sample_batch}, up to {args.stream_tokens} tokens)",
              c["static"], c["continuous"], len(mixed), ">= 1.5x", "samples/s")]
     note = (f"sample: {len(prompts)} prompts x {steps} sampled steps = {n_tokens} tokens per call "
             f"on both sides; wall times: HF {_fmt(t['hf']['walls'])}, ours {_fmt(t['ours']['walls'])}. "
