@@ -4,7 +4,7 @@ A small decode loop instead of `model.generate`, because each row's randomness i
 row's completion depends on its seed, not on which batch or replica it landed in. The noise is
 counter-based: for (row seed, step) an integer hash gives one uniform number, and the token is
 drawn by inverse CDF from softmax(logits / T) restricted to top-k / top-p. Top-p looks at each
-row's best few hundred tokens (`topk`) rather than sorting the vocabulary, which is most of the
+row's best few dozen tokens (`topk`) rather than sorting the vocabulary, which is most of the
 cost of HF's sampler; a row whose nucleus is wider is redone over the whole vocabulary and gets
 the same token. It is batched tensor work on the model's device, with no per-row generator, no
 host copy of the probabilities and no per-token `.item()`; the noise bits are the same on any
