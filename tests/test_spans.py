@@ -70,7 +70,7 @@ def _labeled(tokenizer, text, rule):
     ("Instruction: Reverse a string.\nYour code should pass these tests:\nassert f('ab') == 'ba'\n"
      "assert f((1, 2)) == 3\nCode: def f(s): return s[::-1]", "asserts",
      ["assert", " f", "('", "ab", "')", " ==", " '", "ba",  # not "'\n"
-      "assert", " f", "(", "(", "1", ",", " ", "2", ")", ")", " ==", " ", "3"]),
+      "assert", " f", "((", "1", ",", " ", "2", ")", ")", " ==", " ", "3"]),  # v2.2's BPE merges "(("
 ])
 def test_labeled_tokens_per_domain_and_hub_format(testbed_tokenizer, text, rule, tokens):
     assert _labeled(testbed_tokenizer, text, rule) == tokens
