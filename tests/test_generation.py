@@ -30,6 +30,19 @@ def test_sampling_is_seeded_per_row(testbed_model, testbed_tokenizer):
     assert len(set(a)) > 1  # different seeds give different samples at a hot temperature
 
 
+def test_a_sample_is_the_same_in_a_batch_of_64_as_alone(testbed_model, testbed_tokenizer):
+    """Stage 2's settings (T 0.7, top-p 0.9, 64 rows a batch): every row's text is the one it gets
+    decoded alone, though its batch left-pads it beside prompts of every domain."""
+    from spd_ray.tasks.testbed import make_split
+
+    prompts = [it.prompt for d in ("math", "mcq", "code") for it in make_split(d, "train", 22)][:64]
+    kw = dict(max_new_tokens=16, temperature=0.7, top_p=0.9, seeds=list(range(500, 564)))
+    batched = generate(testbed_model, testbed_tokenizer, prompts, batch_size=64, **kw)
+    alone = generate(testbed_model, testbed_tokenizer, prompts, batch_size=1, **kw)
+    assert batched == alone
+    assert len(set(batched)) > 32  # real, varied samples
+
+
 def test_top_k_and_top_p_filters():
     vals = torch.tensor([[3.0, 2.0, 1.0, 0.0]])  # probabilities 0.64, 0.24, 0.09, 0.03
     lse = vals.logsumexp(-1, keepdim=True)
