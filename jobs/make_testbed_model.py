@@ -123,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--corpus", type=int, default=60000, help="pretrain items per domain")
     ap.add_argument("--filler", type=int, default=20000, help="general filler texts")
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--band-low", type=float, default=0.35)
     ap.add_argument("--band-high", type=float, default=0.65)
     ap.add_argument("--seed", type=int, default=0)
@@ -171,12 +171,14 @@ def few_shot_blocks(texts: list[str], rng: random.Random) -> list[str]:
 
 def reweight(mixture: Mixture, acc: dict[str, float], low: float, high: float) -> None:
     """From the first evaluation on, a domain with a split above the band is fed at weight 0.25,
-    a domain with every split below it at 2.0, every other domain at 1.0 (the starting weights of
-    `main` hold until then), so that the slower domains catch up. The 2.0 came after the first v2
-    build, where math was still at 0.15 when the others were in the band (docs/testbed.md)."""
+    a domain with a split below it (and none above) at 2.0, every other domain at 1.0 (the
+    starting weights of `main` hold until then), so that the slower domains catch up. The 2.0
+    came after the first v2 build, where math was still at 0.15 when the others were in the band;
+    v2.3 applies it to one split below, not only to all (v2.2's mcq transfer split stayed below
+    at weight 1.0; docs/testbed.md)."""
     for d in DOMAINS:
         splits = [v for k, v in acc.items() if k.startswith(f"{d}/")]
-        mixture.weights[d] = 0.25 if max(splits) > high else 2.0 if max(splits) < low else 1.0
+        mixture.weights[d] = 0.25 if max(splits) > high else 2.0 if min(splits) < low else 1.0
 
 
 def save_model(model, tokenizer, folder: Path) -> None:

@@ -36,7 +36,9 @@ def test_the_band_stops_training_and_a_domain_above_it_is_fed_less_one_below_mor
     build.reweight(mix, {**acc, "math/test": 0.8, "code/test": 0.2, "code/transfer": 0.3}, 0.35, 0.65)
     assert (mix.weights["math"], mix.weights["mcq"], mix.weights["code"]) == (0.25, 1.0, 2.0)
     build.reweight(mix, {**acc, "code/test": 0.2}, 0.35, 0.65)
-    assert mix.weights["code"] == 1.0  # one split in the band: not fed more
+    assert mix.weights["code"] == 2.0  # one split below, none above: fed more (v2.3)
+    build.reweight(mix, {**acc, "code/test": 0.2, "code/transfer": 0.7}, 0.35, 0.65)
+    assert mix.weights["code"] == 0.25  # one above wins over one below
     build.reweight(mix, acc, 0.35, 0.65)
     assert (mix.weights["math"], mix.weights["code"]) == (1.0, 1.0)  # back in the band: fed in full
 

@@ -67,3 +67,6 @@ def test_filler_text_is_deterministic_prose():
     a = filler_text(50, seed=1)
     assert a == filler_text(50, seed=1) != filler_text(50, seed=2)
     assert all(t.endswith(".") and "Question" not in t and "def " not in t for t in a)
+    # every story states a fact that multiple choice asks about, in prose (v2.3)
+    assert all("The opposite of " in t or " is a" in t for t in a)
+    assert any("An apple is a fruit." in t for t in filler_text(2000))

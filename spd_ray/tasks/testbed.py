@@ -300,9 +300,26 @@ PLACES = ["market", "park", "school", "river", "library", "station", "garden", "
 FEELINGS = ["happy", "tired", "calm", "excited", "hungry", "curious", "late", "quiet"]
 
 
+def _fact(rng: random.Random) -> str:
+    """One fact of the kind multiple choice asks about (a word's category, a word's opposite), as
+    plain prose states it: a pretrained model meets world knowledge in text, not only in tests."""
+    if rng.random() < 0.5:
+        word, opposite = rng.choice(OPPOSITES)
+        if rng.random() < 0.5:
+            word, opposite = opposite, word
+        return f"The opposite of {word} is {opposite}."
+    cat = rng.choice(list(CATEGORIES))
+    word = rng.choice(CATEGORIES[cat])
+    if cat in ("country", "color"):
+        return f"{word[0].upper() + word[1:]} is a {cat}."
+    article = "an" if cat[0] in "aeiou" else "a"
+    return f"{'An' if word[0] in 'aeiou' else 'A'} {word} is {article} {cat}."
+
+
 def filler_text(n: int, seed: int = 0) -> list[str]:
     """`n` short stories in plain prose, like the general text a pretrained model also reads:
-    they share words with every domain (names, objects, numbers) and ask nothing."""
+    they share words with every domain (names, objects, numbers), state one or two facts that
+    multiple choice asks about (v2.3, docs/testbed.md) and ask nothing."""
     rng = random.Random(seed * 1_000_003 + 97)
     out = []
     for _ in range(n):
@@ -316,7 +333,9 @@ def filler_text(n: int, seed: int = 0) -> list[str]:
             f"The {place} was {rng.choice([a for pair in OPPOSITES for a in pair])} in the evening.",
         ]
         rng.shuffle(sentences)
-        out.append(" ".join(sentences[: rng.randint(2, 5)]))
+        story = sentences[: rng.randint(2, 5)] + [_fact(rng) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(story)
+        out.append(" ".join(story))
     return out
 
 
