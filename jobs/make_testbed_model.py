@@ -15,7 +15,7 @@ weight 0.25, one with every split below it at 2.0 and the others at 1.0, so the 
 the band together. All of it is
 deterministic in --seed.
 
-    python jobs/make_testbed_model.py --stop-after 4000   # the shipped model, v2.2 (31 min on 2 cores)
+    python jobs/make_testbed_model.py   # the shipped model, v2.3: the band at step 2,400 (20 min on 2 cores)
     python jobs/make_testbed_model.py --max-steps 50 --out /tmp/m   # a quick smoke run
 """
 
@@ -118,7 +118,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, default=7000, help="stop here if the band is never reached")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="end after this step's evaluation whatever the band (the schedule stays "
-                         "--max-steps'); the shipped model: 4000")
+                         "--max-steps'); v2.2's model: 4000")
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--corpus", type=int, default=60000, help="pretrain items per domain")
