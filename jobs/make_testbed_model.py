@@ -255,7 +255,10 @@ def main() -> None:
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1) and len(tokenizer) <= config.vocab_size
     model = Qwen2ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, corpus {len(texts)} texts", flush=True)
+    # bit-identical weights need all three the same: another CPU's kernels round differently
+    env = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads()}
+    print(f"model: {n_params / 1e6:.2f}M parameters, corpus {len(texts)} texts; {env}", flush=True)
     opt, sched = adamw_cosine(model, args.lr, args.max_steps)
     t0 = time.time()
     history, kept = train(model, tokenizer, Mixture(pools, weights, rng), opt, sched, args, t0)
@@ -268,7 +271,7 @@ def main() -> None:
               flush=True)
     save_model(model, tokenizer, out)
     (out / "training.json").write_text(json.dumps(
-        {"args": vars(args), "parameters": n_params, "minutes": (time.time() - t0) / 60,
+        {"args": vars(args), "environment": env, "parameters": n_params, "minutes": (time.time() - t0) / 60,
          "band_reached": reached, "kept_step": kept["step"], "history": history}, indent=1))
     shutil.rmtree(out / "kept", ignore_errors=True)
     print(f"saved to {out} after {(time.time() - t0) / 60:.1f} min", flush=True)
