@@ -12,7 +12,9 @@ each domain's test and transfer split is measured; training stops at the first e
 all six lie in [--band-low, --band-high], a band inside the testbed's target [0.30, 0.70] by
 about one standard error of 100 items. Until then a domain with a split above the band is fed at
 weight 0.25, one with a split below it (and none above) at 2.0 and the others at 1.0, so the
-domains reach the band together. All of it is deterministic in --seed.
+domains reach the band together. All of it is deterministic in --seed, on the same torch build,
+CPU kernels and thread count (recorded in training.json); another CPU rounds differently and
+takes another path (docs/testbed.md, "v2.3").
 
     python jobs/make_testbed_model.py   # the shipped model, v2.3: the band at step 2,400 (20 min on 2 cores)
     python jobs/make_testbed_model.py --max-steps 50 --out /tmp/m   # a quick smoke run
