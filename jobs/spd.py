@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with console.session(verbose=cfg.run.verbose):
         try:  # the config, the task's data and its calibration labels, before any work
-            task, labels = prepare(cfg)
+            cfg, task, labels = prepare(cfg)  # a GGUF model.path: converted once, here
         except (ConfigError, OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.echo(f"  W&B {tracker.where()}")
             console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
             results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
-            table = report.comparison_table(results.evaluations())
+            table = report.comparison_table(results.results())
             (run.path / "results.md").write_text(table)
             (run.path / "metrics.json").write_text(json.dumps({**results.to_dict(), "wall_time_s": time.time() - start}, indent=1))
             tracker.finish()

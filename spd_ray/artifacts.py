@@ -185,16 +185,7 @@ class RunDir:
 
     def _shared(self, name: str, key: str, made_from: dict) -> Artifact:
         """Where `name` stands in the store: reusable, or to make (the old one set aside)."""
-        out = self.store / key / name.rsplit("/", 1)[-1]
-        record = _read_json(_check_file(out))
-        damage = "missing" if not out.exists() else _damage(out, record, made_from)
-        if not damage:
-            console.echo(f"  {name}: reusing {out} (same config, content checked)")
-            return Artifact(out, False, digest=record.get("digest"))
-        if out.exists():
-            console.warn(f"{name}: {damage}; making it again")
-            _set_aside(out, "damaged")
-        return Artifact(out, True, previous=(record or {}).get("digest"))
+        return _stored(name, self.store / key / name.rsplit("/", 1)[-1], made_from)
 
     def resume_dir(self, name: str, cfg: SPDConfig | None = None, inputs: Sequence[str] = ()) -> Path:
         """Where a long stage making `name` keeps the state it resumes from (Ray Train's
@@ -259,6 +250,42 @@ def _damage(path: Path, record: dict | None, made_from: dict) -> str | None:
         if got["sha256"] != want["sha256"]:
             return f"{where} is damaged (its checksum differs from the recorded one)"
     return None
+
+
+def _stored(name: str, out: Path, made_from: dict) -> Artifact:
+    """Where the artifact `name` stands at `out`, a path that holds its key (a store's
+    `<key>/<name>`), with its content check in a file beside it: reusable, or to make (a damaged
+    one set aside)."""
+    record = _read_json(_check_file(out))
+    damage = "missing" if not out.exists() else _damage(out, record, made_from)
+    if not damage:
+        console.echo(f"  {name}: reusing {out} (same config, content checked)")
+        return Artifact(out, False, digest=record.get("digest"))
+    if out.exists():
+        console.warn(f"{name}: {damage}; making it again")
+        _set_aside(out, "damaged")
+    return Artifact(out, True, previous=(record or {}).get("digest"))
+
+
+def made_once(name: str, out: Path, make: Callable[[Path], object]) -> Path:
+    """`out`, a file or folder whose path holds the key of what it is made from (so nothing
+    else is ever there), as `make(path)` writes it: made once, aside and renamed into place
+    with its content check beside it, then reused wherever that check still holds (the converted
+    model of a GGUF file, shared by every run of an output folder)."""
+    art = _stored(name, out, {})
+    if art.todo:
+        partial = _partial(out, name, keep=False)
+        make(partial)
+        _write_atomically(_check_file(out), json.dumps({"content": content_check(partial),
+                                                        "digest": _content_digest(partial)}))
+        partial.rename(out)
+    return out
+
+
+def file_key(path: Path, *extra: str) -> str:
+    """A key of a file's content (its size and SHA-256, sliced above 64 MiB as content checks
+    are) and of `extra` strings (how it is used)."""
+    return hashlib.sha256(json.dumps([_file_check(path), *extra]).encode()).hexdigest()[:16]
 
 
 def _content_digest(path: Path) -> str:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from spd_ray.config import ConfigError, SPDConfig
+from spd_ray.core.gguf import GGUFError, gguf_architecture, is_gguf
 from spd_ray.core.modeling import config_kv_dim, load_tokenizer, num_layers, resolve_layers
 from spd_ray.stages.calibrate import zero3_config
 from spd_ray.stages.deepspeed import resolve_precision
@@ -30,8 +31,15 @@ def check(cfg: SPDConfig) -> None:
 
 def check_model(cfg: SPDConfig) -> None:
     """The model folder (or hub id) exists and its tokenizer and config load: a wrong path, or
-    a model with code of its own without model.trust_remote_code, fails here."""
+    a model with code of its own without model.trust_remote_code, fails here. A GGUF file:
+    it exists, the gguf extra is installed and transformers can dequantize its architecture."""
     m = cfg.model
+    if is_gguf(m.path):  # the file, its reader (the gguf extra) and its architecture
+        try:
+            gguf_architecture(m.path)
+        except GGUFError as err:
+            raise ConfigError(str(err)) from None
+        return
     try:
         load_tokenizer(m.path, m.trust_remote_code)
         num_layers(m.path, m.trust_remote_code)
@@ -73,8 +81,9 @@ def check_output_dir(cfg: SPDConfig) -> None:
 
 def check_settings(cfg: SPDConfig) -> None:
     """Values each valid alone that cannot work together, or not with this model."""
-    if cfg.run.rounds < 1:
-        raise ConfigError(f"run.rounds={cfg.run.rounds}: need at least 1 round")
+    if cfg.run.rounds < 0:
+        raise ConfigError(f"run.rounds={cfg.run.rounds}: the rounds of SPD to run, at least 1 "
+                          "(0: evaluate the base model only)")
     if cfg.run.rounds > 1 and cfg.finetune.method == "lora" and cfg.finetune.export != "merged":
         raise ConfigError("run.rounds > 1 trains each round from the previous round's model, which "
                           "must be a full model: set finetune.export=merged")

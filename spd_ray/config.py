@@ -351,7 +351,7 @@ class RunConfig:
     name: str = "spd"
     output_dir: str = "runs"  # local path, or shared storage (NFS mount) on multi-node clusters
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
-    rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model
+    rounds: int = 1  # iterated SPD: round k calibrates on, samples from and trains round k-1's model; 0: the base model's evaluation only
     # the full output of Ray, the libraries and the workers on the console (--verbose); otherwise
     # the console shows the stages and the rest goes to runs/<name>/logs/driver.log
     verbose: bool = False

@@ -16,8 +16,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from spd_ray import artifacts, checks, console, data, offline_by_default
 from spd_ray.config import SPDConfig
+from spd_ray.core.gguf import convert_gguf, is_gguf
 from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
 from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
@@ -28,6 +31,10 @@ from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
 
 offline_by_default()  # none of the imports above has read them (tests/test_layers.py)
+
+# a converted GGUF model's weights: half of fp32's size, and bf16's rounding (2^-9 of a value) is
+# far below the quantization step of the usual GGUF files (Q8: 2^-7 of a block's range, Q4: 2^-4)
+GGUF_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -54,15 +61,19 @@ class PipelineResult:
     base: EvalResult
     rounds: list[RoundResult] = field(default_factory=list)
 
-    def evaluations(self) -> dict[str, dict[str, float]]:
+    def results(self) -> dict[str, EvalResult]:
         """Every evaluation by name: base, base+projection, spd, spd_round2, ..."""
-        out = {"base": self.base.metrics}
+        out = {"base": self.base}
         for r in self.rounds:
             if r.projected:
-                out["base+projection"] = r.projected.metrics
+                out["base+projection"] = r.projected
             if r.evaluation:
-                out[r.name] = r.evaluation.metrics
+                out[r.name] = r.evaluation
         return out
+
+    def evaluations(self) -> dict[str, dict[str, float]]:
+        """Every evaluation's metrics by name (`results`)."""
+        return {name: result.metrics for name, result in self.results().items()}
 
     def to_dict(self) -> dict:
         """What metrics.json holds: the evaluations, each round's corpus and subspace folder."""
@@ -202,13 +213,33 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
     return result
 
 
-def prepare(cfg: SPDConfig) -> tuple[Task, LabelReport]:
-    """Everything that can be wrong before any work: the config (`checks.check`), the task's data
-    (`load_task`: calibration examples, training prompts, evaluation splits) and, where stage 1
-    will run, its calibration labels (the report shows what the loss will look at)."""
+def prepare(cfg: SPDConfig) -> tuple[SPDConfig, Task, LabelReport]:
+    """Everything that can be wrong before any work: the config (`checks.check`), then, with the
+    model as a folder (`base_model`), the task's data (`load_task`: calibration examples,
+    training prompts, evaluation splits) and, where stage 1 will run, its calibration labels (the
+    report shows what the loss will look at). Returns the config the run uses (a GGUF model.path
+    replaced by its folder), the task and the label report."""
     checks.check(cfg)
+    cfg = base_model(cfg)
     task = load_task(cfg)
     labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
     if cfg.generation.project or cfg.evaluation.project:
         labels.require_labels(cfg.task.domain)
-    return task, labels
+    return cfg, task, labels
+
+
+def base_model(cfg: SPDConfig) -> SPDConfig:
+    """`cfg` with a GGUF `model.path` replaced by the model as a Hugging Face folder, which every
+    stage and worker loads: converted once (`core.gguf.convert_gguf`, bf16 safetensors with the
+    tokenizer, chat template and generation config) into
+    `<run.output_dir>/models/<file name>-<key of its content>/`, and reused by every run of that
+    output folder while its content check holds. Any other `model.path` is left as it is."""
+    if not is_gguf(cfg.model.path):
+        return cfg
+    source = Path(cfg.model.path).expanduser().resolve()
+    key = artifacts.file_key(source, str(GGUF_DTYPE))
+    out = Path(cfg.run.output_dir).expanduser().resolve() / "models" / f"{source.stem}-{key}"
+    with console.stage("model", f"{source.name} (GGUF) as a Hugging Face folder") as st:
+        artifacts.made_once("model", out, lambda path: convert_gguf(source, path, GGUF_DTYPE))
+        st.summary = str(out)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(out)))

@@ -198,16 +198,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown: one row per evaluation metric (the first model's), one column per model, plus
-    the last model's delta to the first (SPD - base); a missing value is a dash."""
-    models = list(metrics)
+def comparison_table(evaluations: dict) -> str:
+    """Markdown: one row per evaluation metric (the first model's), one column per model, then
+    the last model's delta to the first (SPD - base) with its paired 95% interval over the
+    split's items (a bootstrap, `stats.paired_difference`) and the number of items n. Each
+    evaluation is an `EvalResult` (`metrics`, and `correct`: each item's 0/1 by split); a
+    missing value, or an interval no item-level result gives (NLL), is a dash."""
+    models = list(evaluations)
+    first, last = evaluations[models[0]], evaluations[models[-1]]
     rows = []
-    for key in metrics[models[0]]:
-        vals = [metrics[m].get(key) for m in models]
-        delta = None if None in (vals[0], vals[-1]) else vals[-1] - vals[0]
-        rows.append([key, *map(_num, vals), _num(delta, "+.3f")])
-    return "\n".join(_table(["metric", *models, "delta"], rows))
+    for key in first.metrics:
+        vals = [evaluations[m].metrics.get(key) for m in models]
+        delta = None if None in (vals[0], vals[-1]) or len(models) < 2 else vals[-1] - vals[0]
+        split, _, kind = key.rpartition("/")
+        a, b = last.correct.get(split), first.correct.get(split)
+        paired = kind == "accuracy" and a is not None and b is not None and len(a) == len(b)
+        interval = paired_difference(as_matrix([a]), as_matrix([b])) if paired and delta is not None else None
+        shown = DASH if delta is None else f"{delta:+.3f}" + (
+            f" [{interval.low:+.3f}, {interval.high:+.3f}]" if interval else "")
+        rows.append([key, *map(_num, vals), shown, str(len(b)) if kind == "accuracy" and b else DASH])
+    return "\n".join(_table(["metric", *models, "delta [95% interval]", "n"], rows))
 
 
 def _slug(name: str) -> str:

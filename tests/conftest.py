@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,6 +52,44 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "isolated" in item.keywords:
                 item.add_marker(skip)
+
+
+# the real model and its tasks, written by `make real-model` (which `make test` runs first)
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
+REAL_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_DATA = ROOT / "data" / "real"
+WHEELS = ROOT / ".cache" / "wheels"
+
+
+def _made_by_make_real_model(path: Path) -> Path:
+    """`path`, or a visible skip where `make real-model` has not run (a failure in CI, whose
+    `make test` runs it)."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: make test runs make real-model first")
+        pytest.skip(f"{path} is missing: run make real-model")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    return _made_by_make_real_model(REAL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    return _made_by_make_real_model(REAL_GGUF)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    return _made_by_make_real_model(REAL_DATA / "MANIFEST.json").parent
+
+
+@pytest.fixture(scope="session")
+def wheels() -> Path:
+    return _made_by_make_real_model(WHEELS)
 
 
 @pytest.fixture(scope="session")

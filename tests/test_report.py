@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -181,10 +182,17 @@ def test_write_report_without_optional_sections(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["bars_math.png"]
 
 
-def test_comparison_table_has_a_column_per_model_and_the_delta_of_the_last_to_the_first():
-    metrics = {"base": {"math/test/accuracy": 0.25, "math/test/nll": 1.5},
-               "spd": {"math/test/accuracy": 0.5}}
-    assert comparison_table(metrics) == (
-        "| metric | base | spd | delta |\n|---|---|---|---|\n"
-        "| math/test/accuracy | 0.250 | 0.500 | +0.250 |\n"
-        f"| math/test/nll | 1.500 | {DASH} | {DASH} |\n")
+def test_comparison_table_gives_each_delta_its_paired_interval_and_n():
+    from spd_ray.stages.evaluate import EvalResult
+
+    base = EvalResult({"math/test/accuracy": 0.25, "math/test/nll": 1.5}, {"math/test": "0001" * 25})
+    spd = EvalResult({"math/test/accuracy": 0.5}, {"math/test": "0011" * 25})
+    lines = comparison_table({"base": base, "spd": spd}).splitlines()
+    assert lines[0] == "| metric | base | spd | delta [95% interval] | n |"
+    accuracy = lines[2].split(" | ")
+    assert accuracy[:3] == ["| math/test/accuracy", "0.250", "0.500"] and accuracy[-1] == "100 |"
+    low, high = (float(x) for x in re.search(r"\[(\S+), (\S+)\]", accuracy[3]).groups())
+    assert accuracy[3].startswith("+0.250") and 0.1 < low < 0.25 < high < 0.4  # 25 of 100 items flipped
+    assert lines[3] == f"| math/test/nll | 1.500 | {DASH} | {DASH} | {DASH} |"
+    same = comparison_table({"base": base, "spd": base}).splitlines()[2]
+    assert "+0.000 [+0.000, +0.000]" in same

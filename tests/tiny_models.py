@@ -52,3 +52,22 @@ def custom_code_model(folder: Path) -> Path:
         "AutoModelForCausalLM": "modeling_spd_custom.SpdCustomForCausalLM"})
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
+
+
+def tiny_smollm_folder(folder: Path, layers: int = 4, seed: int = 0) -> Path:
+    """A random Llama of SmolLM2-135M's shape family in `folder`, saved as a converted GGUF is
+    (bf16 safetensors): no k/v bias, tied input and output embeddings, 3 query heads per KV
+    head; with the testbed model's tokenizer (its vocabulary size) so that it tokenizes text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TESTBED_MODEL))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=layers,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=True, attention_bias=False, rms_norm_eps=1e-5,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

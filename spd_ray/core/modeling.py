@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from spd_ray.core.gguf import gguf_architecture, is_gguf
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "org/name" or "name": what a hub id looks like (anything else with a separator is a path)
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -84,7 +86,11 @@ def kv_dim(model, layer: int) -> int:
 def _text_config(path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    config = _from_hub(AutoConfig.from_pretrained, _resolve_source(path), trust_remote_code=trust_remote_code)
+    if is_gguf(path):  # read from the file's metadata: the checks run before it is converted
+        gguf_architecture(path)
+        config = AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    else:
+        config = _from_hub(AutoConfig.from_pretrained, _resolve_source(path), trust_remote_code=trust_remote_code)
     return getattr(config, "text_config", None) or config
 
 
@@ -108,7 +114,8 @@ def _resolve_source(path: str) -> str:
             raise ValueError(f"{path!r} is not a Hugging Face model folder: missing config.json")
         return str(p)
     if p.exists():
-        raise ValueError(f"{path!r} is a file, not a Hugging Face model folder")
+        raise ValueError(f"{path!r} is a file, not a Hugging Face model folder"
+                         + (" (a GGUF file is converted by the pipeline's `base_model`)" if is_gguf(path) else ""))
     # a path-like name (or one with more than one separator) that exists nowhere is a typo
     if path.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(path):
         raise FileNotFoundError(f"model folder not found: {path!r}")

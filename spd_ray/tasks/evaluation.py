@@ -280,9 +280,9 @@ def accuracy_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
 
 def nll_splits(splits: dict[str, Sequence[Item]]) -> list[str]:
     """Splits scored by reference NLL: those of the nll metric, and code besides its accuracy
-    (the paper's CodeAlpaca metric)."""
+    where its items have reference answers (the paper's CodeAlpaca metric)."""
     return [name for name, items in splits.items()
-            if items and (items[0].metric == "nll" or items[0].domain == "code")]
+            if items and (items[0].metric == "nll" or items[0].domain == "code" and any(it.answer for it in items))]
 
 
 def evaluate_model(model, tokenizer, splits: dict[str, Sequence[Item]], cfg: EvalConfig) -> dict[str, float]:

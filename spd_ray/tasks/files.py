@@ -5,7 +5,9 @@ local or at an fsspec URL (file://, s3://, gs://, hf://), read with `datasets`.
 - calibration: prompt + answer per row, and the correctness spans of the answer by a rule, a
   regex (group 1 of its last match or of every match, in the answer only) or explicitly
   ([[start, end], ...] character offsets into the answer, the answer_spans column);
-- train: the prompt column only; no answer column of the training file is ever read;
+- train: the prompt column; where the file also has what the evaluation scorer reads (gold, or
+  tests), it is read for one diagnostic, the raw corpus's accuracy (the Table 3 check), never for
+  generation or training;
 - evaluation, one file per split, named "<domain>/<split>": prompt plus what its scorer needs
   (gold, or tests for asserts, or the answer for nll).
 Each file gives its first n rows (task.n_calibration, n_train_prompts, n_eval, n_eval_splits);
@@ -61,10 +63,7 @@ def load_files(task: TaskConfig) -> tuple[list[Item], list[Item], dict[str, list
             raise TaskDataError(f"task.files.{key} is not set: name the file of {holds}, "
                                 f"e.g. task.files.{key}=data/{key}.jsonl")
     calibration = _calibration(task, pattern)
-    train = [Item(id=row.id, domain=task.domain, split="train", answer="",
-                  prompt=row.required("prompt", "a training prompt cannot be empty"))
-             for row in _read(task, "train", files.train, ["prompt"], task.n_train_prompts,
-                              "task.n_train_prompts")]
+    train = _train(task)
     splits = {f"{task.domain}/{split}": _eval_split(task, split, path) for split, path in files.eval.items()}
     return calibration, train, splits
 
@@ -94,24 +93,49 @@ def _calibration(task: TaskConfig, pattern: re.Pattern | None) -> list[Item]:
     return items
 
 
+def _needs(scorer: str) -> str:
+    """The field a scorer reads (a user scorer reads the gold)."""
+    return SCORERS[scorer].needs if scorer in SCORERS else "gold"
+
+
+def _scored(task: TaskConfig, row: _Row, split: str, scorer: str) -> Item:
+    """A row as an item its scorer can score: prompt, and what the scorer reads."""
+    need = _needs(scorer)
+    why = f"the {scorer} scorer of split {split} needs it"
+    cells = {"answer": "", need: row.tests() if need == "tests" else row.required(need, why)}
+    return Item(id=row.id, domain=task.domain, split=split,
+                prompt=row.required("prompt", f"a{'n evaluation' if split != 'train' else ' training'} "
+                                    "example needs its prompt"),
+                setup=row.text("setup"), metric=scorer,
+                pattern=task.files.scorer_regex or "" if scorer == "regex" else "", **cells)
+
+
+def _train(task: TaskConfig) -> list[Item]:
+    """The training prompts. Where the file also has what the evaluation scorer
+    (task.files.scorer) reads, the items carry it, so that the raw corpus can be scored (the
+    Table 3 check: stage 2's corpus quality, jobs/diagnose.py); generation and training read the
+    prompts alone."""
+    files, scorer = task.files, task.files.scorer
+    need = _needs(scorer)
+    answered = scorer not in SCORERS or SCORERS[scorer].accuracy
+    rows = _read(task, "train", files.train, ["prompt"], task.n_train_prompts, "task.n_train_prompts",
+                 optional=(need, "setup") if answered else ())
+    if rows and answered and need in rows[0].cells:
+        return [_scored(task, row, "train", scorer) for row in rows]
+    return [Item(id=row.id, domain=task.domain, split="train", answer="", metric=None,
+                 prompt=row.required("prompt", "a training prompt cannot be empty")) for row in rows]
+
+
 def _eval_split(task: TaskConfig, split: str, path: str) -> list[Item]:
     scorer = task.files.scorer_of(split)
-    need = SCORERS[scorer].needs if scorer in SCORERS else "gold"  # a user scorer reads the gold
+    need = _needs(scorer)
     name = f"{task.domain}/{split}"
     n = task.n_eval_splits.get(name, task.n_eval)
     asked_by = f"task.n_eval_splits[{name!r}]" if name in task.n_eval_splits else "task.n_eval"
     other = f", or choose another scorer than {scorer} for this split: task.files.split_scorers.{split}"
     rows = _read(task, f"eval.{split}", path, ["prompt", need], n, asked_by,
                  optional=("setup",) if need == "tests" else (), hints={need: other})
-    items = []
-    for row in rows:
-        why = f"the {scorer} scorer of split {split} needs it"
-        cells = {"answer": "", need: row.tests() if need == "tests" else row.required(need, why)}
-        items.append(Item(id=row.id, domain=task.domain, split=split,
-                          prompt=row.required("prompt", "an evaluation example needs its prompt"),
-                          setup=row.text("setup"), metric=scorer,
-                          pattern=task.files.scorer_regex or "" if scorer == "regex" else "", **cells))
-    return items
+    return [_scored(task, row, split, scorer) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------

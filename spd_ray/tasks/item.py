@@ -38,12 +38,14 @@ class Item:
     setup: str = ""  # code: run before the completion (MBPP sanitized `test_imports`)
     # scorer (spd_ray.tasks.evaluation.score): one of config.SCORERS (nll: the reference NLL of
     # `answer` only, no accuracy) or module:function (a user function); empty: the domain's own
-    # (config.DOMAIN_SCORERS: math number, mcq choice, code asserts)
-    metric: str = ""
+    # (config.DOMAIN_SCORERS: math number, mcq choice, code asserts); None: nothing to score it
+    # by (a files task's training prompts without answers)
+    metric: str | None = ""
     pattern: str = ""  # regex scorer: group 1 of its first match in the completion is the answer
 
     def __post_init__(self):
-        self.metric = self.metric or DOMAIN_SCORERS.get(self.domain, "")
+        if self.metric == "":
+            self.metric = DOMAIN_SCORERS.get(self.domain, "")
 
     @property
     def text(self) -> str:
