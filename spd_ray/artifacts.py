@@ -49,8 +49,9 @@ DATA_DEPENDS_ON = {
     "eval_spd.json": ["calibration", "train", "eval"],
 }
 # fields that do not change an artifact although their section does: the base model's scores
-# are shared by every method and ablation of an experiment
-IGNORED = {"eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
+# are shared by every method and ablation of an experiment, a subspace by every way to apply it
+IGNORED = {"subspace": {"subspace": {"mode", "apply", "beta"}},  # how it is applied, not what it is
+           "eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
                               "evaluation": {"project"}},
            "corpus.json": {"evaluation": {"project"}},
            "eval_spd.json": {"evaluation": {"project"}}}

@@ -218,7 +218,11 @@ SandboxMode = Literal["isolated", "process"]
 
 @dataclass
 class SubspaceConfig:
-    kind: Literal["gradient", "random"] = "gradient"  # random: the same-rank ablation baseline
+    # gradient: the paper's (the correctness loss's K/V gradients); random: the same ranks in
+    # random directions; activation: the top principal directions of the K/V activations on the
+    # calibration texts (no labels, no gradients): controls that tell a capability subspace
+    # from any subspace
+    kind: Literal["gradient", "random", "activation"] = "gradient"
     random_seed: int = 0  # for kind=random
     rank_mode: RankMode = "half"
     rank: int | None = None  # for rank_mode=fixed
@@ -226,6 +230,14 @@ class SubspaceConfig:
     center: bool = True  # the authors' code mean-centres the gradient rows
     mode: Literal["both", "k_only", "v_only"] = "both"
     apply: Literal["fold", "hooks"] = "fold"  # same outputs; folding has no per-token cost
+    # soft projection: K -> K (P + beta (I - P)), V alike; 0 is the paper's hard projection, 1 none
+    beta: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"subspace.beta={self.beta}: the share of the directions outside the "
+                              "subspace that the projection keeps, in [0, 1] (0: the paper's hard "
+                              "projection, 1: none)")
 
 
 @dataclass

@@ -76,11 +76,34 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, replicates: int = REPLIC
                       seed: int = 0) -> Interval:
     """mean(a) - mean(b) on the same items, with its 95% interval. Seeds are drawn jointly where
     both arms have the same number of seed rows (the same seeds, in order), else separately."""
+    return _interval(float(a.mean() - b.mean()), paired_replicates(a, b, replicates, seed))
+
+
+def paired_replicates(a: torch.Tensor, b: torch.Tensor, replicates: int = REPLICATES,
+                      seed: int = 0) -> torch.Tensor:
+    """The bootstrap replicates of mean(a) - mean(b) that `paired_difference` summarizes: for
+    other intervals (e.g. the 90% one of an equivalence test) and p-values."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"paired arms must score the same items: {a.shape[1]} vs {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
     joint = a.shape[0] == b.shape[0]
     items, picks = _draws(a.shape[1], [a.shape[0]] if joint else [a.shape[0], b.shape[0]], g, replicates)
     sa, sb = (picks[0], picks[0]) if joint else picks
-    reps = _replicate_means(a, items, sa) - _replicate_means(b, items, sb)
-    return _interval(float(a.mean() - b.mean()), reps)
+    return _replicate_means(a, items, sa) - _replicate_means(b, items, sb)
+
+
+def bootstrap_p(reps: torch.Tensor) -> float:
+    """Two-sided p-value of "no difference" from bootstrap replicates of a difference: twice the
+    smaller share of replicates on either side of 0 (at least 1 / replicates)."""
+    below, above = float((reps <= 0).double().mean()), float((reps >= 0).double().mean())
+    return min(1.0, max(2 * min(below, above), 1 / len(reps)))
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values, by name: the family-wise error rate stays at the level."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * p_values[name]))
+        adjusted[name] = running
+    return adjusted

@@ -51,3 +51,19 @@ def test_unequal_rows_or_items_are_refused():
         as_matrix(["0101", "011"])
     with pytest.raises(ValueError, match="same items"):
         paired_difference(as_matrix(["01"]), as_matrix(["011"]))
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    from spd_ray.stats import holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+
+
+def test_bootstrap_p_is_small_for_a_clear_difference_and_large_for_none():
+    from spd_ray.stats import bootstrap_p, paired_replicates
+
+    a = torch.tensor([[1.0] * 60 + [0.0] * 40])
+    assert bootstrap_p(paired_replicates(a, torch.tensor([[0.0] * 100]))) < 0.01
+    b = torch.tensor([[0.0] * 40 + [1.0] * 60])  # the same mean, other items: no difference
+    assert bootstrap_p(paired_replicates(a, b)) > 0.5

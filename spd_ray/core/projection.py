@@ -3,6 +3,8 @@
 Applied to the k_proj / v_proj outputs on every forward pass (prefill and each decode step), so the
 KV cache holds projected values and RoPE is applied to the projected key. Because P is symmetric
 and the map is linear, k P = x (P W)^T + P b: folding into a copy of the weights is equivalent.
+A soft projection keeps a share `beta` of what lies outside the subspace, with the symmetric
+P + beta (I - P) in place of P (`beta=0`: the paper's; 1: no projection), folded alike.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ def kinds_for_mode(mode: str) -> tuple[str, ...]:
     return MODES[mode]
 
 
-def _targets(model, subspace: CapabilitySubspace, mode: str):
+def projector(subspace: CapabilitySubspace, layer: int, kind: str, beta: float = 0.0) -> torch.Tensor:
+    """P + beta (I - P), in float32: the hard projector P = V_r V_r^T at beta 0."""
+    p = subspace.projector(layer, kind).float()
+    return p if not beta else beta * torch.eye(p.shape[0]) + (1 - beta) * p
+
+
+def _targets(model, subspace: CapabilitySubspace, mode: str, beta: float = 0.0):
     """(module, projector in float32) for each projected k_proj / v_proj, kv_dim checked."""
     kinds = kinds_for_mode(mode)
     out = []
@@ -44,15 +52,16 @@ def _targets(model, subspace: CapabilitySubspace, mode: str):
                     f"kv_dim is {model_d}: was the subspace computed on a different "
                     "model?"
                 )
-            out.append((modules[kind], subspace.projector(layer, kind).float()))
+            out.append((modules[kind], projector(subspace, layer, kind, beta)))
     return out
 
 
 @contextmanager
-def projection_hooks(model, subspace: CapabilitySubspace,
-                     mode: str = SubspaceConfig.mode) -> Iterator:
+def projection_hooks(model, subspace: CapabilitySubspace, mode: str = SubspaceConfig.mode,
+                     beta: float = SubspaceConfig.beta) -> Iterator:
     """Within the block, the target k_proj / v_proj outputs of `model` are replaced by out @ P
-    (`mode`: "both", "k_only" or "v_only"); yields `model`, whose hooks are removed on exit."""
+    (`mode`: "both", "k_only" or "v_only"; `beta` > 0: the soft P + beta (I - P)); yields
+    `model`, whose hooks are removed on exit."""
 
     def hook(p32: torch.Tensor):
         cache: dict = {}
@@ -65,7 +74,7 @@ def projection_hooks(model, subspace: CapabilitySubspace,
 
         return fn
 
-    handles = [m.register_forward_hook(hook(p)) for m, p in _targets(model, subspace, mode)]
+    handles = [m.register_forward_hook(hook(p)) for m, p in _targets(model, subspace, mode, beta)]
     try:
         yield model
     finally:
@@ -75,10 +84,11 @@ def projection_hooks(model, subspace: CapabilitySubspace,
 
 @torch.no_grad()
 def fold_projection(model, subspace: CapabilitySubspace, mode: str = SubspaceConfig.mode,
-                    inplace: bool = False):
-    """A deep copy whose k_proj / v_proj have W <- P W and b <- P b; the original is untouched
-    (`inplace`: `model` itself is folded and returned, for a model loaded only to be folded)."""
-    targets = _targets(model, subspace, mode)  # checks before the (possibly large) copy
+                    inplace: bool = False, beta: float = SubspaceConfig.beta):
+    """A deep copy whose k_proj / v_proj have W <- P W and b <- P b (`beta`: the soft
+    projector); the original is untouched (`inplace`: `model` itself is folded and returned,
+    for a model loaded only to be folded)."""
+    targets = _targets(model, subspace, mode, beta)  # checks before the (possibly large) copy
     names = {id(m): name for name, m in model.named_modules()}
     folded = model if inplace else copy.deepcopy(model)
     for module, p in targets:

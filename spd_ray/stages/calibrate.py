@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from spd_ray import console, data
 from spd_ray.config import CalibrationConfig, ModelConfig, SubspaceConfig
+from spd_ray.core.activations import accumulate_kv_activation_stats
 from spd_ray.core.gradients import accumulate_kv_gradient_stats
 from spd_ray.core.modeling import load_model, load_tokenizer, num_layers, resolve_layers
 from spd_ray.core.spans import calibration_batches
@@ -65,13 +66,15 @@ def capability_subspace(model: ModelConfig, calibration: CalibrationConfig,
     their correctness spans under `loss` (correctness, or full: the Table 5 ablation), their K/V
     gradient statistics summed over `calibration.num_workers` Ray workers, and the capability
     subspace computed once from the sum and saved in `out` (`subspace.kind=random`: random
-    directions of the same ranks, the ablation)."""
+    directions of the same ranks, the ablation; `activation`: the principal directions of the
+    K/V activations on the same texts, no gradients, the control)."""
     batches, skipped = calibration_batches(
         load_tokenizer(model.path, model.trust_remote_code), [it.text for it in examples],
         [it.correctness_spans(loss) for it in examples], batch_size=calibration.batch_size,
         max_length=calibration.max_length, task=examples[0].domain if examples else "")
     layers = resolve_layers(num_layers(model.path, model.trust_remote_code), calibration.layers)
-    stats, mean_loss, nodes = distributed_kv_stats(model, calibration, batches, layers)
+    stats, mean_loss, nodes = distributed_kv_stats(model, calibration, batches, layers,
+                                                   kind="activation" if subspace.kind == "activation" else "gradient")
     result = build_subspace(stats, rank_mode=subspace.rank_mode, rank=subspace.rank,
                             energy=subspace.energy, center=subspace.center, meta={
                                 "model": model.path, "layers": layers, "calibration_loss": loss,
@@ -129,10 +132,19 @@ class CalibrationWorker:
         return {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
                 **self.ds.partition_counts()}
 
-    def accumulate(self, batches: list[dict], layers: list[int],
-                   padding: Sequence[dict] = ()) -> tuple[dict, float, int, str]:
-        """(statistics as plain tensors, summed example losses, examples, node id) of one shard.
+    def accumulate(self, batches: list[dict], layers: list[int], padding: Sequence[dict] = (),
+                   kind: str = "gradient") -> tuple[dict, float, int, str]:
+        """(statistics as plain tensors, summed example losses, examples, node id) of one shard:
+        of the K/V gradient rows, or (`kind` activation) of the K/V outputs, with no loss.
         `padding` (ZeRO-3 only): batches run after the shard, their statistics discarded."""
+        if kind == "activation":  # forward passes only: a ZeRO-3 group runs them in step too
+            stats: dict = {}
+            for b in batches:
+                accumulate_kv_activation_stats(self.model, [b], layers, stats)
+            for b in padding:
+                accumulate_kv_activation_stats(self.model, [b], layers)
+            node = ray.get_runtime_context().get_node_id()
+            return {key: s.to_dict() for key, s in stats.items()}, float("nan"), _examples(batches), node
         if self.ds is None:
             stats, mean_loss = accumulate_kv_gradient_stats(self.model, batches, layers)
             loss_sum = mean_loss * _examples(batches)
@@ -209,10 +221,10 @@ def zero3_config(model: ModelConfig, calibration: CalibrationConfig, world: int,
 
 
 def distributed_kv_stats(model: ModelConfig, calibration: CalibrationConfig, batches: list[dict],
-                         layers: list[int], *,
+                         layers: list[int], *, kind: str = "gradient",
                          ds_overrides: dict | None = None, worker_info: list | None = None):
-    """Summed statistics over `calibration.num_workers` Ray workers, the mean loss, and the
-    nodes the workers ran on. A worker (or its node) lost midway fails the whole attempt, which
+    """Summed statistics over `calibration.num_workers` Ray workers (of the gradient rows, or
+    with `kind` activation of the K/V outputs), the mean loss, and the nodes the workers ran on. A worker (or its node) lost midway fails the whole attempt, which
     is made again on fresh workers up to `calibration.max_failures` times: the statistics are a
     function of the batches, and a ZeRO-3 group cannot go on without one of its ranks.
 
@@ -222,7 +234,7 @@ def distributed_kv_stats(model: ModelConfig, calibration: CalibrationConfig, bat
     tries = calibration.max_failures + 1
     for attempt in range(tries):
         try:
-            return _kv_stats_once(model, calibration, batches, layers, ds_overrides, worker_info)
+            return _kv_stats_once(model, calibration, batches, layers, ds_overrides, worker_info, kind)
         except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
             if attempt == tries - 1:
                 raise
@@ -233,7 +245,7 @@ def distributed_kv_stats(model: ModelConfig, calibration: CalibrationConfig, bat
 
 
 def _kv_stats_once(model: ModelConfig, c: CalibrationConfig, batches: list[dict], layers: list[int],
-                   ds_overrides: dict | None, worker_info: list | None):
+                   ds_overrides: dict | None, worker_info: list | None, kind: str):
     _check_zero_stage(model, c)
     if not batches:
         raise ValueError("no calibration batches: stage 1 needs at least one labeled example")
@@ -267,7 +279,7 @@ def _kv_stats_once(model: ModelConfig, c: CalibrationConfig, batches: list[dict]
                 worker_info.extend(info)
             # shard 0 is the longest; any batch serves as padding (its statistics are dropped)
             padding = [[batches[0]] * (len(shards[0]) - len(s)) for s in shards]
-        results = ray.get([w.accumulate.remote(s, layers, p)
+        results = ray.get([w.accumulate.remote(s, layers, p, kind)
                            for w, s, p in zip(workers, shards, padding)])
         for w in workers:
             ray.kill(w)

@@ -22,6 +22,7 @@ from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.generate import Projection, generate_dataset, load_projected
 from spd_ray.tasks.evaluation import (
     accuracy_splits,
+    answer_logprobs,
     check_scorers,
     metrics_of,
     nll_splits,
@@ -66,6 +67,25 @@ def _reference_nll(model: ModelConfig, items: list, batch_size: int,
         net = load_projected(model, projection, hooks)
         return reference_nll(net, load_tokenizer(model.path, model.trust_remote_code), items,
                              batch_size)
+
+
+# the same single-use worker as `_reference_nll`
+@ray.remote(max_retries=3, max_calls=1)
+def _answer_logprobs(model: ModelConfig, prompts: list[str], answers: list[str], batch_size: int,
+                     projection: Projection | None) -> list[tuple[float, int]]:
+    with ExitStack() as hooks:
+        net = load_projected(model, projection, hooks)
+        return answer_logprobs(net, load_tokenizer(model.path, model.trust_remote_code), prompts, answers,
+                               batch_size)
+
+
+def answer_logprobs_on_ray(model: ModelConfig, gen: GenerationConfig, prompts: list[str], answers: list[str],
+                           batch_size: int, projection: Projection | None = None) -> list[tuple[float, int]]:
+    """`tasks.evaluation.answer_logprobs` of `model` with K/V projected as `projection` says
+    (None: the plain model), on one generation replica's resources: how likely the model makes
+    each answer, teacher-forced, under the projection."""
+    task = _answer_logprobs.options(num_cpus=gen.cpus_per_replica, num_gpus=gen.gpus_per_replica)
+    return ray.get(task.remote(model, list(prompts), list(answers), batch_size, projection))
 
 
 def evaluate_on_ray(model: ModelConfig, ev: EvalConfig, splits: dict[str, list[Item]], out: Path,

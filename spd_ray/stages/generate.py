@@ -45,20 +45,21 @@ class Projection:
     subspace_dir: str
     mode: str = SubspaceConfig.mode
     apply: str = SubspaceConfig.apply
+    beta: float = SubspaceConfig.beta  # soft projection: P + beta (I - P)
 
     @classmethod
     def of(cls, subspace_dir: str | Path | None, subspace: SubspaceConfig) -> Projection | None:
         """The run's projection onto `subspace_dir`; None (no projection) without one."""
         if subspace_dir is None:
             return None
-        return cls(str(subspace_dir), subspace.mode, subspace.apply)
+        return cls(str(subspace_dir), subspace.mode, subspace.apply, subspace.beta)
 
 
 def _folded_on_cpu(model: ModelConfig, projection: Projection, dtype: torch.dtype):
     """The model on the CPU with the projection folded into its own weights (one copy of them)."""
     net = from_pretrained(model.path, dtype, model.trust_remote_code).eval()
     return fold_projection(net, CapabilitySubspace.load(projection.subspace_dir), projection.mode,
-                           inplace=True)
+                           inplace=True, beta=projection.beta)
 
 
 def load_projected(model: ModelConfig, projection: Projection | None,
@@ -73,7 +74,7 @@ def load_projected(model: ModelConfig, projection: Projection | None,
             if hooks is None:
                 raise ValueError("subspace.apply=hooks needs an ExitStack to hold the hooks")
             subspace = CapabilitySubspace.load(projection.subspace_dir)
-            hooks.enter_context(projection_hooks(net, subspace, projection.mode))
+            hooks.enter_context(projection_hooks(net, subspace, projection.mode, projection.beta))
         return net
     dtype = resolve_dtype(model.dtype, model.device)
     return _folded_on_cpu(model, projection, dtype).to(torch_device(model.device))
@@ -181,14 +182,15 @@ def _fold_stamp(model: ModelConfig, projection: Projection) -> dict:
     subspace remade in the same folder gives another stamp) and the mode."""
     bases = (Path(projection.subspace_dir) / "subspace.safetensors").read_bytes()
     return {"model": model.path, "dtype": model.dtype, "subspace": projection.subspace_dir,
-            "subspace_sha256": hashlib.sha256(bases).hexdigest(), "mode": projection.mode}
+            "subspace_sha256": hashlib.sha256(bases).hexdigest(), "mode": projection.mode,
+            "beta": projection.beta}
 
 
 def folded_checkpoint(model: ModelConfig, projection: Projection) -> str:
     """The folded checkpoint vLLM generates from, beside the subspace
     (`<subspace>.folded-<mode>`): made by a CPU task, or the one there already when it was made
     from the same model, subspace and mode (stage 2 and the inference-only evaluation share it)."""
-    out = Path(f"{projection.subspace_dir}.folded-{projection.mode}")
+    out = Path(f"{projection.subspace_dir}.folded-{projection.mode}" + (f"-beta{projection.beta:g}" if projection.beta else ""))
     try:
         if json.loads((out / FOLD_STAMP).read_text()) == _fold_stamp(model, projection):
             return str(out)

@@ -218,22 +218,34 @@ def _check_pattern(where: str, pattern: str) -> None:
         raise ConfigError(f"{where}: {err}") from None
 
 
-@torch.no_grad()
 def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = EvalConfig.batch_size,
                   max_length: int = 512, max_logits: int = 2**26) -> float:
-    """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric).
+    """Mean per-token NLL of each item's reference answer given its prompt (CodeAlpaca metric),
+    over all the answers' tokens (`answer_logprobs`)."""
+    scored = answer_logprobs(model, tokenizer, [it.prompt for it in items], [it.answer for it in items],
+                             batch_size, max_length, max_logits)
+    return -sum(lp for lp, _ in scored) / max(1, sum(n for _, n in scored))
+
+
+@torch.no_grad()
+def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                    batch_size: int = EvalConfig.batch_size, max_length: int = 512,
+                    max_logits: int = 2**26) -> list[tuple[float, int]]:
+    """Per (prompt, answer): the log-probability of the answer's tokens given the prompt,
+    teacher-forced (their sum), and how many tokens that is (an answer cut by `max_length`:
+    its tokens within it).
 
     Each batch runs in chunks of rows whose logits hold at most `max_logits` numbers: a batch of
     64 x 512 tokens over a 152k vocabulary would hold 10 GiB of bf16 logits and 37 GiB more of
     float32 copies at once; a chunk of rows holds under 1 GiB."""
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
-    total, count = 0.0, 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompt_lens = [len(tokenizer(it.prompt)["input_ids"]) for it in chunk]
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(len(prompts), start + batch_size))
+        prompt_lens = [len(tokenizer(prompts[i])["input_ids"]) for i in chunk]
         tokenizer.padding_side = "right"
-        enc = tokenizer([it.text for it in chunk], return_tensors="pt", padding=True,
+        enc = tokenizer([prompts[i] + answers[i] for i in chunk], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         for row, n in enumerate(prompt_lens):
@@ -243,10 +255,10 @@ def reference_nll(model, tokenizer, items: Sequence[Item], batch_size: int = Eva
             part = {k: v[r : r + rows] for k, v in enc.items()}
             logits = model(**part).logits[:, :-1].float()
             target = labels[r : r + rows, 1:]
-            total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target,
-                                                       reduction="sum", ignore_index=-100).item()
-            count += int((target != -100).sum())
-    return total / max(1, count)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none",
+                                                    ignore_index=-100)
+            out += [(-float(row_nll.sum()), int(n)) for row_nll, n in zip(nll, (target != -100).sum(1), strict=True)]
+    return out
 
 
 def split_metrics(splits: dict[str, Sequence[Item]], completions: dict[str, Sequence[str]],
