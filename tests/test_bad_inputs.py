@@ -167,3 +167,13 @@ def test_a_comparison_with_a_bad_name_or_an_empty_file_fails_alike(capfd, parent
     err = capfd.readouterr().err
     assert err.startswith("error: ") and words in err and "Traceback" not in err, err
     assert snapshot(parent.parent) == before
+
+
+def test_rounds_below_zero_are_refused_and_zero_evaluates_the_base_model_only(capfd, parent):
+    from spd_ray.checks import check_settings
+    from spd_ray.config import load_config
+
+    out = parent / "runs"
+    err = fails(capfd, [f"run.output_dir={out}", "run.rounds=-1", MATH_ONLY], parent)
+    assert "run.rounds=-1" in err and "0: evaluate the base model only" in err
+    check_settings(load_config(None, ["run.rounds=0"]))  # accepted: pipeline.run_pipeline runs no round
