@@ -1,6 +1,7 @@
 """Self-Policy Distillation on Ray.
 
-Layers, each importing only those before it:
+Layers, each importing only those before it (tests/test_layers.py holds it):
+- `spd_ray.config`: the typed settings, which import nothing of ours;
 - `spd_ray.core`: the method in plain torch + transformers (no Ray): correctness spans, K/V
   gradients, the capability subspace, the projection, sampling, model loading, the fine-tuning
   recipe;
@@ -9,8 +10,8 @@ Layers, each importing only those before it:
 - `spd_ray.stages`: stages 1-3 and evaluation on Ray, each one driver of the same shape,
   `(ModelConfig, its config section, its inputs, out) -> a small result dataclass`;
 - `spd_ray.pipeline`: the run in the paper's order (jobs/spd.py is its entry point).
-Beside them: `config`, `artifacts`, `data`, `tracking`, `report`, `local_ray` (the job's Ray
-session); and `api`, SPD as functions for
+Beside them: `console`, `data` and `stats` (which import nothing of ours), `artifacts`,
+`checks`, `tracking`, `report`, `local_ray` (the job's Ray session); and `api`, SPD as functions for
 a training stack of your own, exported here (`spd_ray.extract_subspace`, ...).
 """
 

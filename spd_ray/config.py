@@ -16,8 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-from spd_ray.core.spans import SPAN_RULES
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 TESTBED_MODEL = PACKAGE_DIR / "testbed_model"
 
@@ -62,6 +60,10 @@ class Scorer:
     accuracy: bool = True  # False: the split reports no accuracy (nll: the reference NLL only)
 
 
+# The correctness-span rules by name (task.files.spans.rule): the paper's per benchmark. Their
+# regexes are spd_ray.core.spans.SPAN_RULES, which checks at import that it has these names.
+SPAN_RULE_NAMES = ("final_number", "answer_letter", "asserts")
+
 # The built-in scorers, by name: the one list of them. spd_ray.tasks.evaluation registers the
 # function of each that gives accuracy (`register_scorer`), checked at its import. Besides these,
 # "module:function" names a user function (completion, gold) -> bool, imported and run in-process.
@@ -94,14 +96,14 @@ class SpansConfig:
     """Correctness spans of the calibration answers (paper Eq. 6), one of three ways: a named
     rule, a regex whose group 1 marks a span in the answer, or explicit character spans per
     example (the `columns.answer_spans` column) when neither is set."""
-    rule: str | None = None  # one of spd_ray.core.spans.SPAN_RULES (the paper's rules)
+    rule: str | None = None  # one of SPAN_RULE_NAMES (the paper's rules)
     regex: str | None = None  # matched in the answer only, so the prompt is never labeled
     match: Literal["last", "all"] = "last"  # regex: the last match, or every match
 
     def __post_init__(self):
-        if self.rule is not None and self.rule not in SPAN_RULES:
+        if self.rule is not None and self.rule not in SPAN_RULE_NAMES:
             raise ConfigError(f"task.files.spans.rule={self.rule!r} is not a span rule; valid "
-                              f"rules: {list(SPAN_RULES)} (or give task.files.spans.regex)")
+                              f"rules: {list(SPAN_RULE_NAMES)} (or give task.files.spans.regex)")
         if self.rule is not None and self.regex is not None:
             raise ConfigError("task.files.spans: set either rule or regex, not both (neither: "
                               "explicit spans from the answer_spans column)")

@@ -64,3 +64,39 @@ before = [m for m in ("torch", *{HUB_LIBRARIES!r}) if m in sys.modules]
 print(json.dumps([before, callable(spd_ray.extract_subspace), "extract_subspace" in dir(spd_ray)]))
 """
     assert _fresh(code) == [[], True, True]
+
+
+# what each layer of spd_ray may import of spd_ray (its own modules aside); the modules beside
+# the layers: console, data and stats import nothing of ours
+LAYERS = {"config": set(), "console": set(), "data": set(), "stats": set(),
+          "core": {"config"},
+          "tasks": {"config", "core", "console"},
+          "stages": {"config", "core", "tasks", "console", "data"}}
+
+
+def _imports(path: Path) -> set[str]:
+    """The spd_ray modules a file imports, at the top or inside a function, as package parts
+    (`spd_ray.core.spans` -> `core`)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found |= {n.split(".")[1] for n in names if n.startswith("spd_ray.")}
+    return found
+
+
+def test_imports_point_down_the_layers():
+    """config <- core <- tasks <- stages <- pipeline: no layer imports one above it, so none
+    needs a local import to break a cycle."""
+    wrong = {}
+    for path in sorted((ROOT / "spd_ray").rglob("*.py")):
+        parts = path.relative_to(ROOT / "spd_ray").with_suffix("").parts
+        layer = parts[0]
+        if layer not in LAYERS:
+            continue
+        bad = _imports(path) - LAYERS[layer] - {layer}
+        if bad:
+            wrong[str(path.relative_to(ROOT))] = sorted(bad)
+    assert wrong == {}

@@ -18,8 +18,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# rule -> regex whose group 1 is a correctness span: the names task.files.spans.rule may give
-# (spd_ray.config checks them; this module imports no torch at the top, so the config stays light)
+from spd_ray.config import SPAN_RULE_NAMES
+from spd_ray.core.batching import pad_id, padded_batch
+
+# rule -> regex whose group 1 is a correctness span (the names are config.SPAN_RULE_NAMES)
 SPAN_RULES: dict[str, re.Pattern] = {
     # GSM8K: from just after the last '#### ' to the end of the text
     "final_number": re.compile(r"#### ((?:(?!#### ).)*)\Z", re.DOTALL),
@@ -28,6 +30,9 @@ SPAN_RULES: dict[str, re.Pattern] = {
     # MBPP: the text of each `assert ...` test line
     "asserts": re.compile(r"^[ \t]*(assert\b.*?)[ \t]*$", re.MULTILINE),
 }
+if tuple(SPAN_RULES) != SPAN_RULE_NAMES:  # the config lists what this module defines
+    raise ImportError(f"config.SPAN_RULE_NAMES {SPAN_RULE_NAMES} and core.spans.SPAN_RULES "
+                      f"{tuple(SPAN_RULES)} differ: declare a rule in both")
 
 
 def correctness_spans(text: str, rule: str) -> list[tuple[int, int]]:
@@ -159,8 +164,6 @@ def calibration_batches(tokenizer, texts: Sequence[str], spans: Sequence[Sequenc
             f"'#### <number>', MMLU texts end 'Answer: <letter>', MBPP texts carry 'assert' lines) "
             f"or max_length={max_length}"
         )
-    from spd_ray.core.batching import pad_id, padded_batch  # torch: not for the config's rules
-
     pad = pad_id(tokenizer)
     batches = [padded_batch(*zip(*rows[start : start + batch_size]), pad)
                for start in range(0, len(rows), batch_size)]
