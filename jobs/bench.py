@@ -67,29 +67,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from spd_ray import offline_by_default  # noqa: E402
-from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config  # noqa: E402
-from spd_ray.core.generation import (  # noqa: E402
+from spd_ray import offline_by_default
+from spd_ray.config import TESTBED_MODEL, CalibrationConfig, FinetuneConfig, load_config
+from spd_ray.core.generation import (
     cache_keyword,
     decode_stream,
     generate,
     returned_cache,
-    sample_tokens,  # noqa: E402
+    sample_tokens,
 )
-from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients  # noqa: E402
-from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers  # noqa: E402
-from spd_ray.core.projection import fold_projection, projection_hooks  # noqa: E402
-from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, pack, prepare_model  # noqa: E402
-from spd_ray.core.spans import calibration_batches  # noqa: E402
-from spd_ray.core.subspace import CapabilitySubspace, build_subspace  # noqa: E402
-from spd_ray.tasks.item import DOMAINS  # noqa: E402
-from spd_ray.tasks.task import load_task  # noqa: E402
-from spd_ray.tasks.testbed import make_split  # noqa: E402
+from spd_ray.core.gradients import accumulate_kv_gradient_stats, stacked_kv_gradients
+from spd_ray.core.modeling import kv_linears, load_model, load_tokenizer, resolve_layers
+from spd_ray.core.projection import fold_projection, projection_hooks
+from spd_ray.core.recipe import build_examples, collate, optimizer_and_schedule, pack, prepare_model
+from spd_ray.core.spans import calibration_batches
+from spd_ray.core.subspace import CapabilitySubspace, build_subspace
+from spd_ray.tasks.item import DOMAINS
+from spd_ray.tasks.task import load_task
+from spd_ray.tasks.testbed import make_split
 
 offline_by_default()  # before the first model load imports transformers
 

@@ -17,10 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # from a checkout, uninstalled (as jobs/spd.py)
+from spd_ray import offline_by_default
 
-from spd_ray import offline_by_default  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 offline_by_default()  # as the pipeline: before transformers or datasets is imported
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # a bar per file read hides the report

@@ -21,28 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs
-# (the offline defaults are the pipeline's, set when it is imported).
-sys.path.insert(0, str(ROOT))
-
-from spd_ray import artifacts, console, report  # noqa: E402
-from spd_ray.checks import check  # noqa: E402
-from spd_ray.config import (  # noqa: E402
+from spd_ray import artifacts, console, job, report
+from spd_ray.checks import check
+from spd_ray.config import (
     CompareConfig,
-    ConfigError,
     SPDConfig,
     load_compare_config,
     load_config,
     to_dict,
 )
-from spd_ray.core.subspace import CapabilitySubspace  # noqa: E402
-from spd_ray.local_ray import ray_session  # noqa: E402
-from spd_ray.pipeline import PipelineResult, base_model, run_pipeline, subspace_stage  # noqa: E402
-from spd_ray.stages.generate import projection_bite  # noqa: E402
-from spd_ray.stages.preflight import preflight  # noqa: E402
-from spd_ray.tasks.task import Task, load_task  # noqa: E402
-from spd_ray.tracking import Tracker  # noqa: E402
+from spd_ray.core.subspace import CapabilitySubspace
+from spd_ray.pipeline import PipelineResult, base_model, run_pipeline, subspace_stage
+from spd_ray.stages.generate import projection_bite
+from spd_ray.tasks.task import Task, load_task
+from spd_ray.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_config(cc: CompareConfig, domain: str, method, seed: int) -> SPDConfig:
@@ -175,25 +169,13 @@ def publish(cc: CompareConfig, cfg: SPDConfig, exp: Path, records: list[dict],
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
-    with console.session(verbose=args.verbose):
-        try:
-            cc, plan, tasks = plan_runs(args)
-        except (ConfigError, OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    with job.session(args.verbose) as j:
+        cc, plan, tasks = j.check(plan_runs, args)  # every run's config and data, before any run
         exp = (Path(cc.output_dir) / cc.name).resolve()
-        console.open_log(exp / "logs" / "driver.log")
-        store = store_dir(cc)
         console.log(f"{len(plan)} runs into {exp}")
-        console.echo(f"  driver log {console.log_path()}" + ("" if args.verbose else " (all but these lines)"))
-        with ray_session(plan[0][3].run) as ray_logs:
-            try:  # what every run asks of the cluster, before any of them
-                preflight(*(cfg for *_, cfg in plan))
-            except ConfigError as err:
-                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
-                return 2
-            console.echo(f"  Ray logs {ray_logs}")
-            records, subspaces = run_plan(cc, plan, tasks, store, exp)
+        j.open_log(exp / "logs" / "driver.log")
+        with j.ray(plan[0][3].run, *(cfg for *_, cfg in plan)):  # what every run asks of the cluster
+            records, subspaces = run_plan(cc, plan, tasks, store_dir(cc), exp)
             header = (f"Made by `python jobs/compare.py --config {args.config} {shlex.join(args.overrides)}`"
                       f" on {time.strftime('%Y-%m-%d')} in {(time.time() - start) / 60:.0f} min.\n")
             console.log("K/V energy outside each subspace on each domain's prompts")
@@ -201,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             path = publish(cc, plan[0][3], exp, records, subspaces, bites, header)
             console.log(f"report: {path}")
             console.echo(path.read_text())
-    return 0
+    return j.status
 
 
 if __name__ == "__main__":

@@ -34,22 +34,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
+from spd_ray import artifacts, checks, console, data, job, report
+from spd_ray.config import ConfigError, load_config
+from spd_ray.core.modeling import load_tokenizer
+from spd_ray.pipeline import generation_stage, prepare, subspace_stage
+from spd_ray.stages.evaluate import answer_logprobs_on_ray
+from spd_ray.stages.generate import Projection, projection_bite
+from spd_ray.stats import mean_interval, paired_difference
+from spd_ray.tracking import Tracker
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # as jobs/spd.py: from a checkout, uninstalled
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from spd_ray import artifacts, checks, console, data, report  # noqa: E402
-from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.core.modeling import load_tokenizer  # noqa: E402
-from spd_ray.local_ray import ray_session  # noqa: E402
-from spd_ray.pipeline import generation_stage, prepare, subspace_stage  # noqa: E402
-from spd_ray.stages.evaluate import answer_logprobs_on_ray  # noqa: E402
-from spd_ray.stages.generate import Projection, projection_bite  # noqa: E402
-from spd_ray.stages.preflight import preflight  # noqa: E402
-from spd_ray.stats import mean_interval, paired_difference  # noqa: E402
-from spd_ray.tracking import Tracker  # noqa: E402
 
 REFERENCE = "unprojected"
 DEFAULT_ARMS = {"projected": []}
@@ -149,43 +146,28 @@ def table(rows: list[dict], control: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
-    try:
-        cfg = load_config(args.config, args.overrides)
+    with job.session(args.verbose) as j:
+        cfg = j.check(load_config, args.config, args.overrides)
         out = Path(cfg.run.output_dir) / f"{cfg.run.name}-diagnose"
-        arms = read_arms(args)
-        runs = {(arm, s): arm_config(args, out, arm, ov, s) for arm, ov in arms.items() for s in args.seeds}
-    except (ConfigError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with console.session(verbose=args.verbose):
-        try:
-            for c in runs.values():  # every arm's own settings, before any work
-                checks.check(c)
-            first, task, labels = prepare(runs[(next(a for a in arms if a != REFERENCE), args.seeds[0])])
-            runs = {k: dataclasses.replace(c, model=first.model) for k, c in runs.items()}  # GGUF: converted
-            if not task.train_items or not task.train_items[0].metric:
-                raise ConfigError("the training prompts come without answers, so no corpus can be "
-                                  "scored: give the training file the column the evaluation scorer "
-                                  "reads (task.files.columns.gold, or tests for asserts), as the "
-                                  "evaluation files have it")
-        except (ConfigError, OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        console.open_log(out / "logs" / "driver.log")
+        arms = j.check(read_arms, args)
+        runs = {(arm, s): j.check(arm_config, args, out, arm, ov, s) for arm, ov in arms.items() for s in args.seeds}
+        for c in runs.values():  # every arm's own settings, before any work
+            j.check(checks.check, c)
+        first, task, labels = j.check(prepare, runs[(next(a for a in arms if a != REFERENCE), args.seeds[0])])
+        runs = {k: dataclasses.replace(c, model=first.model) for k, c in runs.items()}  # GGUF: converted
+        if not task.train_items or not task.train_items[0].metric:
+            raise job.Refused("the training prompts come without answers, so no corpus can be scored: give "
+                              "the training file the column the evaluation scorer reads "
+                              "(task.files.columns.gold, or tests for asserts), as the evaluation files have it")
         console.log(f"Table 3 check: {len(task.train_prompts)} prompts x {len(args.seeds)} seeds, arms "
                     f"{', '.join(arms)}, into {out}")
+        j.open_log(out / "logs" / "driver.log")
         rule = first.task.files.spans.rule if first.task.source == "files" else \
             (task.calibration[0].span_rule if task.calibration else None)
         marker = MARKERS.get(rule or "")
         probes = task.train_items[: args.probe_prompts]
         tok = load_tokenizer(first.model.path, first.model.trust_remote_code)
-        with ray_session(first.run) as ray_logs:
-            try:
-                preflight(*runs.values())
-            except ConfigError as err:
-                console.echo(f"error: {err}")
-                return 2
-            console.echo(f"  Ray logs {ray_logs}")
+        with j.ray(first.run, *runs.values()):
             console.echo("\n".join(labels.lines()))
             records, extra = [], {}
             for arm in arms:
@@ -209,16 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                                 c.model, c.generation, [it.prompt + (marker or "") for it in probes],
                                 [it.gold for it in probes], c.evaluation.batch_size, projection),
                             "samples": samples(generations.path, tok, c.generation.max_new_tokens, marker)}
-        rows = diagnosis(records, list(arms), extra, args.control)
-        text = table(rows, args.control)
-        (out / "diagnose.md").write_text(text + "\n")
-        (out / "diagnose.json").write_text(json.dumps(
-            {"rows": [{k: dataclasses.asdict(v) if hasattr(v, "mde") else v for k, v in r.items()} for r in rows],
-             "arms": arms, "seeds": args.seeds, "control": args.control, "marker": marker,
-             "probe_prompts": len(probes), "wall_time_s": time.time() - start}, indent=1))
-        console.echo("\n" + text)
-        console.log(f"done in {console.duration(time.time() - start)}; {out / 'diagnose.md'}")
-    return 0
+            rows = diagnosis(records, list(arms), extra, args.control)
+            text = table(rows, args.control)
+            (out / "diagnose.md").write_text(text + "\n")
+            (out / "diagnose.json").write_text(json.dumps(
+                {"rows": [{k: dataclasses.asdict(v) if hasattr(v, "mde") else v for k, v in r.items()} for r in rows],
+                 "arms": arms, "seeds": args.seeds, "control": args.control, "marker": marker,
+                 "probe_prompts": len(probes), "wall_time_s": time.time() - start}, indent=1))
+            console.echo("\n" + text)
+            console.log(f"done in {console.duration(time.time() - start)}; {out / 'diagnose.md'}")
+    return j.status
 
 
 def diagnosis(records: list[dict], arms: list[str], extra: dict, control: str | None) -> list[dict]:

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 STAGES = {"1": "calibration examples", "2": "prompts", "3": "training rows"}
 POINTS = {"1": [50, 200, 800, 1600], "2": [250, 1000, 4000, 8000], "3": [160, 320, 640, 1280]}
 

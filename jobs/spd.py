@@ -27,17 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# From a checkout, uninstalled, only this file knows where spd_ray is: the one line a job needs
-# (the offline defaults are the pipeline's, set when it is imported).
-sys.path.insert(0, str(ROOT))
+from spd_ray import artifacts, console, job, report
+from spd_ray.config import load_config
+from spd_ray.pipeline import prepare, run_pipeline
+from spd_ray.tracking import Tracker
 
-from spd_ray import artifacts, console, report  # noqa: E402
-from spd_ray.config import ConfigError, load_config  # noqa: E402
-from spd_ray.local_ray import ray_session  # noqa: E402
-from spd_ray.pipeline import prepare, run_pipeline  # noqa: E402
-from spd_ray.stages.preflight import preflight  # noqa: E402
-from spd_ray.tracking import Tracker  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,28 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. subspace.rank=32")
     args = ap.parse_args(argv)
     start = time.time()
-    try:
-        cfg = load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
-    except (ConfigError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with console.session(verbose=cfg.run.verbose):
-        try:  # the config, the task's data and its calibration labels, before any work
-            cfg, task, labels = prepare(cfg)  # a GGUF model.path: converted once, here
-        except (ConfigError, OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    with job.session(args.verbose) as j:
+        cfg = j.check(load_config, args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
+        # the config, the task's data and its calibration labels, before any work (a GGUF
+        # model.path: converted once, here)
+        cfg, task, labels = j.check(prepare, cfg)
         run = artifacts.RunDir(cfg, data=task.fingerprints())
-        console.open_log(run.path / "logs" / "driver.log")
         console.log(f"run directory {run.path}")
-        console.echo(f"  driver log {console.log_path()}" + ("" if cfg.run.verbose else " (all but these lines)"))
-        with ray_session(cfg.run) as ray_logs:
-            try:  # what the stages ask of the cluster, before any of them
-                preflight(cfg)
-            except ConfigError as err:
-                console.echo(f"error: {err}")  # the console's stream: stderr is the log by now
-                return 2
-            console.echo(f"  Ray logs {ray_logs}")
+        j.open_log(run.path / "logs" / "driver.log")
+        with j.ray(cfg.run, cfg):  # what the stages ask of the cluster, before any of them
             tracker = Tracker(cfg, run.path)
             if tracker.where():
                 console.echo(f"  W&B {tracker.where()}")
@@ -82,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.finish()
             console.echo("\n" + table)
             console.log(f"done in {console.duration(time.time() - start)}; artifacts in {run.path}")
-    return 0
+    return j.status
 
 
 if __name__ == "__main__":

@@ -217,6 +217,17 @@ def echo(line: str = "") -> None:
         _active.write(line)
 
 
+def error(line: str) -> None:
+    """A job's error line: on stderr until the driver log is open (the console's own stream
+    after), and in the driver log."""
+    if _active is None or _active.terminal is None:
+        if _active is not None:
+            _active.write(line, console=False)
+        print(line, file=sys.stderr, flush=True)
+    else:
+        _active.write(line)
+
+
 def log(msg: str) -> None:
     """A timestamped line."""
     echo(f"[{time.strftime('%H:%M:%S')}] {msg}")

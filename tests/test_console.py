@@ -157,15 +157,17 @@ def _fake_pipeline(cfg, task, run, tracker):
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_job_sends_the_detail_to_its_driver_log_unless_verbose(capfd, tmp_path, monkeypatch, verbose):
-    monkeypatch.setattr(spd, "ray_session", lambda run: contextlib.nullcontext("/tmp/ray/session_x/logs"))
-    monkeypatch.setattr(spd, "preflight", lambda cfg: None)  # no cluster to check
+    from spd_ray import job
+
+    monkeypatch.setattr(job, "ray_session", lambda run: contextlib.nullcontext("/tmp/ray/session_x/logs"))
+    monkeypatch.setattr(job, "preflight", lambda cfg: None)  # no cluster to check
     monkeypatch.setattr(spd, "run_pipeline", _fake_pipeline)
     args = [*(["--verbose"] if verbose else []), "evaluation.domains=[math]", "run.wandb.enabled=false",
             f"run.output_dir={tmp_path}", "run.name=v"]
     assert spd.main(args) == 0
     out = capfd.readouterr().out
     log = tmp_path / "v" / "logs" / "driver.log"
-    assert "a stage line" in out and "| math/test/accuracy | 0.500 | 0.750 | +0.250 |" in out
+    assert "a stage line" in out and "| math/test/accuracy | 0.500 | 0.750 | +0.250" in out
     assert f"driver log {log}" in out and "Ray logs /tmp/ray/session_x/logs" in out
     assert ("Ray Data progress frame" in out) == verbose
     assert ("Ray Data progress frame" in log.read_text()) != verbose
