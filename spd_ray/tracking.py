@@ -7,6 +7,7 @@ is kept in the run directory, so a resumed pipeline appends to the same W&B run.
 from __future__ import annotations
 
 import os
+import shlex
 import uuid
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class Tracker:
         """Where the W&B run is: its page, or (offline) the command that uploads it."""
         if self.run is None:
             return None
-        return f"offline: `wandb sync {self.run.sync_dir}` uploads it" if self.run.offline else self.run.url
+        return f"offline: `wandb sync {shlex.quote(str(self.run.sync_dir))}` uploads it" if self.run.offline else self.run.url
 
     def log(self, metrics: dict) -> None:
         if self.run is not None:

@@ -85,7 +85,6 @@ _MAX_PROCESSES = 16  # the harness included: a fork bomb stops here
 _MAX_OPEN_FILES = 64
 _FILE_LIMIT = 1 << 20  # largest file the program may write, its own stderr included
 _TMP_BYTES = 16 << 20  # its writable /tmp (isolated mode)
-_RESULT_BYTES = 4096  # the harness's result line; the program cannot make us read more
 _FIRST_DYNAMIC_UID = 1 << 30  # root's sandboxes run as a fresh uid from here (owned by no one)
 
 # The zygote (sandbox_zygote.py) runs by path: at its own path in process mode, bound read-only
