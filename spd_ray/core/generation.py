@@ -262,6 +262,89 @@ def returned_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+class _Rows:
+    """The rows decoding at once, one per tensor row: which prompt each is (`live`), its next
+    logits, position, step, tokens so far, whether it is done and how many of its tokens it keeps,
+    its seed; with the KV cache and attention mask they share."""
+
+    def __init__(self, model, max_new_tokens: int, pad: int, seeds: Sequence[int] | None):
+        self.model, self.max_new_tokens, self.pad, self.seeds = model, max_new_tokens, pad, seeds
+        self.device = next(model.parameters()).device
+        self.kv, self.last_only = cache_keyword(model), _logits_to_keep(model)
+        self.live = torch.empty(0, dtype=torch.long, device=self.device)
+        self.cache = self.mask = None
+        self.n_done = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    _PER_ROW = ("live", "logits", "pos", "step", "tokens", "done", "length", "row_seeds")
+
+    def leave(self, out: list) -> None:
+        """The finished rows give their tokens (those before the EOS) to `out` and leave."""
+        for i, row, n in zip(self.live[self.done].tolist(), self.tokens[self.done].tolist(),
+                             self.length[self.done].tolist(), strict=True):
+            out[i] = row[:n]
+        keep = (~self.done).nonzero().squeeze(-1)
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+        for name in self._PER_ROW:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[keep])
+        self.n_done = 0
+
+    def admit(self, prompts: Sequence[Sequence[int]], take: list[int]) -> None:
+        """The prompts `take` (indices into `prompts`) prefilled together, and their KV cache
+        joined to the live rows' (left-padded to a common width, columns no live row attends to
+        cut off first)."""
+        device, n = self.device, len(take)
+        ids, mask = _left_padded([prompts[i] for i in take], self.pad, device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self.kv: _new_cache(self.model)}, **self.last_only)
+        fresh = {"live": torch.tensor(take, device=device), "logits": res.logits[:, -1, :], "pos": pos[:, -1:] + 1,
+                 "step": torch.zeros(n, dtype=torch.long, device=device),
+                 "tokens": torch.full((n, self.max_new_tokens), self.pad, dtype=torch.long, device=device),
+                 "done": torch.zeros(n, dtype=torch.bool, device=device),
+                 "length": torch.zeros(n, dtype=torch.long, device=device),
+                 "row_seeds": None if self.seeds is None else
+                 torch.tensor([self.seeds[i] for i in take], dtype=torch.int64, device=device)}
+        if not len(self):
+            self.cache, self.mask = returned_cache(res), mask
+            for name, value in fresh.items():
+                setattr(self, name, value)
+            return
+        used = int(self.mask.any(0).long().argmax())  # leading columns no live row attends to
+        if used:
+            for layer in _cache_layers(self.cache):
+                layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
+            self.mask = self.mask[:, used:]
+        self.cache, self.mask = _join(self.cache, returned_cache(res), self.mask, mask)
+        for name, value in fresh.items():
+            if value is not None:
+                setattr(self, name, torch.cat([getattr(self, name), value]))
+
+    def record(self, nxt: torch.Tensor, eos_ids: torch.Tensor) -> None:
+        """Each live row's next token: kept unless it is an EOS; a row is done at its EOS or
+        when it has max_new_tokens."""
+        active = ~self.done
+        ended = torch.isin(nxt, eos_ids) & active
+        rows = torch.arange(len(self), device=self.device)
+        self.tokens[rows, self.step] = torch.where(active, nxt, self.tokens[rows, self.step])
+        self.length = torch.where(active, self.step + (~ended).long(), self.length)
+        self.done = self.done | ended | (active & (self.length >= self.max_new_tokens))
+        self.n_done = int(self.done.sum())
+
+    def forward(self, nxt: torch.Tensor) -> None:
+        """One decoding step of every row through the KV cache (finished rows too, until they
+        leave: their tokens are not kept)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        res = self.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos,
+                         use_cache=True, **{self.kv: self.cache})
+        self.cache, self.logits, self.pos = returned_cache(res), res.logits[:, -1, :], self.pos + 1
+        self.step = self.step + (~self.done).long()
+
+
 def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                   top_p: float, top_k: int, seeds: Sequence[int] | None, eos: Sequence[int], pad: int,
                   *, slots: int, refill: int | None = None) -> list[list[int]]:
@@ -271,80 +354,31 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     (default a quarter of the slots; `refill=slots` gives static batches, where every row keeps
     its slot until the batch ends): then the finished rows leave, the next prompts are prefilled
     together and their KV cache joined to the live one, left-padded to a common width, and
-    columns no live row uses any more are cut off. Between refills the cache is not copied. A
-    row's noise depends on its seed and its own step only (`counter_uniform`), so its text does
-    not depend on which rows it decoded beside, given the same logits. Tokens stay on the device
-    until their row leaves; the host syncs per step are the count of finished rows and, under
-    top-k / top-p, whether a row's nucleus outgrew its candidates (`sample_tokens`)."""
+    columns no live row uses any more are cut off (`_Rows`). Between refills the cache is not
+    copied. A row's noise depends on its seed and its own step only (`counter_uniform`), so its
+    text does not depend on which rows it decoded beside, given the same logits. Tokens stay on
+    the device until their row leaves; the host syncs per step are the count of finished rows
+    and, under top-k / top-p, whether a row's nucleus outgrew its candidates (`sample_tokens`)."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
-    device = next(model.parameters()).device
     refill = max(1, min(slots, refill or max(1, slots // 4)))
-    eos_ids = torch.tensor(list(eos), device=device)
-    last_only, kv = _logits_to_keep(model), cache_keyword(model)
+    rows = _Rows(model, max_new_tokens, pad, seeds)
+    eos_ids = torch.tensor(list(eos), device=rows.device)
     out: list[list[int] | None] = [None] * len(prompts)
     queue = 0  # the next prompt to admit
-    live = torch.empty(0, dtype=torch.long, device=device)  # the prompt index of each row
-    cache = mask = logits = pos = step = row_seeds = tokens = done = length = None
-    n_done = 0
-    while queue < len(prompts) or len(live):
-        if n_done and (n_done >= refill or n_done == len(live)):  # the finished rows leave
-            for i, row, n in zip(live[done].tolist(), tokens[done].tolist(), length[done].tolist(), strict=True):
-                out[i] = row[:n]
-            keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            live, mask, pos, step, tokens, done, length, logits = (
-                x[keep] for x in (live, mask, pos, step, tokens, done, length, logits))
-            if row_seeds is not None:
-                row_seeds = row_seeds[keep]
-            n_done = 0
-        free = slots - len(live)
-        if queue < len(prompts) and (free >= refill or not len(live)):
+    while queue < len(prompts) or len(rows):
+        if rows.n_done and (rows.n_done >= refill or rows.n_done == len(rows)):
+            rows.leave(out)
+        free = slots - len(rows)
+        if queue < len(prompts) and (free >= refill or not len(rows)):
             take = list(range(queue, min(len(prompts), queue + free)))
             queue = take[-1] + 1
-            ids, new_mask = _left_padded([prompts[i] for i in take], pad, device)
-            new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos, use_cache=True,
-                        **{kv: _new_cache(model)}, **last_only)
-            n = len(take)
-            fresh = (torch.tensor(take, device=device), res.logits[:, -1, :], new_pos[:, -1:] + 1,
-                     torch.zeros(n, dtype=torch.long, device=device),
-                     torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device),
-                     torch.zeros(n, dtype=torch.bool, device=device),
-                     torch.zeros(n, dtype=torch.long, device=device))
-            new_seeds = torch.tensor([seeds[i] for i in take], dtype=torch.int64, device=device) \
-                if seeds is not None else None
-            if not len(live):
-                cache, mask, row_seeds = returned_cache(res), new_mask, new_seeds
-                live, logits, pos, step, tokens, done, length = fresh
-            else:
-                used = int(mask.any(0).long().argmax())  # leading columns no live row attends to
-                if used:
-                    for layer in _cache_layers(cache):
-                        layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
-                    mask = mask[:, used:]
-                cache, mask = _join(cache, returned_cache(res), mask, new_mask)
-                live, logits, pos, step, tokens, done, length = (
-                    torch.cat([a, b]) for a, b in zip((live, logits, pos, step, tokens, done, length), fresh,
-                                                      strict=True))
-                if row_seeds is not None:
-                    row_seeds = torch.cat([row_seeds, new_seeds])
+            rows.admit(prompts, take)
         if temperature > 0:
-            nxt = sample_tokens(logits, row_seeds, step, temperature, top_k, top_p)
+            nxt = sample_tokens(rows.logits, rows.row_seeds, rows.step, temperature, top_k, top_p)
         else:
-            nxt = logits.argmax(-1)
-        active = ~done
-        ended = torch.isin(nxt, eos_ids) & active
-        rows = torch.arange(len(live), device=device)
-        tokens[rows, step] = torch.where(active, nxt, tokens[rows, step])
-        length = torch.where(active, step + (~ended).long(), length)  # tokens kept: those before the EOS
-        done = done | ended | (active & (length >= max_new_tokens))
-        n_done = int(done.sum())
-        if n_done == len(live):
-            continue  # every row is finished: they leave before any further step
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **{kv: cache})
-        cache, logits, pos = returned_cache(res), res.logits[:, -1, :], pos + 1
-        step = step + (~done).long()
+            nxt = rows.logits.argmax(-1)
+        rows.record(nxt, eos_ids)
+        if rows.n_done < len(rows):  # else every row is finished: they leave before any further step
+            rows.forward(nxt)
     return out
