@@ -488,17 +488,42 @@ def _read_yaml(path: Path) -> Any:
     return loaded
 
 
+BASE_KEY = "base"  # a config file's include: `base: <file, relative to this one>`
+
+
+def _read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with its `base:` file (and that file's base, ...) loaded first
+    and this file's keys deep-merged over it: a variant keeps only its differences."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config files include each other in a cycle ({chain}); remove the "
+                          f"`{BASE_KEY}:` line of one of them")
+    loaded = _read_yaml(path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY}={base!r} must be the path of another config file, "
+                          "relative to this one (e.g. base: ../qwen2.5-7b-gsm8k.yaml)")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: {base} names no file ({base_path}); the path is "
+                          "relative to the file that names it")
+    return deep_merge(_read_config_file(base_path, (*seen, path)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SPDConfig:
-    """Defaults <- YAML file <- `key=value` overrides, checked against the dataclasses."""
+    """Defaults <- YAML file (after the file it names as `base:`, if any) <- `key=value`
+    overrides, checked against the dataclasses."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
-        loaded = _read_yaml(path)
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = loaded
+        data = _read_config_file(path)
     for item in overrides:
         data = deep_merge(data, _parse_override(item))
     return _build(SPDConfig, data)

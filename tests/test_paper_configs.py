@@ -4,6 +4,7 @@ local files in the hub schemas, without a model."""
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spd_ray.config import load_config
 from spd_ray.tasks.task import load_task
@@ -63,10 +64,13 @@ def test_each_large_paper_config_has_a_one_gpu_variant_that_fits_one_gpu():
     assert {p.stem for p in ONE_GPU} == {p.stem for p in PAPER if not p.stem.startswith("qwen2.5-0.5b")}
     for path in ONE_GPU + [p for p in PAPER if p.stem.startswith("qwen2.5-0.5b")]:
         check_gpus(load_config(path), one_gpu)
-    for path in ONE_GPU:  # the paper config of the same name, but for the one-GPU settings
+    for path in ONE_GPU:  # the paper config of the same name (its base), but for the one-GPU settings
+        assert yaml.safe_load(path.read_text())["base"] == f"../{path.name}"
         paper = load_config(ROOT / "configs/paper" / path.name, ONE_GPU_SETTINGS)
         paper.run.name += "-1gpu"
         assert load_config(path) == paper
+        assert "docs/method.md" in path.read_text()  # the method's description, which exists
+    assert (ROOT / "docs/method.md").is_file()
 
 
 @pytest.fixture(scope="module")
