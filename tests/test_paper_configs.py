@@ -58,12 +58,12 @@ def test_paper_config_holds_the_papers_recipe(path):
 
 
 def test_each_large_paper_config_has_a_one_gpu_variant_that_fits_one_gpu():
-    from spd_ray.stages.preflight import Capacity, check_gpus
+    from spd_ray.stages.preflight import Capacity, check_resources
 
-    one_gpu = Capacity(gpus=1, gpus_per_node=1, autoscaled=False)
+    one_gpu = Capacity(cpus=16, gpus=1, nodes=((16, 1),))
     assert {p.stem for p in ONE_GPU} == {p.stem for p in PAPER if not p.stem.startswith("qwen2.5-0.5b")}
     for path in ONE_GPU + [p for p in PAPER if p.stem.startswith("qwen2.5-0.5b")]:
-        check_gpus(load_config(path), one_gpu)
+        check_resources(load_config(path), one_gpu)
     for path in ONE_GPU:  # the paper config of the same name (its base), but for the one-GPU settings
         assert yaml.safe_load(path.read_text())["base"] == f"../{path.name}"
         paper = load_config(ROOT / "configs/paper" / path.name, ONE_GPU_SETTINGS)
