@@ -312,6 +312,11 @@ class FinetuneConfig:
     # many times; preemptions (spot nodes taken back) are retried without limit
     max_failures: int = 3
     export: Literal["merged", "adapter"] = "merged"  # LoRA: merge into the weights, or save the adapter
+    # a merged LoRA model's dtype, merged in float32: "auto" keeps model.dtype where that keeps
+    # >= 99% of the update (bf16 rounds a per-element update below half an ulp of its weight
+    # away, ~6e-5 for weights of 0.02; the paper's lr gives ~1e-5), else float32, which the
+    # evaluation then runs in (twice bf16's memory); "model": model.dtype whatever it loses
+    export_dtype: Literal["auto", "model", "float32"] = "auto"
 
 
 @dataclass

@@ -76,9 +76,12 @@ class PipelineResult:
         return {name: result.metrics for name, result in self.results().items()}
 
     def to_dict(self) -> dict:
-        """What metrics.json holds: the evaluations, each round's corpus and subspace folder."""
+        """What metrics.json holds: the evaluations, each round's corpus, fine-tuning (the
+        exported dtype, the share of the update its weights keep, the rows cut to
+        finetune.max_length) and subspace folder."""
         return {"eval": self.evaluations(),
                 "corpus": {r.round: dataclasses.asdict(r.corpus) for r in self.rounds if r.corpus},
+                "finetune": {r.round: r.model.to_dict() for r in self.rounds if r.model},
                 "subspaces": {r.round: str(r.subspace.path) for r in self.rounds if r.subspace}}
 
 
@@ -124,10 +127,12 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, task: Task, tracker
     generations, out.corpus = generation_stage(cfg, run, task, projection, at, tracker, made_from)
     # 4. distillation: the original model fine-tuned on its own projected completions
     out.model = distillation_stage(cfg, run, generations, at, tracker, base + [at + "generations"])
-    # 5. evaluation: greedy, projection off
+    # 5. evaluation: greedy, projection off, in the dtype the model was saved in (float32 where
+    # model.dtype would round the update away: FinetuneConfig.export_dtype)
     out.evaluation = evaluation(cfg, run, at + "eval_spd.json", f"evaluation of round {r}'s model",
                                 "greedy, projection off", task.eval_splits,
-                                model_path=out.model.path, inputs=[at + "model"])
+                                model_path=out.model.path, dtype=out.model.export.get("dtype"),
+                                inputs=[at + "model"])
     return out
 
 
@@ -199,10 +204,11 @@ def distillation_stage(cfg: SPDConfig, run: artifacts.RunDir, generations: Gener
 
 def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, splits,
                projection: Projection | None = None, *, model_path: Path | None = None,
-               inputs: list[str] = ()) -> EvalResult:
+               dtype: str | None = None, inputs: list[str] = ()) -> EvalResult:
     """The evaluation artifact `name` of `cfg.model` (or of the model at `model_path`, made from
-    it) as a stage of the console."""
-    model = cfg.model if model_path is None else dataclasses.replace(cfg.model, path=str(model_path))
+    it, run in `dtype` where given: the dtype it was saved in) as a stage of the console."""
+    model = cfg.model if model_path is None else dataclasses.replace(
+        cfg.model, path=str(model_path), dtype=dtype or cfg.model.dtype)
     n = sum(len(items) for items in splits.values())
     with console.stage(title, f"{how}, {n} items in {len(splits)} splits") as st:
         with run.stage(name, cfg, inputs=inputs) as art:
