@@ -244,13 +244,21 @@ class GenerationConfig:
     replicas_max: int = 2
     cpus_per_replica: float = 0.5  # fractional on CPU: a pool that takes every CPU starves the reader
     gpus_per_replica: float = 0.0  # vllm: a whole number, at least tensor_parallel_size
+    # how long the pool's first replicas_min replicas may take to start (placed, model loaded;
+    # an autoscaler adding GPU nodes takes minutes) before the stage stops and says what it asked
+    start_timeout_s: float = 1800.0
     # vllm only. The engine fills its batch from the prompts of one call: give it large blocks
     vllm_batch_size: int = 2048
-    max_prompt_tokens: int = 1024  # the prompt part of vLLM's context (max_model_len)
-    max_model_len: int | None = None  # None: max_prompt_tokens + the run's max_new_tokens
+    # None: the longest prompt (measured on the driver) + the run's max_new_tokens; set: that
+    # context, refused where a prompt would not fit
+    max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9  # vLLM's share of its GPU (weights + KV cache)
     enforce_eager: bool = False  # True: no CUDA graphs (less memory, slower decoding)
     tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    # VLLM_BATCH_INVARIANT=1 on GPUs of compute capability 8.0+: a row's sample depends on its
+    # seed alone, at a cost (every matmul in Triton kernels on A100/A10G/L4, slower
+    # tensor-parallel communication); stage 2's resume needs only one completion per row
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.backend != "vllm":
@@ -264,11 +272,6 @@ class GenerationConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"generation.gpu_memory_utilization={self.gpu_memory_utilization}: "
                               "a fraction of the GPU's memory, in (0, 1], e.g. 0.9")
-
-    def vllm_max_model_len(self, max_new_tokens: int) -> int:
-        """vLLM's context: max_model_len, or the prompt limit plus the tokens to generate
-        (vLLM otherwise takes the model's whole context, 131k tokens for Llama-3.1)."""
-        return self.max_model_len or self.max_prompt_tokens + max_new_tokens
 
 
 @dataclass

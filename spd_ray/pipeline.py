@@ -25,7 +25,7 @@ from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
 from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
 from spd_ray.stages.finetune import FinetuneResult, distill
-from spd_ray.stages.generate import GenerationResult, Projection, self_generate
+from spd_ray.stages.generate import GenerationResult, Projection, context_length, self_generate
 from spd_ray.tasks.labels import LabelReport, label_report
 from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
@@ -222,8 +222,9 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
 def prepare(cfg: SPDConfig) -> tuple[SPDConfig, Task, LabelReport]:
     """Everything that can be wrong before any work: the config (`checks.check`), then, with the
     model as a folder (`base_model`), the task's data (`load_task`: calibration examples,
-    training prompts, evaluation splits) and, where stage 1 will run, its calibration labels (the
-    report shows what the loss will look at). Returns the config the run uses (a GGUF model.path
+    training prompts, evaluation splits), where stage 1 will run, its calibration labels (the
+    report shows what the loss will look at), and the longest prompts' context
+    (`stages.generate.context_length`). Returns the config the run uses (a GGUF model.path
     replaced by its folder), the task and the label report."""
     checks.check(cfg)
     cfg = base_model(cfg)
@@ -231,6 +232,10 @@ def prepare(cfg: SPDConfig) -> tuple[SPDConfig, Task, LabelReport]:
     labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
     if cfg.generation.project or cfg.evaluation.project:
         labels.require_labels(cfg.task.domain)
+    # the longest prompts with the tokens to generate fit the model (and a set max_model_len)
+    context_length(cfg.model, cfg.generation, task.train_prompts, cfg.generation.max_new_tokens)
+    context_length(cfg.model, cfg.generation, [it.prompt for items in task.eval_splits.values() for it in items],
+                   cfg.evaluation.max_new_tokens)
     return cfg, task, labels
 
 

@@ -106,6 +106,18 @@ def config_kv_dim(path: str, trust_remote_code: bool = False) -> int:
     return int((getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim)
 
 
+def context_window(path: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the model was made for (max_position_embeddings), None if unstated."""
+    value = getattr(_text_config(path, trust_remote_code), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def kv_bytes_per_token(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """The bytes of K and V cache one token takes over all layers, in `dtype`."""
+    per_layer = 2 * config_kv_dim(path, trust_remote_code) * torch.finfo(dtype).bits // 8
+    return num_layers(path, trust_remote_code) * per_layer
+
+
 def _resolve_source(path: str) -> str:
     """A local folder (checked at once, so a typo fails fast) or a hub id."""
     p = Path(path).expanduser()
