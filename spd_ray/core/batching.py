@@ -37,6 +37,6 @@ def padded_batch(ids: Sequence, labels: Sequence, pad: int, width: int | None = 
 def rows_that_fit(free_bytes: int, bytes_per_token: int, tokens_per_row: int, requested: int,
                   share: float = 0.8) -> int:
     """How many rows of `tokens_per_row` tokens decode at once within `share` of `free_bytes`
-    (the rest: prefill activations, the allocator's slack), at most `requested`, at least 1:
-    the KV cache grows to `bytes_per_token` per token of each row."""
+    (the rest: the allocator's slack), at most `requested`, at least 1, at `bytes_per_token`
+    per token of each row (`core.modeling.bytes_per_token`)."""
     return max(1, min(requested, int(free_bytes * share) // max(1, bytes_per_token * tokens_per_row)))

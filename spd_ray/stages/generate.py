@@ -1,14 +1,15 @@
 """Stage 2 on Ray Data: an actor pool of model replicas generates completions.
 
-Each actor loads one replica in `__init__`, with the projection folded into the weights on the
-CPU (default) or applied by hooks; rows carry their own sampling seed, so on the HF backend the
-samples do not depend on how many replicas there are or which one a row lands on (vLLM: see
-`VLLMGenerator`). Evaluation (`spd_ray.stages.evaluate`) uses the same actors with greedy
+Each actor loads one replica in `__init__`, with the projection folded into the weights (default:
+once, into a checkpoint beside the subspace that every replica loads) or applied by hooks; rows
+carry their own sampling seed, so on the HF backend the samples do not depend on how many
+replicas there are or which one a row lands on (vLLM: see `VLLMGenerator`). Evaluation (`spd_ray.stages.evaluate`) uses the same actors with greedy
 decoding and no projection (the inference-only baseline: with it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,9 +29,9 @@ from spd_ray.config import ConfigError, GenerationConfig, ModelConfig, SubspaceC
 from spd_ray.core.batching import pad_id, right_pad, rows_that_fit
 from spd_ray.core.generation import generate
 from spd_ray.core.modeling import (
+    bytes_per_token,
     context_window,
     from_pretrained,
-    kv_bytes_per_token,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -118,9 +119,12 @@ class Generator:
         batch_size = gen.batch_size
         device = next(self.model.parameters()).device
         if device.type == "cuda":
-            per_token = kv_bytes_per_token(model.path, next(self.model.parameters()).dtype,
-                                           model.trust_remote_code)
-            batch_size = rows_that_fit(torch.cuda.mem_get_info(device)[0], per_token, context, batch_size)
+            free, total = torch.cuda.mem_get_info(device)
+            if gen.gpus_per_replica < 1:  # replicas that share a GPU: this one's share of it
+                free = min(free, int(total * gen.gpus_per_replica) - torch.cuda.memory_allocated(device))
+            per_token = bytes_per_token(model.path, next(self.model.parameters()).dtype,
+                                        model.trust_remote_code)
+            batch_size = rows_that_fit(free, per_token, context, batch_size)
         self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
         if not greedy:
             self.kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
@@ -211,7 +215,7 @@ FOLD_STAMP = "spd_fold.json"  # what a folded checkpoint was made from, written 
 @ray.remote(max_retries=3, max_calls=1)
 def save_folded_checkpoint(model: ModelConfig, projection: Projection, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj, folded
-    on the CPU in the dtype vLLM will run (model.dtype on a GPU: auto = bfloat16)."""
+    on the CPU in the dtype the replicas will run (model.dtype on a GPU: auto = bfloat16)."""
     stamp = _fold_stamp(model, projection)
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     _folded_on_cpu(model, projection, resolve_dtype(model.dtype, "cuda")).save_pretrained(tmp)
@@ -231,9 +235,10 @@ def _fold_stamp(model: ModelConfig, projection: Projection) -> dict:
 
 
 def folded_checkpoint(model: ModelConfig, projection: Projection) -> str:
-    """The folded checkpoint vLLM generates from, beside the subspace
+    """The folded checkpoint the replicas generate from, beside the subspace
     (`<subspace>.folded-<mode>`): made by a CPU task, or the one there already when it was made
-    from the same model, subspace and mode (stage 2 and the inference-only evaluation share it)."""
+    from the same model, dtype, subspace and mode (stage 2 and the inference-only evaluation
+    share it)."""
     out = Path(f"{projection.subspace_dir}.folded-{projection.mode}")
     try:
         if json.loads((out / FOLD_STAMP).read_text()) == _fold_stamp(model, projection):
@@ -262,6 +267,12 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
                                           greedy=greedy, max_new_tokens=max_new_tokens, context=context)
         batch_size = gen.vllm_batch_size  # the engine schedules the block's rows itself
     else:
+        if projection is not None and projection.apply == "fold":
+            # folded once, by a CPU task, and loaded by every replica (a fold per replica holds
+            # the whole model in host RAM while it folds: 8 x 15 GB for 7B on one node)
+            dtype = resolve_dtype(model.dtype, "cuda" if gen.gpus_per_replica else model.device)
+            model = dataclasses.replace(model, dtype=str(dtype).removeprefix("torch."))
+            model, projection = dataclasses.replace(model, path=folded_checkpoint(model, projection)), None
         udf, kwargs = Generator, dict(model=model, gen=gen, projection=projection, greedy=greedy,
                                       max_new_tokens=max_new_tokens, context=context)
     out = ds.map_batches(
