@@ -15,7 +15,7 @@ PAPER = sorted(ROOT.glob("configs/paper/*.yaml"))
 ONE_GPU = sorted(ROOT.glob("configs/paper/one-gpu/*.yaml"))
 CONFIGS = sorted(ROOT.glob("configs/*.yaml")) + PAPER + ONE_GPU  # configs/compare: comparison configs
 # what makes a paper config a one-GPU one (the 0.5B configs are one-GPU configs already)
-ONE_GPU_SETTINGS = ["calibration.num_workers=1", "finetune.num_workers=1",
+ONE_GPU_SETTINGS = ["calibration.num_workers=1", "finetune.num_workers=1", "finetune.zero_stage=0",
                     "finetune.gradient_checkpointing=true"]
 BACKBONES = {"qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
              "qwen3-4b": "Qwen/Qwen3-4B-Instruct-2507", "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct"}
@@ -49,8 +49,9 @@ def test_paper_config_holds_the_papers_recipe(path):
             f.max_length) == ("lora", 8, 8, 0.05, 1e-5, 0.01, 5, 4, 256)
     assert f.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     # a GPU user's defaults: ZeRO-3 over one node's GPUs (PACK), a 0.5B LoRA model on one GPU
+    # without ZeRO
     small = backbone == "qwen2.5-0.5b"
-    assert f.use_gpu and f.zero_stage == 3 and f.placement == "PACK"
+    assert f.use_gpu and f.zero_stage == (0 if small else 3) and f.placement == "PACK"
     assert (f.num_workers, cfg.calibration.num_workers) == ((1, 1) if small else (4, 2))
     assert cfg.calibration.gpus_per_worker == 1
     assert g.gpus_per_replica == (0.25 if small else 1)  # four 0.5B replicas share a GPU

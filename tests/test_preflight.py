@@ -90,7 +90,7 @@ def test_the_run_folder_must_be_the_same_on_every_node(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_gpu_ray():
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False)  # a fake GPU: a count only
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False)  # a fake GPU: a count only
     yield
     ray.shutdown()
 
@@ -106,7 +106,7 @@ def test_the_launcher_maximum_of_the_shipped_cluster_files():
 
 @pytest.fixture()
 def a_head_with_no_gpus():
-    ray.init(num_cpus=2, include_dashboard=False)  # as the shipped clusters start: the head alone
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # as the shipped clusters start: the head alone
     yield
     ray.shutdown()
 
@@ -165,7 +165,7 @@ def test_a_run_folder_on_a_local_disk_is_refused_where_the_cluster_can_grow(tmp_
     with pytest.raises(ConfigError, match="must be shared storage on a cluster: .* on a ext4 file "
                                           "system local to this node"):
         preflight.check_shared_storage(tmp_path, can_grow=True)
-    with ray.init(num_cpus=1, include_dashboard=False):
+    with ray.init(address="local", num_cpus=1, include_dashboard=False):
         preflight.check_shared_storage(tmp_path, can_grow=False)  # a fixed one-node cluster: fine
         monkeypatch.setattr(preflight, "filesystem_type", lambda path: "nfs4")
         preflight.check_shared_storage(tmp_path, can_grow=True)
