@@ -235,10 +235,9 @@ def _fold_stamp(model: ModelConfig, projection: Projection) -> dict:
 
 
 def folded_checkpoint(model: ModelConfig, projection: Projection) -> str:
-    """The folded checkpoint the replicas generate from, beside the subspace
+    """The folded checkpoint vLLM generates from, beside the subspace
     (`<subspace>.folded-<mode>`): made by a CPU task, or the one there already when it was made
-    from the same model, dtype, subspace and mode (stage 2 and the inference-only evaluation
-    share it)."""
+    from the same model, subspace and mode (stage 2 and the inference-only evaluation share it)."""
     out = Path(f"{projection.subspace_dir}.folded-{projection.mode}")
     try:
         if json.loads((out / FOLD_STAMP).read_text()) == _fold_stamp(model, projection):
