@@ -99,6 +99,10 @@ def run_pipeline(cfg: SPDConfig, task: Task, run: artifacts.RunDir, tracker: Tra
         if not train:
             break
         model = dataclasses.replace(cfg.model, path=str(rnd.model.path))
+        kept = rnd.model.export.get("update_kept_in_model_dtype", 1.0)
+        if r < cfg.run.rounds and kept < 1.0:  # the next round loads it in model.dtype
+            console.warn(f"round {r + 1} starts from round {r}'s model in model.dtype, which keeps "
+                         f"{kept:.1%} of round {r}'s update (metrics.json: finetune.{r}.export)")
     tracker.log({f"eval/{m}/{k}": v for m, vals in result.evaluations().items() for k, v in vals.items()})
     return result
 
