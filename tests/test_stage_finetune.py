@@ -209,6 +209,20 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0
 
 
+def test_one_worker_without_zero_trains_lora_in_bf16_and_exports(local_ray, dataset_rows, tmp_path):
+    """What the 0.5B and one-GPU paper configs run: one worker, no ZeRO, bf16, LoRA."""
+    cfg = _cfg(method="lora", lr=1e-3, epochs=1.0, num_workers=1, zero_stage=0, gradient_checkpointing=True)
+    out = tmp_path / "zero0"
+    history = finetune_on_ray(ModelConfig(str(TESTBED_MODEL), dtype="bfloat16"), cfg, ray.data.from_items(dataset_rows),
+                              out, run_name="zero0", storage_path=str(tmp_path / "storage"))
+    assert len(history) == 8 and all(0 < h["loss"] < 20 and h["grad_norm"] == h["grad_norm"] for h in history)
+    export = json.loads((out / finetune.EXPORT_FILE).read_text())
+    assert 0 < export["update_kept_in_model_dtype"] < 1  # bf16 would have lost some of it
+    weights, base = _plain(out), _plain(str(TESTBED_MODEL))
+    changed = [k for k in base if not torch.equal(weights[k], base[k])]
+    assert changed and all(".self_attn." in k for k in changed)
+
+
 def _lora_state_dict(rms: float) -> dict:
     """The state dict stage 3's ZeRO-3 export gathers from a LoRA run in bf16 (peft keeps the
     adapters in fp32), with each layer's update B A * alpha/r of `rms` per element: 1e-5 is the
