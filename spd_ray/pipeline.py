@@ -133,6 +133,12 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, task: Task, tracker
     out.model = distillation_stage(cfg, run, generations, at, tracker, base + [at + "generations"])
     # 5. evaluation: greedy, projection off, in the dtype the model was saved in (float32 where
     # model.dtype would round the update away: FinetuneConfig.export_dtype)
+    export = out.model.export
+    if export.get("dtype") == "float32" and export.get("update_kept_in_model_dtype", 1.0) < 1.0:
+        console.warn(f"round {r}'s model keeps {export['update_kept_in_model_dtype']:.1%} of its update in "
+                     "model.dtype, so it was saved and is evaluated in float32: twice the memory of "
+                     "bf16 per replica (30 GB for a 7B model); on smaller GPUs set "
+                     "finetune.export_dtype=model")
     out.evaluation = evaluation(cfg, run, at + "eval_spd.json", f"evaluation of round {r}'s model",
                                 "greedy, projection off", task.eval_splits,
                                 model_path=out.model.path, dtype=out.model.export.get("dtype"),
