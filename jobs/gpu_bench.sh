@@ -13,7 +13,7 @@
 # Extra arguments go to every jobs/bench.py call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}  # images without `python`
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 LAYERS=${LAYERS:-24}

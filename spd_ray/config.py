@@ -258,13 +258,21 @@ class GenerationConfig:
     replicas_max: int = 2
     cpus_per_replica: float = 0.5  # fractional on CPU: a pool that takes every CPU starves the reader
     gpus_per_replica: float = 0.0  # vllm: a whole number, at least tensor_parallel_size
+    # how long the pool's first replicas_min replicas may take to start (placed, model loaded;
+    # an autoscaler adding GPU nodes takes minutes) before the stage stops and says what it asked
+    start_timeout_s: float = 1800.0
     # vllm only. The engine fills its batch from the prompts of one call: give it large blocks
     vllm_batch_size: int = 2048
-    max_prompt_tokens: int = 1024  # the prompt part of vLLM's context (max_model_len)
-    max_model_len: int | None = None  # None: max_prompt_tokens + the run's max_new_tokens
+    # None: the longest prompt (measured on the driver) + the run's max_new_tokens; set: that
+    # context, refused where a prompt would not fit
+    max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9  # vLLM's share of its GPU (weights + KV cache)
     enforce_eager: bool = False  # True: no CUDA graphs (less memory, slower decoding)
     tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    # VLLM_BATCH_INVARIANT=1 on GPUs of compute capability 8.0+: a row's sample depends on its
+    # seed alone, at a cost (every matmul in Triton kernels on A100/A10G/L4, slower
+    # tensor-parallel communication); stage 2's resume needs only one completion per row
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.backend != "vllm":
@@ -278,11 +286,6 @@ class GenerationConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"generation.gpu_memory_utilization={self.gpu_memory_utilization}: "
                               "a fraction of the GPU's memory, in (0, 1], e.g. 0.9")
-
-    def vllm_max_model_len(self, max_new_tokens: int) -> int:
-        """vLLM's context: max_model_len, or the prompt limit plus the tokens to generate
-        (vLLM otherwise takes the model's whole context, 131k tokens for Llama-3.1)."""
-        return self.max_model_len or self.max_prompt_tokens + max_new_tokens
 
 
 @dataclass
@@ -326,6 +329,11 @@ class FinetuneConfig:
     # many times; preemptions (spot nodes taken back) are retried without limit
     max_failures: int = 3
     export: Literal["merged", "adapter"] = "merged"  # LoRA: merge into the weights, or save the adapter
+    # a merged LoRA model's dtype, merged in float32: "auto" keeps model.dtype where that keeps
+    # >= 99% of the update (bf16 rounds a per-element update below half an ulp of its weight
+    # away, ~6e-5 for weights of 0.02; the paper's lr gives ~1e-5), else float32, which the
+    # evaluation then runs in (twice bf16's memory); "model": model.dtype whatever it loses
+    export_dtype: Literal["auto", "model", "float32"] = "auto"
 
 
 @dataclass
@@ -502,17 +510,42 @@ def _read_yaml(path: Path) -> Any:
     return loaded
 
 
+BASE_KEY = "base"  # a config file's include: `base: <file, relative to this one>`
+
+
+def _read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with its `base:` file (and that file's base, ...) loaded first
+    and this file's keys deep-merged over it: a variant keeps only its differences."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config files include each other in a cycle ({chain}); remove the "
+                          f"`{BASE_KEY}:` line of one of them")
+    loaded = _read_yaml(path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY}={base!r} must be the path of another config file, "
+                          "relative to this one (e.g. base: ../qwen2.5-7b-gsm8k.yaml)")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: {base} names no file ({base_path}); the path is "
+                          "relative to the file that names it")
+    return deep_merge(_read_config_file(base_path, (*seen, path)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SPDConfig:
-    """Defaults <- YAML file <- `key=value` overrides, checked against the dataclasses."""
+    """Defaults <- YAML file (after the file it names as `base:`, if any) <- `key=value`
+    overrides, checked against the dataclasses."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
-        loaded = _read_yaml(path)
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = loaded
+        data = _read_config_file(path)
     for item in overrides:
         data = deep_merge(data, _parse_override(item))
     return _build(SPDConfig, data)

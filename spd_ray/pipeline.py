@@ -25,7 +25,7 @@ from spd_ray.core.modeling import load_tokenizer
 from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
 from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
 from spd_ray.stages.finetune import FinetuneResult, distill
-from spd_ray.stages.generate import GenerationResult, Projection, self_generate
+from spd_ray.stages.generate import GenerationResult, Projection, context_length, self_generate
 from spd_ray.tasks.labels import LabelReport, label_report
 from spd_ray.tasks.task import Task, load_task
 from spd_ray.tracking import Tracker
@@ -76,9 +76,12 @@ class PipelineResult:
         return {name: result.metrics for name, result in self.results().items()}
 
     def to_dict(self) -> dict:
-        """What metrics.json holds: the evaluations, each round's corpus and subspace folder."""
+        """What metrics.json holds: the evaluations, each round's corpus, fine-tuning (the
+        exported dtype, the share of the update its weights keep, the rows cut to
+        finetune.max_length) and subspace folder."""
         return {"eval": self.evaluations(),
                 "corpus": {r.round: dataclasses.asdict(r.corpus) for r in self.rounds if r.corpus},
+                "finetune": {r.round: r.model.to_dict() for r in self.rounds if r.model},
                 "subspaces": {r.round: str(r.subspace.path) for r in self.rounds if r.subspace}}
 
 
@@ -96,6 +99,10 @@ def run_pipeline(cfg: SPDConfig, task: Task, run: artifacts.RunDir, tracker: Tra
         if not train:
             break
         model = dataclasses.replace(cfg.model, path=str(rnd.model.path))
+        kept = rnd.model.export.get("update_kept_in_model_dtype", 1.0)
+        if r < cfg.run.rounds and kept < 1.0:  # the next round loads it in model.dtype
+            console.warn(f"round {r + 1} starts from round {r}'s model in model.dtype, which keeps "
+                         f"{kept:.1%} of round {r}'s update (metrics.json: finetune.{r}.export)")
     tracker.log({f"eval/{m}/{k}": v for m, vals in result.evaluations().items() for k, v in vals.items()})
     return result
 
@@ -124,10 +131,18 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, task: Task, tracker
     generations, out.corpus = generation_stage(cfg, run, task, projection, at, tracker, made_from)
     # 4. distillation: the original model fine-tuned on its own projected completions
     out.model = distillation_stage(cfg, run, generations, at, tracker, base + [at + "generations"])
-    # 5. evaluation: greedy, projection off
+    # 5. evaluation: greedy, projection off, in the dtype the model was saved in (float32 where
+    # model.dtype would round the update away: FinetuneConfig.export_dtype)
+    export = out.model.export
+    if export.get("dtype") == "float32" and export.get("update_kept_in_model_dtype", 1.0) < 1.0:
+        console.warn(f"round {r}'s model keeps {export['update_kept_in_model_dtype']:.1%} of its update in "
+                     "model.dtype, so it was saved and is evaluated in float32: twice the memory of "
+                     "bf16 per replica (30 GB for a 7B model); on smaller GPUs set "
+                     "finetune.export_dtype=model")
     out.evaluation = evaluation(cfg, run, at + "eval_spd.json", f"evaluation of round {r}'s model",
                                 "greedy, projection off", task.eval_splits,
-                                model_path=out.model.path, inputs=[at + "model"])
+                                model_path=out.model.path, dtype=out.model.export.get("dtype"),
+                                inputs=[at + "model"])
     return out
 
 
@@ -199,10 +214,11 @@ def distillation_stage(cfg: SPDConfig, run: artifacts.RunDir, generations: Gener
 
 def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how: str, splits,
                projection: Projection | None = None, *, model_path: Path | None = None,
-               inputs: list[str] = ()) -> EvalResult:
+               dtype: str | None = None, inputs: list[str] = ()) -> EvalResult:
     """The evaluation artifact `name` of `cfg.model` (or of the model at `model_path`, made from
-    it) as a stage of the console."""
-    model = cfg.model if model_path is None else dataclasses.replace(cfg.model, path=str(model_path))
+    it, run in `dtype` where given: the dtype it was saved in) as a stage of the console."""
+    model = cfg.model if model_path is None else dataclasses.replace(
+        cfg.model, path=str(model_path), dtype=dtype or cfg.model.dtype)
     n = sum(len(items) for items in splits.values())
     with console.stage(title, f"{how}, {n} items in {len(splits)} splits") as st:
         with run.stage(name, cfg, inputs=inputs) as art:
@@ -216,8 +232,9 @@ def evaluation(cfg: SPDConfig, run: artifacts.RunDir, name: str, title: str, how
 def prepare(cfg: SPDConfig) -> tuple[SPDConfig, Task, LabelReport]:
     """Everything that can be wrong before any work: the config (`checks.check`), then, with the
     model as a folder (`base_model`), the task's data (`load_task`: calibration examples,
-    training prompts, evaluation splits) and, where stage 1 will run, its calibration labels (the
-    report shows what the loss will look at). Returns the config the run uses (a GGUF model.path
+    training prompts, evaluation splits), where stage 1 will run, its calibration labels (the
+    report shows what the loss will look at), and the longest prompts' context
+    (`stages.generate.context_length`). Returns the config the run uses (a GGUF model.path
     replaced by its folder), the task and the label report."""
     checks.check(cfg)
     cfg = base_model(cfg)
@@ -225,6 +242,10 @@ def prepare(cfg: SPDConfig) -> tuple[SPDConfig, Task, LabelReport]:
     labels = label_report(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), task.calibration)
     if cfg.generation.project or cfg.evaluation.project:
         labels.require_labels(cfg.task.domain)
+    # the longest prompts with the tokens to generate fit the model (and a set max_model_len)
+    context_length(cfg.model, cfg.generation, task.train_prompts, cfg.generation.max_new_tokens)
+    context_length(cfg.model, cfg.generation, [it.prompt for items in task.eval_splits.values() for it in items],
+                   cfg.evaluation.max_new_tokens)
     return cfg, task, labels
 
 

@@ -48,6 +48,32 @@ def test_yaml_unknown_key_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_config_file_includes_its_base_and_keeps_only_the_differences(tmp_path):
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "root.yaml").write_text("finetune: {lr: 3.0e-4, epochs: 2}\nrun: {name: root}\n")
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\nfinetune: {epochs: 3, batch_size: 2}\n")
+    leaf = tmp_path / "variants" / "leaf.yaml"
+    leaf.write_text("base: ../mid.yaml\nfinetune: {batch_size: 1}\n")  # relative to this file
+    cfg = load_config(leaf, ["finetune.epochs=4"])
+    assert (cfg.finetune.lr, cfg.finetune.epochs, cfg.finetune.batch_size) == (3e-4, 4, 1)
+    assert cfg.run.name == "root" and cfg.finetune.lora_r == SPDConfig().finetune.lora_r  # merged, not replaced
+    assert load_config(tmp_path / "mid.yaml").finetune.epochs == 3
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"in a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"),
+    ({"a.yaml": "base: a.yaml\n"}, "in a cycle"),
+    ({"a.yaml": "base: missing.yaml\nrun: {}\n"}, r"base: missing.yaml names no file .*relative to the file"),
+    ({"a.yaml": "base: [b.yaml]\n"}, "must be the path of another config file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "finetune: {learning_rate: 1}\n"}, "finetune.learning_rate"),
+])
+def test_a_bad_base_is_refused_with_the_fix(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.yaml")
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
@@ -80,12 +106,8 @@ def test_vllm_settings_that_cannot_work_are_refused(overrides, message):
         load_config(None, overrides)
 
 
-def test_vllm_context_is_the_prompt_limit_plus_the_new_tokens_unless_set():
-    gen = load_config(None, ["generation.backend=vllm", "generation.gpus_per_replica=1"]).generation
-    assert gen.vllm_max_model_len(256) == 1024 + 256
-    gen.max_model_len = 4096
-    assert gen.vllm_max_model_len(256) == 4096
-    load_config(None, ["generation.gpus_per_replica=0.5"])  # fractions are fine on the HF backend
+def test_fractions_of_a_gpu_are_fine_on_the_hf_backend():
+    load_config(None, ["generation.gpus_per_replica=0.5"])
 
 
 def test_an_unknown_scorer_lists_the_built_in_ones():

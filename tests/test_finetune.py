@@ -29,6 +29,22 @@ def test_examples_and_padding(testbed_tokenizer):
         build_examples(tok, ["a"], ["b"], max_length=8, loss_on="prompt")
 
 
+def test_a_long_row_loses_the_start_of_its_prompt_not_its_completion(testbed_tokenizer):
+    tok = testbed_tokenizer
+    passage = "Question: " + " ".join(f"word{i}" for i in range(200)) + "\nAnswer:"
+    completion = " The answer is 7.\n#### 7"
+    n_completion = len(tok(completion + tok.eos_token)["input_ids"])
+    row = build_examples(tok, [passage], [completion], max_length=48, loss_on="completion")[0]
+    assert len(row["input_ids"]) == 48 and row["prompt_cut"] > 0 and row["completion_cut"] == 0
+    assert tok.decode(row["input_ids"]).endswith(completion + tok.eos_token)  # the completion, whole
+    learned = [t for t in row["labels"] if t != -100]
+    assert len(learned) >= n_completion - 1 and tok.decode(learned).endswith("#### 7" + tok.eos_token)
+    short = build_examples(tok, ["Q: 1?\nA:"], [completion], max_length=48)[0]
+    assert short["prompt_cut"] == short["completion_cut"] == 0
+    alone = build_examples(tok, ["Q:"], [completion * 20], max_length=16)[0]  # a completion too long alone
+    assert len(alone["input_ids"]) == 16 and alone["completion_cut"] > 0
+
+
 def test_cosine_schedule_with_half_epoch_warmup():
     model = torch.nn.Linear(2, 2)
     cfg = FinetuneConfig(lr=1.0, warmup_epochs=0.5)

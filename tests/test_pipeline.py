@@ -87,6 +87,10 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_reuses_everything(tmp_path):
         assert set(metrics["eval"]["base"]) == set(metrics["eval"]["spd"]) >= {"math/test/accuracy",
                                                                               "code/transfer/nll"}
         assert 0 <= metrics["corpus"]["1"]["accuracy"] <= 1 and metrics["corpus"]["1"]["n"] == 4
+        # the testbed's full fine-tuning, saved in fp32 on CPU; no row is cut (the LoRA export's
+        # share kept: tests/test_stage_finetune.py)
+        assert metrics["finetune"]["1"]["export"] == {"dtype": "float32"}
+        assert metrics["finetune"]["1"]["rows_cut"] == {"rows": 4, "prompt_cut": 0, "completion_cut": 0}
         prompts = pq.read_table(run / "generations").column("prompt").to_pylist()
         assert len(prompts) == 4 and all(any(r["question"] in p for r in GSM8K_TRAIN) for p in prompts)
         assert json.loads((run / "subspace/subspace.json").read_text())["meta"]["layers"] == [5, 3]

@@ -63,7 +63,8 @@ def test_stage2_samples_do_not_depend_on_replicas_and_fold_equals_hooks(local_ra
     def run(replicas: int, apply: str):
         g = dataclasses.replace(gen, replicas_min=replicas, replicas_max=replicas)
         projection = Projection(str(tmp_path / "subspace"), apply=apply)
-        out = generate_dataset(ray.data.from_items(rows), cfg.model, g, projection=projection).take_all()
+        out = generate_dataset(ray.data.from_items(rows), cfg.model, g, context=512,
+                               projection=projection).take_all()
         return {r["id"]: r["completion"] for r in out}
 
     one, two = run(1, "fold"), run(2, "fold")
@@ -77,10 +78,10 @@ def test_stage2_a_killed_replica_is_restarted_and_the_samples_are_the_same(local
     rows = sampling_rows([it.prompt for it in make_split("math", "train", 24)], 1, seed=7)
     gen = dataclasses.replace(cfg.generation, max_new_tokens=24, batch_size=2, replicas_min=2, replicas_max=2)
     start = time.monotonic()
-    whole = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    whole = generate_dataset(ray.data.from_items(rows), cfg.model, gen, context=512).take_all()
     t_whole, start = time.monotonic() - start, time.monotonic()
     killed = _kill_soon(b"MapBatches(Generator)", after_s=0.5)
-    cut = generate_dataset(ray.data.from_items(rows), cfg.model, gen).take_all()
+    cut = generate_dataset(ray.data.from_items(rows), cfg.model, gen, context=512).take_all()
     print(f"faults: a replica killed, uninterrupted {t_whole:.0f} s, with the kill {time.monotonic() - start:.0f} s")
     assert killed, "no generation replica was seen"
     assert sorted(r["id"] for r in cut) == sorted(r["id"] for r in rows)  # every row exactly once
@@ -148,14 +149,69 @@ def test_folded_checkpoint_for_vllm_matches_hooks(local_ray, cfg, tmp_path, test
     # backend=vllm with a subspace (stage 2, and evaluation's inference-only arm): generate_dataset
     # folds beside the subspace itself, in the dtype vLLM runs (auto: bfloat16 on its GPU)
     vllm = dataclasses.replace(cfg.generation, backend="vllm", gpus_per_replica=1)
-    generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm,
+    generate_dataset(ray.data.from_items([{"prompt": "x"}]), cfg.model, vllm, context=512,
                      projection=Projection(str(subspace)))
     assert AutoConfig.from_pretrained(tmp_path / "subspace.folded-both").dtype == torch.bfloat16
     try:
         import vllm as _  # noqa: F401
     except ImportError:  # here (no vLLM): the replica's error says what to install
-        with pytest.raises(ImportError, match=r"spd-ray\[vllm\]"):
-            VLLMGenerator(out, cfg.model, vllm, greedy=True, max_new_tokens=4)
+        with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]' in the clone"):
+            VLLMGenerator(out, cfg.model, vllm, greedy=True, max_new_tokens=4, context=512)
+
+
+def test_the_context_is_measured_from_the_prompts_and_sizes_every_backend(cfg):
+    from spd_ray.config import ConfigError
+    from spd_ray.stages.generate import context_length
+
+    tok = load_tokenizer(cfg.model.path)
+    prompts = ["Question: 1 + 1?\nAnswer:", "Question: " + "a b c " * 40 + "?\nAnswer:"]
+    longest = max(len(tok(p)["input_ids"]) for p in prompts)
+    assert context_length(cfg.model, cfg.generation, prompts, 64) == longest + 64  # hf
+    vllm = dataclasses.replace(cfg.generation, backend="vllm", gpus_per_replica=1)
+    assert context_length(cfg.model, vllm, prompts, 64) == longest + 64  # the engine's max_model_len
+    with pytest.raises(ConfigError, match=rf"generation.max_model_len=100 is shorter than the longest "
+                                          rf"prompt \({longest} tokens\) plus 64 new tokens: set "
+                                          rf"generation.max_model_len={longest + 64}"):
+        context_length(cfg.model, dataclasses.replace(vllm, max_model_len=100), prompts, 64)
+    assert context_length(cfg.model, dataclasses.replace(vllm, max_model_len=2000), prompts, 64) == 2000
+    with pytest.raises(ConfigError, match=r"more than the 512 positions of .*lower generation.max_new_tokens"):
+        context_length(cfg.model, cfg.generation, prompts, 512)  # the testbed's window: 512
+
+
+def test_the_vllm_engine_gets_the_context_and_is_shut_down_with_its_actor(local_ray, cfg, monkeypatch):
+    """vLLM itself needs a GPU: a stand-in module records what the replica asks of it."""
+    import sys
+    import types
+
+    from spd_ray.stages.generate import VLLMGenerator
+
+    made, shut = [], []
+    fake = types.ModuleType("vllm")
+
+    class LLM:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            core = types.SimpleNamespace(shutdown=lambda: shut.append(True))
+            self.llm_engine = types.SimpleNamespace(engine_core=core)
+
+    fake.LLM, fake.SamplingParams = LLM, dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    vllm = dataclasses.replace(cfg.generation, backend="vllm", gpus_per_replica=1)
+    replica = VLLMGenerator("ckpt", cfg.model, vllm, greedy=True, max_new_tokens=8, context=700)
+    assert made[0]["max_model_len"] == 700 and "VLLM_BATCH_INVARIANT" not in os.environ  # off by default
+    del replica  # what Ray Data's graceful actor exit does (__ray_shutdown__ drops the UDF)
+    assert shut == [True]
+
+
+def test_a_pool_whose_replicas_cannot_start_stops_with_the_setting(local_ray, cfg):
+    from spd_ray.stages.generate import pool_started
+
+    gen = dataclasses.replace(cfg.generation, gpus_per_replica=1, start_timeout_s=3)  # no GPU here
+    ds = generate_dataset(ray.data.from_items([{"id": "0", "prompt": "x"}]), cfg.model, gen, context=64, greedy=True)
+    with pytest.raises(RuntimeError, match=r"first 1 replicas \(0.5 CPUs, 1 GPUs each\) did not start in "
+                                           r"generation.start_timeout_s=3 s"), pool_started(gen):
+        ds.take_all()
 
 
 @pytest.mark.faults

@@ -209,6 +209,79 @@ def test_lora_zero3_merged_and_adapter_exports(local_ray, dataset_rows, tmp_path
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0
 
 
+def test_one_worker_without_zero_trains_lora_in_bf16_and_exports(local_ray, dataset_rows, tmp_path):
+    """What the 0.5B and one-GPU paper configs run: one worker, no ZeRO, bf16, LoRA."""
+    cfg = _cfg(method="lora", lr=1e-3, epochs=1.0, num_workers=1, zero_stage=0, gradient_checkpointing=True)
+    out = tmp_path / "zero0"
+    history = finetune_on_ray(ModelConfig(str(TESTBED_MODEL), dtype="bfloat16"), cfg, ray.data.from_items(dataset_rows),
+                              out, run_name="zero0", storage_path=str(tmp_path / "storage"))
+    assert len(history) == 8 and all(0 < h["loss"] < 20 and h["grad_norm"] == h["grad_norm"] for h in history)
+    export = json.loads((out / finetune.EXPORT_FILE).read_text())
+    assert 0 < export["update_kept_in_model_dtype"] < 1  # bf16 would have lost some of it
+    weights, base = _plain(out), _plain(str(TESTBED_MODEL))
+    changed = [k for k in base if not torch.equal(weights[k], base[k])]
+    assert changed and all(".self_attn." in k for k in changed)
+
+
+def _lora_state_dict(rms: float) -> dict:
+    """The state dict stage 3's ZeRO-3 export gathers from a LoRA run in bf16 (peft keeps the
+    adapters in fp32), with each layer's update B A * alpha/r of `rms` per element: 1e-5 is the
+    size of the paper's lr on its short runs."""
+    from spd_ray.core.modeling import from_pretrained
+    from spd_ray.core.recipe import prepare_model
+
+    torch.manual_seed(0)
+    net = prepare_model(from_pretrained(str(TESTBED_MODEL), torch.bfloat16), _cfg(method="lora", lora_r=8))
+    for module in net.modules():
+        if hasattr(module, "lora_A"):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.data, b.data = torch.randn_like(a), torch.randn_like(b)
+            delta = module.get_delta_weight("default")
+            b.data *= rms / delta.pow(2).mean().sqrt()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _update_kept_by(path: Path, state: dict) -> float:
+    """The share of the LoRA update in `state` that the model saved in `path` keeps (its weights
+    read as saved), measured against the base weights and the update merged in float64."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "model.safetensors"))
+    dot = norm = 0.0
+    for key, base in state.items():
+        if key.endswith(".base_layer.weight"):
+            prefix = key.removesuffix(".base_layer.weight")
+            a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
+            true = b @ a  # alpha / r = 1
+            name = prefix.removeprefix("base_model.model.") + ".weight"
+            got = saved[name].double() - base.double()
+            dot, norm = dot + float((got * true).sum()), norm + float((true * true).sum())
+    return dot / norm
+
+
+@pytest.mark.parametrize("rms", [1e-5, 1e-3])
+def test_a_lora_update_of_the_papers_size_survives_the_bf16_export(rms, tmp_path):
+    """Merged in bf16, an update of 1e-5 per element mostly rounds back to the weights; merged
+    in fp32 and saved in fp32 where bf16 would not keep it, the exported model keeps it all, and
+    export.json says so. An update bf16 keeps is saved in bf16, the model's dtype."""
+    state = _lora_state_dict(rms)
+    model = ModelConfig(str(TESTBED_MODEL), dtype="bfloat16")
+    cfg = _cfg(method="lora", lora_r=8)
+    finetune._export(cfg, model, state, tmp_path / "auto", torch.bfloat16)
+    export = json.loads((tmp_path / "auto" / finetune.EXPORT_FILE).read_text())
+    finetune._export(dataclasses.replace(cfg, export_dtype="model"), model, state, tmp_path / "bf16", torch.bfloat16)
+    in_bf16 = _update_kept_by(tmp_path / "bf16", state)
+    assert export["update_kept_in_model_dtype"] == pytest.approx(in_bf16, abs=1e-3)
+    if rms == 1e-5:
+        assert in_bf16 < 0.5  # what a bf16 export kept before: most of the update rounded away
+        assert export["dtype"] == "float32" and export["update_kept"] == 1.0
+        assert _update_kept_by(tmp_path / "auto", state) > 0.999
+    else:
+        assert export["dtype"] == "bfloat16" and export["update_kept"] == pytest.approx(in_bf16, abs=1e-6)
+        assert in_bf16 > 0.99
+        assert _update_kept_by(tmp_path / "auto", state) == pytest.approx(in_bf16, abs=1e-6)
+
+
 def _train_workers() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

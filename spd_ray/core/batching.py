@@ -32,3 +32,11 @@ def padded_batch(ids: Sequence, labels: Sequence, pad: int, width: int | None = 
     return {"input_ids": right_pad(ids, pad, width),
             "attention_mask": right_pad([[1] * len(row) for row in ids], 0, width),
             "labels": right_pad(labels, -100, width)}
+
+
+def rows_that_fit(free_bytes: int, bytes_per_token: int, tokens_per_row: int, requested: int,
+                  share: float = 0.8) -> int:
+    """How many rows of `tokens_per_row` tokens decode at once within `share` of `free_bytes`
+    (the rest: the allocator's slack), at most `requested`, at least 1, at `bytes_per_token`
+    per token of each row (`core.modeling.bytes_per_token`)."""
+    return max(1, min(requested, int(free_bytes * share) // max(1, bytes_per_token * tokens_per_row)))

@@ -106,6 +106,22 @@ def config_kv_dim(path: str, trust_remote_code: bool = False) -> int:
     return int((getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim)
 
 
+def context_window(path: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the model was made for (max_position_embeddings), None if unstated."""
+    value = getattr(_text_config(path, trust_remote_code), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def bytes_per_token(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """The memory one token of a decoding row takes, in `dtype`: its K and V in every layer,
+    plus what one layer holds for it while the row's prompt is prefilled (the MLP's two
+    intermediate projections and a few hidden states), the larger part for a 7B model."""
+    c = _text_config(path, trust_remote_code)
+    kv = num_layers(path, trust_remote_code) * 2 * config_kv_dim(path, trust_remote_code)
+    prefill = 2 * (getattr(c, "intermediate_size", None) or 4 * c.hidden_size) + 4 * c.hidden_size
+    return (kv + prefill) * torch.finfo(dtype).bits // 8
+
+
 def _resolve_source(path: str) -> str:
     """A local folder (checked at once, so a typo fails fast) or a hub id."""
     p = Path(path).expanduser()

@@ -18,18 +18,30 @@ from spd_ray.core.batching import padded_batch, right_pad
 
 def build_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
                    max_length: int, loss_on: str = FinetuneConfig.loss_on) -> list[dict]:
-    """Token ids and labels per (prompt, completion); `loss_on=completion` masks the prompt."""
+    """Token ids and labels per (prompt, completion); `loss_on=completion` masks the prompt.
+
+    A row longer than `max_length` loses the start of its prompt (after the tokens the
+    tokenizer puts before any text, e.g. BOS), not its completion, which is what stage 3
+    distills; only a completion that alone exceeds `max_length` is cut at its end. Each row
+    says how many tokens it lost: `prompt_cut`, `completion_cut`."""
+    if loss_on not in ("all", "completion"):
+        raise ValueError(f"finetune.loss_on={loss_on!r}; valid values: ['all', 'completion']")
     eos = tokenizer.eos_token or ""
+    head = len(tokenizer("")["input_ids"])  # BOS and the like, kept at the start
     rows = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        ids = tokenizer(prompt + completion + eos, truncation=True, max_length=max_length)["input_ids"]
+        ids = tokenizer(prompt + completion + eos)["input_ids"]
+        n_prompt = min(len(tokenizer(prompt)["input_ids"]), len(ids))
+        prompt_cut = min(max(0, len(ids) - max_length), n_prompt - head)
+        ids = ids[:head] + ids[head + prompt_cut:]
+        n_prompt -= prompt_cut
+        completion_cut = max(0, len(ids) - max_length)
+        ids = ids[:max_length]
         labels = list(ids)
         if loss_on == "completion":
-            n_prompt = min(len(tokenizer(prompt)["input_ids"]), len(ids))
-            labels[:n_prompt] = [-100] * n_prompt
-        elif loss_on != "all":
-            raise ValueError(f"finetune.loss_on={loss_on!r}; valid values: ['all', 'completion']")
-        rows.append({"input_ids": ids, "labels": labels})
+            labels[:n_prompt] = [-100] * min(n_prompt, len(ids))
+        rows.append({"input_ids": ids, "labels": labels, "prompt_cut": prompt_cut,
+                     "completion_cut": completion_cut})
     return rows
 
 

@@ -19,7 +19,13 @@ import ray
 from spd_ray import console, data
 from spd_ray.config import EvalConfig, GenerationConfig, ModelConfig
 from spd_ray.core.modeling import load_tokenizer
-from spd_ray.stages.generate import Projection, generate_dataset, load_projected
+from spd_ray.stages.generate import (
+    Projection,
+    context_length,
+    generate_dataset,
+    load_projected,
+    pool_started,
+)
 from spd_ray.tasks.evaluation import (
     accuracy_splits,
     answer_logprobs,
@@ -102,9 +108,10 @@ def evaluate_on_ray(model: ModelConfig, ev: EvalConfig, splits: dict[str, list[I
     greedy = dataclasses.replace(gen, batch_size=ev.batch_size)
     done = []
     if rows:
-        ds = generate_dataset(ray.data.from_items(rows), model, greedy, greedy=True,
+        context = context_length(model, greedy, [r["prompt"] for r in rows], ev.max_new_tokens)
+        ds = generate_dataset(ray.data.from_items(rows), model, greedy, context=context, greedy=True,
                               projection=projection, max_new_tokens=ev.max_new_tokens)
-        with console.progress("generating", len(rows), unit="completions") as bar:
+        with pool_started(greedy), console.progress("generating", len(rows), unit="completions") as bar:
             done = list(bar.count(ds.iter_rows()))
     by_id = {r["id"]: r["completion"] for r in done}
     completions = {name: [by_id[f"{name}#{i}"] for i in range(len(splits[name]))] for name in scored}

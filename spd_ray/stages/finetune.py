@@ -62,6 +62,7 @@ from spd_ray.stages.deepspeed import DeepSpeedStrategy, deepspeed_config, resolv
 
 HISTORY_FILE = "train_history.jsonl"
 SUMMARY_FILE = "train_summary.json"
+EXPORT_FILE = "export.json"  # the saved dtype and the share of the update kept
 
 
 def training_deepspeed_config(cfg: FinetuneConfig, dtype: torch.dtype,
@@ -116,13 +117,36 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+# the share of the LoRA update a merged model must keep in model.dtype to be saved in it
+# (export_dtype=auto); below, it is saved in float32
+UPDATE_KEPT_ENOUGH = 0.99
+
+
+def update_kept(before: dict, after: dict, dtype: torch.dtype) -> float:
+    """How much of the update `after - before` (float32 weights by name) the weights keep once
+    stored in `dtype`: the saved update's component along the true one, sum <saved, true> /
+    sum |true|^2 (1: all of it; 0: rounded away). A bf16 weight of magnitude 0.02 has an ulp of
+    1.2e-4, so per-element updates of the paper's lr (~1e-5) mostly round back to the weight."""
+    dot = norm = 0.0
+    for name, weight in after.items():
+        true = weight - before[name]
+        dot += float((true * (weight.to(dtype).float() - before[name])).sum())
+        norm += float((true * true).sum())
+    return dot / norm if norm else 1.0
+
+
 def _export(cfg: FinetuneConfig, model: ModelConfig, state_dict: dict, output_dir: Path, dtype) -> None:
     """Rank 0: the consolidated weights into a plain model, saved as HF model or peft adapter
-    (a model with its own code: with that code, which save_pretrained copies)."""
+    (a model with its own code: with that code, which save_pretrained copies). LoRA is merged
+    in float32 and saved in `dtype` (model.dtype) where that keeps the update, else in float32
+    (`finetune.export_dtype`); `EXPORT_FILE` says which, and how much of the update the saved
+    weights keep."""
     from spd_ray.core.modeling import from_pretrained, load_tokenizer
     from spd_ray.core.recipe import finished_model, prepare_model
 
-    net = prepare_model(from_pretrained(model.path, dtype, model.trust_remote_code), cfg)
+    merge = cfg.method == "lora" and cfg.export == "merged"
+    net = prepare_model(from_pretrained(model.path, torch.float32 if merge else dtype,
+                                        model.trust_remote_code), cfg)
     expected = net.state_dict()
     bad = [k for k, v in state_dict.items()
            if k in expected and v.numel() != expected[k].numel()]
@@ -130,10 +154,27 @@ def _export(cfg: FinetuneConfig, model: ModelConfig, state_dict: dict, output_di
         raise RuntimeError(f"consolidated weights have wrong sizes (partitioned?): {bad[:5]}")
     net.load_state_dict(state_dict, strict=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    export = {"dtype": str(dtype).removeprefix("torch.")}
     if cfg.method == "lora" and cfg.export == "adapter":
         net.save_pretrained(str(output_dir))  # adapter_config.json + adapter weights
+    elif merge:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # the LoRA layers' weights before and after the merge, by their name in the merged model
+        layers = {n.removeprefix("base_model.model."): m for n, m in net.named_modules()
+                  if isinstance(m, BaseTunerLayer)}
+        before = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+        merged = finished_model(net)
+        after = {n: merged.get_submodule(n).weight.detach() for n in layers}
+        kept = update_kept(before, after, dtype)
+        save = dtype if cfg.export_dtype == "model" or (cfg.export_dtype == "auto" and kept >= UPDATE_KEPT_ENOUGH) \
+            else torch.float32
+        export = {"dtype": str(save).removeprefix("torch."), "update_kept": 1.0 if save == torch.float32 else kept,
+                  "update_kept_in_model_dtype": kept}
+        merged.to(save).save_pretrained(str(output_dir))
     else:
         finished_model(net).save_pretrained(str(output_dir))
+    (output_dir / EXPORT_FILE).write_text(json.dumps(export))
     load_tokenizer(model.path, model.trust_remote_code).save_pretrained(str(output_dir))
 
 
@@ -345,14 +386,14 @@ def _training_rows(dataset):
                                   else ["prompt", "completion"]).materialize()
 
 
-def _save_results(result, output_dir: Path, n_rows: int, plan: dict) -> list[dict]:
+def _save_results(result, output_dir: Path, n_rows: int, plan: dict, cut: dict) -> list[dict]:
     """Write the per-step history and the summary of a finished Ray Train run into `output_dir`;
     returns the history."""
     metrics = dict(result.metrics or {})
     history = metrics.pop("history", [])
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-    summary = {**metrics, "n_rows": n_rows, "plan": plan,
+    summary = {**metrics, "n_rows": n_rows, "plan": plan, "rows_cut": cut,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return history
@@ -379,11 +420,12 @@ def finetune_on_ray(model: ModelConfig, cfg: FinetuneConfig, dataset, output_dir
 
     from spd_ray.core.modeling import load_tokenizer
 
-    load_tokenizer(model.path, model.trust_remote_code)  # fails fast (and clearly) on a wrong path
+    tokenizer = load_tokenizer(model.path, model.trust_remote_code)  # fails fast (and clearly) on a wrong path
     if Path(model.path).expanduser().is_dir():
         model = dataclasses.replace(model, path=str(Path(model.path).expanduser().resolve()))
     dataset = _training_rows(dataset)
     n_rows = dataset.count()
+    cut = rows_cut(tokenizer, dataset.take_all(), cfg)
     plan = epoch_plan(n_rows, cfg.num_workers, cfg)  # errors here, not in the workers
     ds_config = training_deepspeed_config(cfg, resolve_precision(model.dtype, cfg.use_gpu), ds_overrides)
     output_dir = Path(output_dir).expanduser().resolve()
@@ -403,26 +445,58 @@ def finetune_on_ray(model: ModelConfig, cfg: FinetuneConfig, dataset, output_dir
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads it all (the loop splits)
     )
-    return _save_results(trainer.fit(), output_dir, n_rows, plan)
+    return _save_results(trainer.fit(), output_dir, n_rows, plan, cut)
+
+
+def rows_cut(tokenizer, rows: list[dict], cfg: FinetuneConfig) -> dict:
+    """How many training rows exceed `finetune.max_length` and lose the start of their prompt
+    (`core.recipe.build_examples`), and how many lose the end of their completion too; a
+    warning says so, with the setting that keeps them whole."""
+    from spd_ray.core.recipe import build_examples
+
+    examples = build_examples(tokenizer, [str(r["prompt"]) for r in rows], [str(r["completion"]) for r in rows],
+                              max_length=cfg.max_length, loss_on=cfg.loss_on)
+    cut = {"rows": len(rows), "prompt_cut": sum(e["prompt_cut"] > 0 for e in examples),
+           "completion_cut": sum(e["completion_cut"] > 0 for e in examples)}
+    if cut["prompt_cut"]:
+        console.warn(f"stage 3: {cut['prompt_cut']} of {len(rows)} rows are longer than "
+                     f"finetune.max_length={cfg.max_length} tokens and are trained without the start "
+                     f"of their prompt ({cut['completion_cut']} also without the end of their "
+                     "completion); raise finetune.max_length to keep them whole")
+    return cut
 
 
 @dataclass
 class FinetuneResult:
-    """Stage 3's outcome: the fine-tuned model in `path` and its per-step history."""
+    """Stage 3's outcome: the fine-tuned model in `path`, its per-step history, the export
+    (`EXPORT_FILE`: the saved dtype and the share of the update kept) and the rows cut to
+    `finetune.max_length`."""
     path: Path
     history: list[dict]
+    export: dict = dataclasses.field(default_factory=dict)
+    rows_cut: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> FinetuneResult:
-        lines = (Path(path) / HISTORY_FILE).read_text().splitlines()
-        return cls(Path(path), [json.loads(line) for line in lines if line])
+        path = Path(path)
+        lines = (path / HISTORY_FILE).read_text().splitlines()
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+        export = path / EXPORT_FILE  # absent in the folders of earlier versions
+        return cls(path, [json.loads(line) for line in lines if line],
+                   json.loads(export.read_text()) if export.exists() else {}, summary.get("rows_cut", {}))
+
+    def to_dict(self) -> dict:
+        """What metrics.json holds of it."""
+        return {"export": self.export, "rows_cut": self.rows_cut}
 
     def summary(self) -> str:
         if not self.history:
             return ""
         steps = self.history[-1]["step"]
+        kept = self.export.get("update_kept")
         return (f"{steps} step{'' if steps == 1 else 's'}, "
-                f"loss {self.history[0]['loss']:.4f} -> {self.history[-1]['loss']:.4f}")
+                f"loss {self.history[0]['loss']:.4f} -> {self.history[-1]['loss']:.4f}"
+                + (f", saved in {self.export['dtype']} keeping {kept:.1%} of the update" if kept is not None else ""))
 
 
 def distill(model: ModelConfig, cfg: FinetuneConfig, generations: Path, n_rows: int, out: Path,
@@ -442,10 +516,10 @@ def distill(model: ModelConfig, cfg: FinetuneConfig, generations: Path, n_rows: 
         console.echo(f"  stage 3: resuming at step {done} of {total} (from {resume_dir})")
     with console.progress("training", total, done=done, unit="steps") as bar:
         bar.poll(read)
-        history = finetune_on_ray(model, cfg, ray.data.from_arrow(data.read_corpus(generations)),
-                                  out, run_name, str(resume_dir), wandb_run_id=wandb_run_id,
-                                  progress_file=progress_file)
-    return FinetuneResult(Path(out), history)
+        finetune_on_ray(model, cfg, ray.data.from_arrow(data.read_corpus(generations)),
+                        out, run_name, str(resume_dir), wandb_run_id=wandb_run_id,
+                        progress_file=progress_file)
+    return FinetuneResult.load(out)
 
 
 def training_step(train_dir: Path, progress_file: Path):

@@ -1,20 +1,22 @@
 """Stage 2 on Ray Data: an actor pool of model replicas generates completions.
 
-Each actor loads one replica in `__init__`, with the projection folded into the weights on the
-CPU (default) or applied by hooks; rows carry their own sampling seed, so on the HF backend the
-samples do not depend on how many replicas there are or which one a row lands on (vLLM: see
-`VLLMGenerator`). Evaluation (`spd_ray.stages.evaluate`) uses the same actors with greedy
+Each actor loads one replica in `__init__`, with the projection folded into the weights (default:
+once, into a checkpoint beside the subspace that every replica loads) or applied by hooks; rows
+carry their own sampling seed, so on the HF backend the samples do not depend on how many
+replicas there are or which one a row lands on (vLLM: see `VLLMGenerator`). Evaluation (`spd_ray.stages.evaluate`) uses the same actors with greedy
 decoding and no projection (the inference-only baseline: with it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +25,12 @@ import ray
 import torch
 
 from spd_ray import console, data
-from spd_ray.config import GenerationConfig, ModelConfig, SubspaceConfig
-from spd_ray.core.batching import pad_id, right_pad
+from spd_ray.config import ConfigError, GenerationConfig, ModelConfig, SubspaceConfig
+from spd_ray.core.batching import pad_id, right_pad, rows_that_fit
 from spd_ray.core.generation import generate
 from spd_ray.core.modeling import (
+    bytes_per_token,
+    context_window,
     from_pretrained,
     load_model,
     load_tokenizer,
@@ -80,16 +84,49 @@ def load_projected(model: ModelConfig, projection: Projection | None,
     return _folded_on_cpu(model, projection, dtype).to(torch_device(model.device))
 
 
+def context_length(model: ModelConfig, gen: GenerationConfig, prompts: list[str],
+                   max_new_tokens: int) -> int:
+    """The tokens a row may take, measured on the driver before any replica starts: the
+    longest of `prompts` (tokenized as generation tokenizes them) plus `max_new_tokens`. It
+    sizes vLLM's engine (max_model_len: a prompt as long as it is refused, a longer context cut
+    short) and the HF replicas' batches, so both backends generate the same for every prompt.
+    A context beyond the model's, or `generation.max_model_len` set below it, is refused."""
+    tokenizer = load_tokenizer(model.path, model.trust_remote_code)
+    longest = max((len(ids) for ids in tokenizer(list(prompts))["input_ids"]), default=0)
+    need = longest + max_new_tokens
+    window = context_window(model.path, model.trust_remote_code)
+    if window and need > window:
+        raise ConfigError(f"the longest prompt has {longest} tokens: with {max_new_tokens} new tokens "
+                          f"that is {need}, more than the {window} positions of {model.path}; lower "
+                          "generation.max_new_tokens / evaluation.max_new_tokens, or shorten the prompts")
+    if gen.backend == "vllm" and gen.max_model_len is not None and gen.max_model_len < need:
+        raise ConfigError(f"generation.max_model_len={gen.max_model_len} is shorter than the longest "
+                          f"prompt ({longest} tokens) plus {max_new_tokens} new tokens: set "
+                          f"generation.max_model_len={need}, or leave it unset (sized from the prompts)")
+    return gen.max_model_len if gen.backend == "vllm" and gen.max_model_len else need
+
+
 class Generator:
-    """A Ray Data callable class: one model replica per actor."""
+    """A Ray Data callable class: one model replica per actor. On a GPU its rows decoding at
+    once are `gen.batch_size`, or fewer where the KV cache of rows of `context` tokens would not
+    fit in the memory the weights leave (`core.batching.rows_that_fit`)."""
 
     def __init__(self, model: ModelConfig, gen: GenerationConfig, projection: Projection | None,
-                 greedy: bool, max_new_tokens: int):
+                 greedy: bool, max_new_tokens: int, context: int):
         self._hooks = ExitStack()  # apply=hooks: the projection hooks, on for the actor's lifetime
         self.model = load_projected(model, projection, self._hooks)
         self.tokenizer = load_tokenizer(model.path, model.trust_remote_code)
         self.node = ray.get_runtime_context().get_node_id()
-        self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=gen.batch_size)
+        batch_size = gen.batch_size
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            if gen.gpus_per_replica < 1:  # replicas that share a GPU: this one's share of it
+                free = min(free, int(total * gen.gpus_per_replica) - torch.cuda.memory_allocated(device))
+            per_token = bytes_per_token(model.path, next(self.model.parameters()).dtype,
+                                        model.trust_remote_code)
+            batch_size = rows_that_fit(free, per_token, context, batch_size)
+        self.kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
         if not greedy:
             self.kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
 
@@ -111,7 +148,8 @@ BATCH_INVARIANT_CAPABILITY = 80
 
 def _batch_invariance() -> None:
     """VLLM_BATCH_INVARIANT=1 (unless the user set it) where this GPU has the kernels, before
-    vLLM reads it. NVML answers, so CUDA is not initialized before vLLM starts."""
+    vLLM reads it (generation.batch_invariant). NVML answers, so CUDA is not initialized before
+    vLLM starts."""
     from vllm.platforms import current_platform
 
     if current_platform.has_device_capability(BATCH_INVARIANT_CAPABILITY):
@@ -124,22 +162,30 @@ class VLLMGenerator:
 
     What holds for a row's sample: its `seed` keys vLLM's noise (v1/worker/gpu/sample/gumbel.py
     draws from the request's seed and position), but its logits depend on the other requests of
-    the engine's batch unless vLLM runs batch-invariant (`_batch_invariance`: GPUs of compute
-    capability 8.0 and newer). Elsewhere a retried block may sample other texts for the same
+    the engine's batch unless vLLM runs batch-invariant (`generation.batch_invariant`, off by
+    default: it routes every matmul through Triton kernels on compute capability 8.x and slows
+    tensor-parallel communication). So a retried block may sample other texts for the same
     seeds: still one per row, which is all stage 2's resume relies on (rows written are kept, the
     others generated). The HF backend is batch-invariant on CPU (tests/test_generation.py); on
-    GPU its kernels may change the last bits of the logits with a batch's padding (untested)."""
+    GPU its kernels may change the last bits of the logits with a batch's padding (untested).
+
+    The engine's context is `context` (`context_length`: the longest prompt plus the new
+    tokens). Its engine processes outlive the actor unless shut down (vLLM 0.29's `LLM` has no
+    shutdown of its own; Ray's vLLM stage shuts its engine down the same way): `__del__` does it
+    when the actor exits gracefully, which Ray Data brings about as the pool ends."""
 
     def __init__(self, checkpoint: str, model: ModelConfig, gen: GenerationConfig, greedy: bool,
-                 max_new_tokens: int):
+                 max_new_tokens: int, context: int):
         try:
-            _batch_invariance()
+            if gen.batch_invariant:
+                _batch_invariance()
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise ImportError("generation.backend=vllm needs vLLM on the generation nodes "
-                              "(pip install 'spd-ray[vllm]'); or use generation.backend=hf") from err
+                              "(pip install -e '.[vllm]' in the clone; the cluster files install "
+                              "it on GPU nodes); or use generation.backend=hf") from err
         self.llm = LLM(model=checkpoint, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                       max_model_len=gen.vllm_max_model_len(max_new_tokens),
+                       max_model_len=context,
                        gpu_memory_utilization=gen.gpu_memory_utilization,
                        enforce_eager=gen.enforce_eager, tensor_parallel_size=gen.tensor_parallel_size)
         self.params = SamplingParams
@@ -156,6 +202,10 @@ class VLLMGenerator:
         return {**batch, "completion": np.array(completions, dtype=object),
                 "node": np.array([self.node] * len(completions), dtype=object)}
 
+    def __del__(self):
+        if hasattr(self, "llm"):  # the engine core's processes, and the GPU memory they hold
+            self.llm.llm_engine.engine_core.shutdown()
+
 
 FOLD_STAMP = "spd_fold.json"  # what a folded checkpoint was made from, written last
 
@@ -166,7 +216,7 @@ FOLD_STAMP = "spd_fold.json"  # what a folded checkpoint was made from, written 
 @ray.remote(max_retries=3, max_calls=1)
 def save_folded_checkpoint(model: ModelConfig, projection: Projection, out: str) -> str:
     """A Hugging Face folder of the model with the projection folded into k_proj/v_proj, folded
-    on the CPU in the dtype vLLM will run (model.dtype on a GPU: auto = bfloat16)."""
+    on the CPU in the dtype the replicas will run (model.dtype on a GPU: auto = bfloat16)."""
     stamp = _fold_stamp(model, projection)
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     _folded_on_cpu(model, projection, resolve_dtype(model.dtype, "cuda")).save_pretrained(tmp)
@@ -200,11 +250,12 @@ def folded_checkpoint(model: ModelConfig, projection: Projection) -> str:
 
 
 def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationConfig, *,
-                     projection: Projection | None = None, greedy: bool = False,
+                     context: int, projection: Projection | None = None, greedy: bool = False,
                      max_new_tokens: int | None = None) -> ray.data.Dataset:
     """`ds` (columns prompt, id, and seed unless greedy) with `completion` and `node` (the
     replica's Ray node) columns added, K/V projected as `projection` says (None: the plain
-    model).
+    model); rows take at most `context` tokens (`context_length`). Read it inside
+    `pool_started`: a pool whose first replicas do not start in `gen.start_timeout_s` stops.
 
     With `gen.backend == "vllm"`, a projected run generates from the folded checkpoint
     (`folded_checkpoint`, beside the subspace), made here before any generation, in blocks of
@@ -214,12 +265,18 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
     if gen.backend == "vllm":
         checkpoint = model.path if projection is None else folded_checkpoint(model, projection)
         udf, kwargs = VLLMGenerator, dict(checkpoint=checkpoint, model=model, gen=gen,
-                                          greedy=greedy, max_new_tokens=max_new_tokens)
+                                          greedy=greedy, max_new_tokens=max_new_tokens, context=context)
         batch_size = gen.vllm_batch_size  # the engine schedules the block's rows itself
     else:
+        if projection is not None and projection.apply == "fold":
+            # folded once, by a CPU task, and loaded by every replica (a fold per replica holds
+            # the whole model in host RAM while it folds: 8 x 15 GB for 7B on one node)
+            dtype = resolve_dtype(model.dtype, "cuda" if gen.gpus_per_replica else model.device)
+            model = dataclasses.replace(model, dtype=str(dtype).removeprefix("torch."))
+            model, projection = dataclasses.replace(model, path=folded_checkpoint(model, projection)), None
         udf, kwargs = Generator, dict(model=model, gen=gen, projection=projection, greedy=greedy,
-                                      max_new_tokens=max_new_tokens)
-    return ds.map_batches(
+                                      max_new_tokens=max_new_tokens, context=context)
+    out = ds.map_batches(
         udf,
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
@@ -231,6 +288,27 @@ def generate_dataset(ds: ray.data.Dataset, model: ModelConfig, gen: GenerationCo
         # batch samples the same texts where the backend is batch-invariant (see
         # VLLMGenerator), and in any case gives each row exactly one completion
     )
+    # Ray Data's default (-1) waits forever for the pool's first replicas (a pool that can never
+    # be placed hangs); with a wait, their start ends in an error instead
+    out.context.wait_for_min_actors_s = gen.start_timeout_s
+    return out
+
+
+@contextmanager
+def pool_started(gen: GenerationConfig) -> Iterator[None]:
+    """Reading a `generate_dataset` pool: its replicas that did not start in time (resources the
+    cluster lacks, or a model that loads for longer) are an error naming the settings."""
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError as err:
+        if "starting actors" not in str(err):
+            raise
+        raise RuntimeError(
+            f"the generation pool's first {gen.replicas_min} replicas ({gen.cpus_per_replica:g} CPUs, "
+            f"{gen.gpus_per_replica:g} GPUs each) did not start in generation.start_timeout_s="
+            f"{gen.start_timeout_s:g} s: the cluster has {ray.cluster_resources()}; lower "
+            "generation.replicas_min / cpus_per_replica / gpus_per_replica, or raise "
+            "generation.start_timeout_s while an autoscaler adds nodes or a large model loads") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,8 +376,9 @@ def self_generate(model: ModelConfig, gen: GenerationConfig, prompts: list[str],
     if done:
         console.log(f"  {len(done)} of {len(rows)} rows already written; generating the other {len(todo)}")
     if todo:
-        ds = generate_dataset(ray.data.from_items(todo), model, gen, projection=projection)
-        with console.progress("generating", len(rows), done=len(done), unit="rows") as bar:
+        context = context_length(model, gen, prompts, gen.max_new_tokens)
+        ds = generate_dataset(ray.data.from_items(todo), model, gen, context=context, projection=projection)
+        with pool_started(gen), console.progress("generating", len(rows), done=len(done), unit="rows") as bar:
             batches = ds.iter_batches(batch_size=gen.batch_size, batch_format="pyarrow")
             data.write_parts(bar.count(batches, lambda batch: batch.num_rows), out,
                              rows_per_part=gen.batch_size * max(1, gen.replicas_max))
