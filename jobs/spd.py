@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.echo(f"  W&B {tracker.where()}")
             console.echo("\n".join(labels.lines()))  # what the calibration loss will look at
             results = run_pipeline(cfg, task, run, tracker)  # Fig. 2, per round: stages 1-3, evaluation
-            table = report.comparison_table(results.results())
+            table = report.comparison_table(results.results(), results.reference())
             (run.path / "results.md").write_text(table)
             (run.path / "metrics.json").write_text(json.dumps({**results.to_dict(), "wall_time_s": time.time() - start}, indent=1))
             tracker.finish()

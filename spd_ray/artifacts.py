@@ -35,6 +35,7 @@ DEPENDS_ON = {
     "corpus.json": ["model", "task", "calibration", "subspace", "generation", "evaluation"],
     "model": ["model", "task", "calibration", "subspace", "generation", "finetune"],
     "eval_base.json": ["model", "task", "evaluation"],
+    "eval_base_float32.json": ["model", "task", "evaluation"],  # where the trained model is evaluated in float32
     "eval_projected.json": ["model", "task", "calibration", "subspace", "evaluation"],
     "eval_spd.json": ["model", "task", "calibration", "subspace", "generation", "finetune", "evaluation"],
 }
@@ -45,6 +46,7 @@ DATA_DEPENDS_ON = {
     "corpus.json": ["calibration", "train"],
     "model": ["calibration", "train"],
     "eval_base.json": ["eval"],
+    "eval_base_float32.json": ["eval"],
     "eval_projected.json": ["calibration", "eval"],
     "eval_spd.json": ["calibration", "train", "eval"],
 }
@@ -53,6 +55,8 @@ DATA_DEPENDS_ON = {
 IGNORED = {"subspace": {"subspace": {"mode", "apply", "beta"}},  # how it is applied, not what it is
            "eval_base.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
                               "evaluation": {"project"}},
+           "eval_base_float32.json": {"task": {"calibration_loss", "n_calibration", "n_train_prompts"},
+                                      "evaluation": {"project"}},
            "corpus.json": {"evaluation": {"project"}},
            "eval_spd.json": {"evaluation": {"project"}}}
 # how often to retry and to checkpoint: never what an artifact holds

@@ -21,7 +21,7 @@ import torch
 from spd_ray import artifacts, checks, console, data, offline_by_default
 from spd_ray.config import SPDConfig
 from spd_ray.core.gguf import convert_gguf, is_gguf
-from spd_ray.core.modeling import load_tokenizer
+from spd_ray.core.modeling import load_tokenizer, resolve_dtype
 from spd_ray.stages.calibrate import SubspaceResult, capability_subspace
 from spd_ray.stages.evaluate import CorpusQuality, EvalResult, corpus_quality, evaluate_on_ray
 from spd_ray.stages.finetune import FinetuneResult, distill
@@ -49,6 +49,9 @@ class RoundResult:
     corpus: CorpusQuality | None = None
     model: FinetuneResult | None = None
     evaluation: EvalResult | None = None
+    # the base model evaluated in float32 too, where this round's model is (its update would not
+    # survive model.dtype): the like-for-like reference of its evaluation
+    base_float32: EvalResult | None = None
 
     @property
     def name(self) -> str:
@@ -62,14 +65,21 @@ class PipelineResult:
     rounds: list[RoundResult] = field(default_factory=list)
 
     def results(self) -> dict[str, EvalResult]:
-        """Every evaluation by name: base, base+projection, spd, spd_round2, ..."""
+        """Every evaluation by name: base, base+projection, spd, spd_round2, ...; and
+        `base_float32` where a round's model was evaluated in float32 (`reference`)."""
         out = {"base": self.base}
         for r in self.rounds:
+            if r.base_float32:
+                out["base_float32"] = r.base_float32
             if r.projected:
                 out["base+projection"] = r.projected
             if r.evaluation:
                 out[r.name] = r.evaluation
         return out
+
+    def reference(self) -> str:
+        """The evaluation the last round's is compared with: the base model in the same dtype."""
+        return "base_float32" if any(r.base_float32 for r in self.rounds) else "base"
 
     def evaluations(self) -> dict[str, dict[str, float]]:
         """Every evaluation's metrics by name (`results`)."""
@@ -143,6 +153,12 @@ def spd_round(cfg: SPDConfig, r: int, run: artifacts.RunDir, task: Task, tracker
                                 "greedy, projection off", task.eval_splits,
                                 model_path=out.model.path, dtype=out.model.export.get("dtype"),
                                 inputs=[at + "model"])
+    if export.get("dtype") == "float32" and resolve_dtype(cfg.model.dtype, cfg.model.device) != torch.float32:
+        # the base model in the same precision, so that the difference is the training's alone
+        fp32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+        out.base_float32 = evaluation(fp32, run, "eval_base_float32.json",
+                                      "evaluation of the base model in float32",
+                                      "greedy, projection off, as round's model is", task.eval_splits)
     return out
 
 

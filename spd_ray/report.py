@@ -198,18 +198,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def comparison_table(evaluations: dict) -> str:
+def comparison_table(evaluations: dict, reference: str | None = None) -> str:
     """Markdown: one row per evaluation metric (the first model's), one column per model, then
-    the last model's delta to the first (SPD - base) with its paired 95% interval over the
-    split's items (a bootstrap, `stats.paired_difference`) and the number of items n. Each
-    evaluation is an `EvalResult` (`metrics`, and `correct`: each item's 0/1 by split); a
-    missing value, or an interval no item-level result gives (NLL), is a dash."""
+    the last model's delta to `reference` (default the first: SPD - base) with its paired 95%
+    interval over the split's items (a bootstrap, `stats.paired_difference`) and the number of
+    items n. Each evaluation is an `EvalResult` (`metrics`, and `correct`: each item's 0/1 by
+    split); a missing value, or an interval no item-level result gives (NLL), is a dash."""
     models = list(evaluations)
-    first, last = evaluations[models[0]], evaluations[models[-1]]
+    first, last = evaluations[reference or models[0]], evaluations[models[-1]]
     rows = []
     for key in first.metrics:
         vals = [evaluations[m].metrics.get(key) for m in models]
-        delta = None if None in (vals[0], vals[-1]) or len(models) < 2 else vals[-1] - vals[0]
+        ref = first.metrics.get(key)
+        delta = None if None in (ref, vals[-1]) or len(models) < 2 else vals[-1] - ref
         split, _, kind = key.rpartition("/")
         a, b = last.correct.get(split), first.correct.get(split)
         paired = kind == "accuracy" and a is not None and b is not None and len(a) == len(b)
@@ -217,7 +218,8 @@ def comparison_table(evaluations: dict) -> str:
         shown = DASH if delta is None else f"{delta:+.3f}" + (
             f" [{interval.low:+.3f}, {interval.high:+.3f}]" if interval else "")
         rows.append([key, *map(_num, vals), shown, str(len(b)) if kind == "accuracy" and b else DASH])
-    return "\n".join(_table(["metric", *models, "delta [95% interval]", "n"], rows))
+    delta = "delta [95% interval]" if reference in (None, models[0]) else f"delta to {reference} [95% interval]"
+    return "\n".join(_table(["metric", *models, delta, "n"], rows))
 
 
 def _slug(name: str) -> str:

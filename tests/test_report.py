@@ -196,3 +196,18 @@ def test_comparison_table_gives_each_delta_its_paired_interval_and_n():
     assert lines[3] == f"| math/test/nll | 1.500 | {DASH} | {DASH} | {DASH} |"
     same = comparison_table({"base": base, "spd": base}).splitlines()[2]
     assert "+0.000 [+0.000, +0.000]" in same
+
+
+def test_the_delta_is_taken_to_the_reference_in_the_same_precision():
+    from spd_ray.pipeline import PipelineResult, RoundResult
+    from spd_ray.stages.evaluate import EvalResult
+
+    base = EvalResult({"math/test/accuracy": 0.25}, {"math/test": "0001" * 25})
+    base32 = EvalResult({"math/test/accuracy": 0.5}, {"math/test": "0011" * 25})
+    spd = EvalResult({"math/test/accuracy": 0.5}, {"math/test": "0011" * 25})
+    result = PipelineResult(base, [RoundResult(1, evaluation=spd, base_float32=base32)])
+    assert result.reference() == "base_float32" and list(result.results()) == ["base", "base_float32", "spd"]
+    lines = comparison_table(result.results(), result.reference()).splitlines()
+    assert lines[0] == "| metric | base | base_float32 | spd | delta to base_float32 [95% interval] | n |"
+    assert "| 0.250 | 0.500 | 0.500 | +0.000 [+0.000, +0.000] | 100 |" in lines[2]
+    assert PipelineResult(base, [RoundResult(1, evaluation=spd)]).reference() == "base"
