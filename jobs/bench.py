@@ -673,7 +673,8 @@ def bench_limit(args, tok, model, work: Workload) -> tuple[Rows, str]:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     shares = where_the_step_goes(model, enc["input_ids"], enc["attention_mask"])
-    logits = torch.randn(b, head[1], dtype=dtype)
+    with torch.no_grad():  # the model's own next-token logits: random ones have far wider nuclei
+        logits = model(**enc, logits_to_keep=1).logits[:, -1]
     u = interleaved({"sampling": lambda: sample_tokens(logits, torch.arange(b), 0, 0.7, 0, 0.9)}, 9)
     # training: stage 3's rows packed, a micro-batch's tokens through the weights' products
     cfg = work.finetune

@@ -337,9 +337,14 @@ class _Rows:
 
     def forward(self, nxt: torch.Tensor) -> None:
         """One decoding step of every row through the KV cache (finished rows too, until they
-        leave: their tokens are not kept)."""
+        leave: their tokens are not kept). Where every layer attends to the whole past, the mask
+        goes in as the 4D (batch, 1, 1, past) mask transformers would build: given a 2D mask
+        without padding, transformers passes none, and CPU attention without a mask is 1.4x
+        slower per step in bf16 (jobs/bench.py --parts limit on the real model)."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
-        res = self.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos,
+        full = all(type(layer) is _roomy_layer() for layer in getattr(self.cache, "layers", None) or [None])
+        mask = self.mask.bool()[:, None, None, :] if full else self.mask
+        res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=self.pos,
                          use_cache=True, **{self.kv: self.cache})
         self.cache, self.logits, self.pos = returned_cache(res), res.logits[:, -1, :], self.pos + 1
         self.step = self.step + (~self.done).long()
